@@ -1,0 +1,1 @@
+"""Attacks on logits models: one norm geometry shared by all of them."""

@@ -1,0 +1,9 @@
+"""The one exception type for user mistakes."""
+
+
+class UserError(Exception):
+    """A mistake the user can fix: a wrong path, a malformed file, a bad setting.
+
+    The command line prints ``str(error)`` on one line and exits with status 2,
+    without a traceback. The message names what is wrong and how to fix it.
+    """

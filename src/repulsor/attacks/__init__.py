@@ -1,1 +1,44 @@
-"""Attacks on logits models: one norm geometry shared by all of them."""
+"""Attacks on models returning class scores, sharing one norm geometry.
+
+Every attack is a plain function ``attack(model, x, y, *, eps, ..., seed=0) -> x_adv`` on
+images [N, C, H, W] in [0, 1]; it keeps no state and never switches the model's mode, so
+run it inside ``with evaluating(model):``. ``ATTACKS`` maps names to attacks.
+"""
+
+from ..errors import UserError
+from .apgd import apgd, apgd_targeted
+from .context import evaluating
+from .geometry import GEOMETRIES, geometry
+from .losses import LOSSES, get_loss
+from .pgd import fgsm, pgd
+
+ATTACKS = {
+    "fgsm": fgsm,
+    "pgd": pgd,
+    "apgd": apgd,
+    "apgd_t": apgd_targeted,
+    # REGISTER HERE: "fab_t": fab_targeted (from .fab) and "square": square (from .square).
+}
+
+
+def get_attack(name: str):
+    """The attack called ``name`` (a key of ``ATTACKS``)."""
+    try:
+        return ATTACKS[name]
+    except (KeyError, TypeError):
+        raise UserError(f"unknown attack {name!r}: choose one of {', '.join(ATTACKS)}") from None
+
+
+__all__ = [
+    "ATTACKS",
+    "GEOMETRIES",
+    "LOSSES",
+    "apgd",
+    "apgd_targeted",
+    "evaluating",
+    "fgsm",
+    "geometry",
+    "get_attack",
+    "get_loss",
+    "pgd",
+]

@@ -1,0 +1,298 @@
+"""Auto-PGD (Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble
+of diverse parameter-free attacks", ICML 2020), untargeted and targeted.
+
+APGD needs no step size: it starts at ``2 * eps``, adds momentum, and halves the step at
+checkpoints when progress stalls, restarting from the best point found so far.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .context import (
+    check_images,
+    check_int,
+    check_number,
+    check_targets,
+    loss_and_grad,
+    make_generator,
+    random_start,
+)
+from .geometry import geometry
+from .losses import _require_classes, dlr_targeted, get_loss
+from ..errors import UserError
+
+MOMENTUM = 0.75  # the paper's alpha: weight of the new gradient step against the last move
+
+
+def apgd(
+    model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    norm: str = "linf",
+    loss="ce",
+    steps: int = 100,
+    restarts: int = 1,
+    rho: float = 0.75,
+    seed: int = 0,
+    targets: torch.Tensor | None = None,
+    return_trace: bool = False,
+):
+    """APGD (Croce & Hein, ICML 2020): step-size-free PGD with momentum.
+
+    Threat model: white box, ``norm`` ball of radius ``eps`` around ``x`` intersected with
+    the image box [0, 1]. The step size starts at ``2 * eps`` per example and is halved at
+    the checkpoints ``ceil(p_j * steps)`` (p_0 = 0, p_1 = 0.22,
+    p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)) when fewer than a fraction ``rho`` of
+    the steps since the last checkpoint raised the loss, or when the step was not halved
+    at the last checkpoint and the best loss has not improved since; after halving, the
+    iterate restarts from the best point. An example is frozen at its first misclassifying
+    iterate and leaves the batch; the others return their best-loss point.
+
+    Args:
+        model: ``nn.Module`` (or callable) mapping images [N, C, H, W] in [0, 1] to class
+            scores [N, k]. Its mode is not touched: call inside ``with evaluating(model):``.
+        x: clean images [N, C, H, W], float, values in [0, 1].
+        y: true labels [N], int64.
+        eps: radius of the threat ball in pixel units (8/255 for L-inf, 0.5 for L2), >= 0.
+        norm: ``"linf"`` (default) or ``"l2"``.
+        loss: a name in ``LOSSES`` (default ``"ce"``; ``"dlr"`` for APGD-DLR) or a callable.
+        steps: iterations per restart, >= 0 (default 100); costs ``steps + 1`` forward and
+            backward passes per example still robust.
+        restarts: random starts, >= 1 (default 1); each restart runs only on the examples
+            still classified correctly, and the worst case per example is kept.
+        rho: fraction of loss increases below which the step is halved, in (0, 1]
+            (default 0.75).
+        seed: seed of the attack's own CPU generator for the random starts (default 0).
+        targets: target classes [N] (int64) for a targeted loss, or None (default).
+        return_trace: also return the mean loss over the batch at each iterate of the first
+            restart, shape [steps + 1] (frozen examples count with their loss when frozen).
+
+    Returns:
+        ``x_adv`` [N, C, H, W] on ``x.device``, or ``(x_adv, trace)`` with ``return_trace``.
+    """
+    geom = geometry(norm)
+    check_images(x, y)
+    eps = check_number("eps", eps)
+    steps = check_int("steps", steps, minimum=0)
+    restarts = check_int("restarts", restarts, minimum=1)
+    rho = check_number("rho", rho, strict=True)
+    if rho > 1:
+        raise UserError(f"rho must be in (0, 1]; got {rho!r}")
+    targets = check_targets(targets, y)
+    loss_fn = get_loss(loss)
+    generator = make_generator(seed)
+    x = x.detach()
+    x_adv, _, _, trace = _apgd_restarts(model, loss_fn, geom, x, y, targets, eps, steps, restarts, rho, generator)
+    return (x_adv, trace) if return_trace else x_adv
+
+
+def apgd_targeted(
+    model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    norm: str = "linf",
+    steps: int = 100,
+    n_targets: int = 9,
+    restarts: int = 1,
+    seed: int = 0,
+    loss="dlr_targeted",
+) -> torch.Tensor:
+    """Targeted APGD (APGD-T, Croce & Hein, ICML 2020): APGD toward each likely wrong class.
+
+    Threat model: as ``apgd``. The targets of each example are its ``n_targets`` highest
+    scoring wrong classes at the clean input, tried from the most to the least likely;
+    each target's run only attacks the examples still classified correctly. Examples the
+    model already misclassifies are returned unchanged. An example never misclassified
+    gets the point with the highest targeted loss over all targets (the targeted DLR value
+    is comparable across targets: its denominator does not depend on the target).
+
+    Args:
+        model: maps images [N, C, H, W] in [0, 1] to class scores [N, k]; mode untouched.
+        x: clean images [N, C, H, W] in [0, 1]. y: true labels [N], int64.
+        eps: radius of the threat ball in pixel units, >= 0.
+        norm: ``"linf"`` (default) or ``"l2"``.
+        steps: APGD iterations per target and restart, >= 0 (default 100).
+        n_targets: number of target classes per example, >= 1 (default 9); at most k - 1
+            are used.
+        restarts: random starts per target, >= 1 (default 1).
+        seed: seed of the attack's CPU generator (default 0).
+        loss: a targeted loss name or callable (default ``"dlr_targeted"``, which needs
+            k >= 4 classes; ``"ce_targeted"`` works for any k >= 2).
+
+    Returns:
+        ``x_adv`` [N, C, H, W] on ``x.device``.
+    """
+    geom = geometry(norm)
+    check_images(x, y)
+    eps = check_number("eps", eps)
+    steps = check_int("steps", steps, minimum=0)
+    n_targets = check_int("n_targets", n_targets, minimum=1)
+    restarts = check_int("restarts", restarts, minimum=1)
+    loss_fn = get_loss(loss)
+    generator = make_generator(seed)
+    x = x.detach()
+
+    with torch.no_grad():
+        clean = model(x).float()
+    if clean.dim() != 2 or clean.shape[0] != x.shape[0]:
+        raise UserError(f"the model must return class scores of shape [N, k]; got {list(clean.shape)}")
+    k = clean.shape[1]
+    if loss_fn is dlr_targeted:
+        _require_classes("targeted DLR loss", clean, 4, "use --loss ce_targeted or cw")
+    if k < 2:
+        raise UserError(f"a targeted attack needs at least 2 classes (got {k})")
+    # Rank the wrong classes by clean score; the true class goes last and is never used.
+    ranking = clean.scatter(1, y[:, None], float("-inf")).argsort(dim=1, descending=True)
+
+    x_adv = x.clone()
+    best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
+    fooled = clean.argmax(dim=1) != y
+    for i in range(min(n_targets, k - 1)):
+        active = (~fooled).nonzero().squeeze(1)
+        if active.numel() == 0:
+            break
+        run_x, run_loss, run_fooled, _ = _apgd_restarts(
+            model, loss_fn, geom, x[active], y[active], ranking[active, i], eps, steps, restarts, 0.75, generator
+        )
+        better = run_fooled | (run_loss > best_loss[active])
+        chosen = active[better]
+        x_adv[chosen], best_loss[chosen], fooled[chosen] = run_x[better], run_loss[better], run_fooled[better]
+    return x_adv
+
+
+def _apgd_restarts(model, loss_fn, geom, x, y, targets, eps, steps, restarts, rho, generator):
+    """APGD restarts, each on the examples still robust; worst case per example.
+
+    Returns (x_adv [n, ...], loss [n], fooled [n], trace of the first restart [steps + 1]).
+    """
+    n = x.shape[0]
+    x_adv = x.clone()
+    best_loss = torch.full((n,), float("-inf"), device=x.device)
+    fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
+    trace = torch.zeros(steps + 1, device=x.device)
+    for restart in range(restarts):
+        # Drawn for every example, so each one's start does not depend on who is still active.
+        start = random_start(geom, x, eps, generator)
+        active = (~fooled).nonzero().squeeze(1)
+        if active.numel() == 0:
+            break
+        target = None if targets is None else targets[active]
+        run_x, run_loss, run_fooled, run_trace = _apgd_run(
+            model, loss_fn, geom, x[active], y[active], target, start[active], eps, steps, rho
+        )
+        if restart == 0:
+            trace = run_trace
+        better = run_fooled | (run_loss > best_loss[active])
+        chosen = active[better]
+        x_adv[chosen], best_loss[chosen], fooled[chosen] = run_x[better], run_loss[better], run_fooled[better]
+    return x_adv, best_loss, fooled, trace
+
+
+def checkpoints(steps: int) -> list[int]:
+    """The iterations at which APGD may halve its step: ``ceil(p_j * steps)`` for j >= 1."""
+    p = [0.0, 0.22]
+    while p[-1] + max(p[-1] - p[-2] - 0.03, 0.06) <= 1:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    # The small offset stops 0.22 * 100 = 22.000000000000004 rounding up to 23.
+    return sorted({math.ceil(q * steps - 1e-9) for q in p[1:]} - {0})
+
+
+def _apgd_run(model, loss_fn, geom, x, y, targets, start, eps, steps, rho):
+    """One APGD run from ``start``: (x_adv [n, ...], loss [n], fooled [n], trace [steps + 1]).
+
+    ``s`` holds the per-example state of the examples still active, all indexed like
+    ``s["idx"]`` (their positions in ``x``); an example leaves it at its first
+    misclassifying iterate, which ``out_*`` then keep.
+    """
+    n, device = x.shape[0], x.device
+    out_x, out_loss = start.clone(), torch.empty(n, device=device)
+    out_fooled = torch.zeros(n, dtype=torch.bool, device=device)
+    latest = torch.empty(n, device=device)  # each example's latest loss, for the trace
+    trace = torch.empty(steps + 1, device=device)
+    marks, last_mark = set(checkpoints(steps)), 0
+
+    loss, scores, grad = loss_and_grad(model, loss_fn, start, y, targets, need_grad=steps > 0)
+    s = {
+        "idx": torch.arange(n, device=device),
+        "x_prev": start, "x_cur": start, "loss_cur": loss, "grad_cur": grad,
+        "x_best": start, "loss_best": loss, "grad_best": grad,
+        "eta": torch.full((n,), 2 * eps, device=device),
+        "increases": torch.zeros(n, device=device),
+        "loss_best_at_mark": loss, "halved_at_mark": torch.zeros(n, dtype=torch.bool, device=device),
+    }
+    for k in range(steps + 1):
+        if k > 0:
+            loss, scores = _apgd_step(model, loss_fn, geom, x, y, targets, s, eps, first=k == 1, need_grad=k < steps)
+        latest[s["idx"]] = loss
+        trace[k] = latest.mean()
+        wrong = scores.argmax(dim=1) != y[s["idx"]]
+        if wrong.any():
+            frozen = s["idx"][wrong]
+            out_x[frozen], out_loss[frozen], out_fooled[frozen] = s["x_cur"][wrong], loss[wrong], True
+            s = {key: None if value is None else value[~wrong] for key, value in s.items()}
+            if s["idx"].numel() == 0:
+                trace[k + 1 :] = trace[k]
+                break
+        if k in marks and k < steps:
+            _checkpoint(s, rho, k - last_mark)
+            last_mark = k
+    out_x[s["idx"]], out_loss[s["idx"]] = s["x_best"], s["loss_best"]
+    return out_x, out_loss, out_fooled, trace
+
+
+def _apgd_step(model, loss_fn, geom, x, y, targets, s, eps, *, first, need_grad):
+    """Move the active examples to the next iterate and update their state in place.
+
+    z = P(x_k + eta * direction(grad)); x_{k+1} = P(x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1}))
+    with a = MOMENTUM, except for the first step, which is plain (x_1 = z).
+    """
+    idx = s["idx"]
+    x_clean = x[idx]
+    z = geom.project(geom.step(s["x_cur"], s["grad_cur"], s["eta"]), x_clean, eps)
+    if first:
+        x_new = z
+    else:
+        moved = s["x_cur"] + MOMENTUM * (z - s["x_cur"]) + (1 - MOMENTUM) * (s["x_cur"] - s["x_prev"])
+        x_new = geom.project(moved, x_clean, eps)
+    target = None if targets is None else targets[idx]
+    loss, scores, grad = loss_and_grad(model, loss_fn, x_new, y[idx], target, need_grad=need_grad)
+    s["increases"] = s["increases"] + (loss > s["loss_cur"]).float()
+    improved = loss > s["loss_best"]
+    s["x_best"] = torch.where(_rows(improved, x_new), x_new, s["x_best"])
+    s["loss_best"] = torch.where(improved, loss, s["loss_best"])
+    if grad is not None:
+        s["grad_best"] = torch.where(_rows(improved, grad), grad, s["grad_best"])
+    s["x_prev"], s["x_cur"], s["loss_cur"], s["grad_cur"] = s["x_cur"], x_new, loss, grad
+    return loss, scores
+
+
+def _checkpoint(s, rho, span):
+    """At a checkpoint, halve the step where progress stalled and restart there from the best point.
+
+    Condition 1: fewer than ``rho * span`` of the last ``span`` steps raised the loss.
+    Condition 2: the step was not halved at the last checkpoint and the best loss did not
+    improve since then.
+    """
+    stalled = s["increases"] < rho * span
+    flat = ~s["halved_at_mark"] & (s["loss_best"] <= s["loss_best_at_mark"])
+    halve = stalled | flat
+    s["eta"] = torch.where(halve, s["eta"] / 2, s["eta"])
+    rows = _rows(halve, s["x_cur"])
+    s["x_cur"] = torch.where(rows, s["x_best"], s["x_cur"])
+    s["x_prev"] = torch.where(rows, s["x_best"], s["x_prev"])  # no momentum across a restart
+    s["grad_cur"] = torch.where(rows, s["grad_best"], s["grad_cur"])
+    s["loss_cur"] = torch.where(halve, s["loss_best"], s["loss_cur"])
+    s["halved_at_mark"], s["loss_best_at_mark"] = halve, s["loss_best"]
+    s["increases"] = torch.zeros_like(s["increases"])
+
+
+def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-example mask [n] shaped to broadcast against ``like`` [n, ...]."""
+    return mask.reshape(-1, *([1] * (like.dim() - 1)))

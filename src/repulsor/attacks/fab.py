@@ -1,0 +1,392 @@
+"""FAB: the fast adaptive boundary attack, untargeted and targeted (FAB-T).
+
+Croce & Hein, "Minimally distorted adversarial examples with a fast adaptive boundary
+attack", ICML 2020. FAB looks for the adversarial point closest to the clean image: at
+each step it linearises the decision boundary between the true class and another class,
+projects both the current point and the clean image onto that hyperplane intersected with
+the image box [0, 1], moves to a biased combination of the two projections (extrapolated
+by ``eta``), and after every success steps back toward the clean image (by ``beta``), so
+the search keeps shrinking the perturbation. AutoAttack's standard cascade runs the
+targeted version against the nine most likely wrong classes, one after the other.
+
+White-box: it needs gradients of the class scores with respect to the input only (via
+``torch.autograd.grad``); it never switches the model's mode and never creates parameter
+gradients. Norms and the final projection come from :mod:`repulsor.attacks.geometry`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import UserError
+from .geometry import geometry
+
+_TINY = 1e-12
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_common(x, y, eps, norm, seed) -> None:
+    """Validate the arguments shared by every attack call (one clear line on failure)."""
+    geometry(norm)  # raises UserError for an unknown norm
+    if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
+        raise UserError("x must be a float tensor of images with shape [N, C, H, W]")
+    if not torch.is_tensor(y) or y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
+        raise UserError(f"y must be an integer tensor of shape [N] = [{x.shape[0]}], one label per image")
+    if x.numel() and (not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1):
+        raise UserError("x must hold images with values in [0, 1] (normalisation belongs inside the model)")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise UserError(f"eps must be a finite number >= 0, got {eps!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f"seed must be an int, got {seed!r}")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_fab_settings(steps, restarts, alpha_max, eta, beta) -> None:
+    _check_int("steps", steps, 0)
+    _check_int("restarts", restarts, 1)
+    for name, value, ok, rule in (
+        ("alpha_max", alpha_max, lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("eta", eta, lambda v: v >= 1, ">= 1"),
+        ("beta", beta, lambda v: 0 < v <= 1, "in (0, 1]"),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            raise UserError(f"{name} must be a number {rule}, got {value!r}")
+
+
+def _scores(model, x: torch.Tensor) -> torch.Tensor:
+    """Class scores [N, k] of ``model`` at ``x``, with a clear error for a malformed model."""
+    out = model(x)
+    if not torch.is_tensor(out) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise UserError(f"the model must map images [N, C, H, W] to class scores [N, k]; it returned {shape}")
+    return out
+
+
+def _check_labels(y: torch.Tensor, k: int) -> None:
+    if k < 2:
+        raise UserError(f"the model returns {k} class score(s); attacks need at least 2 classes")
+    if y.numel() and (y.min() < 0 or y.max() >= k):
+        raise UserError(f"labels y must lie in [0, {k - 1}] for a model with {k} classes")
+
+
+# ------------------------------------------------------ projection onto hyperplane ∩ box
+
+
+def project_hyperplane_box(p: torch.Tensor, w: torch.Tensor, c: torch.Tensor, norm: str) -> torch.Tensor:
+    """Smallest step ``d`` with ``<w, d> = c`` and ``p + d`` in the box [0, 1].
+
+    Minimises ``||d||`` in the L-inf or L2 norm, row by row. Shapes: ``p``, ``w`` [n, D],
+    ``c`` [n]; returns ``d`` [n, D]. When the hyperplane does not meet the box, returns
+    the box corner that gets closest to it (every coordinate pushed to its bound in the
+    direction that moves ``<w, d>`` toward ``c``).
+
+    Method (exact, by sorting): for ``c > 0`` the optimum has the form
+    ``d_j = sign(w_j) * min(r * a_j, b_j)`` with ``b_j`` the room to the box bound in
+    direction ``sign(w_j)``, ``a_j = 1`` for L-inf and ``a_j = |w_j|`` for L2 (the L2 KKT
+    point is a clipped multiple of ``w``). The reached value
+    ``h(r) = sum_j s_j * min(r, t_j)`` with ``s_j = |w_j| a_j`` and ``t_j = b_j / a_j`` is
+    piecewise linear and nondecreasing in ``r``; sorting the breakpoints ``t_j`` gives
+    ``h`` at each of them, and the segment holding ``c`` is solved in closed form.
+    ``c < 0`` is the same problem with the direction flipped.
+    """
+    if norm not in ("linf", "l2"):
+        raise UserError(f"unknown norm {norm!r}: choose one of ['l2', 'linf']")
+    target = c.abs()
+    direction = torch.sign(w) * torch.sign(c).unsqueeze(1)
+    room = torch.where(direction > 0, 1 - p, torch.where(direction < 0, p, torch.zeros_like(p))).clamp_min(0)
+    aw = w.abs()
+    if norm == "linf":
+        s, t = aw, room
+    else:
+        s = aw * aw
+        t = torch.where(aw > 0, room / aw.clamp_min(_TINY), torch.zeros_like(room))
+    s = torch.where(t > 0, s, torch.zeros_like(s))
+    t_sorted, order = t.sort(dim=1)
+    s_sorted = s.gather(1, order)
+    cum_st = (s_sorted * t_sorted).cumsum(dim=1)
+    cum_s = s_sorted.cumsum(dim=1)
+    s_total = cum_s[:, -1:]
+    reached = cum_st + t_sorted * (s_total - cum_s)  # h(t_(k)), nondecreasing in k
+    k = (reached < target.unsqueeze(1)).sum(dim=1)  # first breakpoint with h >= target
+    feasible = k < t.shape[1]
+    prev = (k - 1).clamp_min(0).unsqueeze(1)
+    has_prev = (k > 0).unsqueeze(1)
+    prev_st = torch.where(has_prev, cum_st.gather(1, prev), torch.zeros_like(prev, dtype=p.dtype)).squeeze(1)
+    prev_s = torch.where(has_prev, cum_s.gather(1, prev), torch.zeros_like(prev, dtype=p.dtype)).squeeze(1)
+    slope = (s_total.squeeze(1) - prev_s).clamp_min(_TINY)
+    r = (target - prev_st) / slope
+    r = torch.where(feasible, r, torch.full_like(r, math.inf))
+    r = torch.where(target > 0, r, torch.zeros_like(r))
+    magnitude = torch.minimum(r.unsqueeze(1), t)
+    if norm == "l2":
+        magnitude = magnitude * aw
+    return direction * magnitude
+
+
+# ------------------------------------------------------------------------ one FAB run
+
+
+def _input_grad(value: torch.Tensor, xr: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
+    """Gradient of ``value`` w.r.t. the input only; zeros where the model gives none
+    (a score that does not depend on the input, or a model that detaches it)."""
+    if not value.requires_grad:
+        return torch.zeros_like(xr)
+    (grad,) = torch.autograd.grad(value, xr, retain_graph=retain_graph, allow_unused=True)
+    return torch.zeros_like(xr) if grad is None else grad
+
+
+def _linearise(model, xc: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, norm: str):
+    """Value ``g`` [m] and input gradient ``w`` [m, D] of the score difference f_s - f_y.
+
+    ``s`` is ``target`` when given; otherwise (untargeted FAB) the class whose linearised
+    boundary is closest, ``|g_s| / ||w_s||_q`` with ``q`` the dual norm.
+    """
+    xr = xc.detach().requires_grad_(True)
+    with torch.enable_grad():
+        scores = _scores(model, xr)
+        if target is not None:
+            diff = scores.gather(1, target.unsqueeze(1)).squeeze(1) - scores.gather(1, y.unsqueeze(1)).squeeze(1)
+            return diff.detach(), _input_grad(diff.sum(), xr).flatten(1)
+        k = scores.shape[1]
+        grads = []
+        for j in range(k):
+            grads.append(_input_grad(scores[:, j].sum(), xr, retain_graph=j < k - 1).flatten(1))
+    jac = torch.stack(grads, dim=1)  # [m, k, D]
+    scores = scores.detach()
+    rows = torch.arange(xc.shape[0], device=xc.device)
+    g_all = scores - scores[rows, y].unsqueeze(1)
+    w_all = jac - jac[rows, y].unsqueeze(1)
+    dual = w_all.abs().sum(dim=2) if norm == "linf" else w_all.norm(dim=2)
+    dist = g_all.abs() / (dual + _TINY)
+    dist[rows, y] = math.inf
+    s = dist.argmin(dim=1)
+    return g_all[rows, s], w_all[rows, s]
+
+
+def _fab_run(model, x, y, target, *, eps, norm, steps, restarts, alpha_max, eta, beta, generator):
+    """FAB toward one class per example (or untargeted when ``target`` is None).
+
+    Returns ``(best, best_norm)``: the smallest adversarial point found per example and
+    its norm (``inf`` where none was found; ``best`` is then ``x``). Later restarts run
+    only on points without an adversarial point inside the eps-ball yet, and start at a
+    uniform random point of radius min(best norm, eps) / 2 around ``x``.
+    """
+    geo = geometry(norm)
+    n = x.shape[0]
+    best = x.clone()
+    best_norm = torch.full((n,), math.inf, dtype=x.dtype, device=x.device)
+    for restart in range(restarts):
+        idx = (best_norm > eps).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        xo, yo = x[idx], y[idx]
+        to = None if target is None else target[idx]
+        if restart == 0:
+            xc = xo.clone()
+        else:
+            radius = torch.clamp(best_norm[idx], max=eps) / 2
+            xc = geo.random_start(xo.cpu(), radius.cpu(), generator).to(x.device)
+        xo_flat = xo.flatten(1)
+        bn = best_norm[idx]
+        bx = best[idx]
+        for _ in range(steps):
+            g, w = _linearise(model, xc, yo, to, norm)
+            xc_flat = xc.flatten(1)
+            # The linearised boundary: g + <w, z - xc> = 0, seen from xc and from xo.
+            d_cur = project_hyperplane_box(xc_flat, w, -g, norm)
+            d_orig = project_hyperplane_box(xo_flat, w, -(g + (w * (xo_flat - xc_flat)).sum(dim=1)), norm)
+            n_cur, n_orig = geo.norm(d_cur), geo.norm(d_orig)
+            alpha = torch.where(
+                n_cur + n_orig > 0, n_cur / (n_cur + n_orig).clamp_min(_TINY), torch.zeros_like(n_cur)
+            ).clamp(0, alpha_max).unsqueeze(1)
+            x_new = ((1 - alpha) * (xc_flat + eta * d_cur) + alpha * (xo_flat + eta * d_orig)).clamp(0, 1)
+            x_new = x_new.view_as(xc)
+            with torch.no_grad():
+                adv = _scores(model, x_new).argmax(dim=1) != yo
+            dist = geo.norm(x_new - xo)
+            better = adv & (dist < bn)
+            bn = torch.where(better, dist, bn)
+            bx = torch.where(better.view(-1, 1, 1, 1), x_new, bx)
+            # Backward step: pull successful points toward the clean image.
+            xc = torch.where(adv.view(-1, 1, 1, 1), xo + beta * (x_new - xo), x_new).detach()
+        best_norm[idx] = bn
+        best[idx] = bx
+    return best, best_norm
+
+
+def _finish(model, x, y, best, best_norm, eps, norm, result):
+    """Write into ``result`` the points whose best perturbation fits in the eps-ball and
+    that the model still misclassifies after the final projection."""
+    geo = geometry(norm)
+    ok = (best_norm <= eps).nonzero().squeeze(1)
+    if ok.numel() == 0:
+        return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    candidate = geo.project(best[ok], x[ok], eps)
+    with torch.no_grad():
+        fooled = _scores(model, candidate).argmax(dim=1) != y[ok]
+    result[ok[fooled]] = candidate[fooled]
+    success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    success[ok[fooled]] = True
+    return success
+
+
+def _prepare(model, x, y, eps, norm, seed, steps, restarts, alpha_max, eta, beta):
+    _check_common(x, y, eps, norm, seed)
+    _check_fab_settings(steps, restarts, alpha_max, eta, beta)
+    x = x.detach()
+    y = y.to(device=x.device, dtype=torch.long)
+    if x.shape[0] == 0:
+        return x, y, None
+    with torch.no_grad():
+        clean = _scores(model, x)
+    _check_labels(y, clean.shape[1])
+    return x, y, clean
+
+
+def fab(
+    model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    norm: str = "linf",
+    steps: int = 100,
+    restarts: int = 1,
+    target: torch.Tensor | None = None,
+    alpha_max: float = 0.1,
+    eta: float = 1.05,
+    beta: float = 0.9,
+    seed: int = 0,
+) -> torch.Tensor:
+    """FAB (Croce & Hein, ICML 2020), untargeted or toward given target classes.
+
+    Threat model: white-box, perturbations inside the ``norm`` ball of radius ``eps``
+    around ``x`` intersected with the image box [0, 1]. FAB itself minimises the norm;
+    ``eps`` only decides which adversarial points are returned.
+
+    Args:
+        model: ``nn.Module`` mapping [0, 1] images [N, C, H, W] to class scores [N, k], k >= 2.
+        x: clean images, float [N, C, H, W] in [0, 1].
+        y: true labels, int64 [N].
+        eps: radius of the threat model, in pixel units (8/255 = eight grey levels), >= 0.
+        norm: ``"linf"`` (default) or ``"l2"``.
+        steps: FAB iterations per run (default 100); each costs one forward+backward pass
+            (k backward passes when untargeted) plus one forward pass.
+        restarts: runs per example (default 1); the first starts at ``x``, later ones at a
+            random point of radius min(best norm, eps) / 2, only on points not yet broken.
+        target: None (default) for untargeted FAB (closest linearised boundary among all
+            classes, needs the full Jacobian), or an int64 [N] tensor of target classes.
+        alpha_max: largest weight of the step taken from the clean image (default 0.1).
+        eta: extrapolation factor beyond the linearised boundary (default 1.05, >= 1).
+        beta: backward-step factor toward ``x`` after a success (default 0.9, in (0, 1]).
+        seed: seed of the attack's own CPU generator (default 0); the global RNG is untouched.
+
+    Returns:
+        ``x_adv`` [N, C, H, W]: for each correctly classified example whose smallest
+        adversarial perturbation found has norm <= eps, that point (projected onto the
+        eps-ball ∩ [0, 1]); ``x`` itself for every other example.
+    """
+    x, y, clean = _prepare(model, x, y, eps, norm, seed, steps, restarts, alpha_max, eta, beta)
+    result = x.clone()
+    if clean is None or eps == 0:
+        return result
+    k = clean.shape[1]
+    if target is not None:
+        if not torch.is_tensor(target) or target.shape != y.shape or target.is_floating_point():
+            raise UserError(f"target must be None or an integer tensor of shape [N] = [{x.shape[0]}]")
+        target = target.to(device=x.device, dtype=torch.long)
+        if target.min() < 0 or target.max() >= k:
+            raise UserError(f"target classes must lie in [0, {k - 1}] for a model with {k} classes")
+    generator = torch.Generator().manual_seed(seed)
+    idx = ((clean.argmax(dim=1) == y) & (target != y if target is not None else True)).nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return result
+    best, best_norm = _fab_run(
+        model, x[idx], y[idx], None if target is None else target[idx], eps=eps, norm=norm, steps=steps,
+        restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta, generator=generator,
+    )
+    sub = result[idx]
+    _finish(model, x[idx], y[idx], best, best_norm, eps, norm, sub)
+    result[idx] = sub
+    return result
+
+
+def fab_targeted(
+    model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    norm: str = "linf",
+    steps: int = 100,
+    n_targets: int = 9,
+    restarts: int = 1,
+    alpha_max: float = 0.1,
+    eta: float = 1.05,
+    beta: float = 0.9,
+    seed: int = 0,
+) -> torch.Tensor:
+    """FAB-T, the targeted FAB of AutoAttack's standard cascade (Croce & Hein, ICML 2020).
+
+    Threat model: white-box, perturbations inside the ``norm`` ball of radius ``eps``
+    around ``x`` intersected with the image box [0, 1].
+
+    For t = 1 .. min(n_targets, k - 1), the t-th most likely wrong class by clean score is
+    the target; FAB (``steps`` iterations, ``restarts`` runs) moves toward the boundary
+    between the true class and that target, on the points that are correctly classified
+    and not yet broken inside the eps-ball. A point counts as broken when it is
+    misclassified (any wrong class) at a perturbation of norm <= eps.
+
+    Args:
+        model: ``nn.Module`` mapping [0, 1] images [N, C, H, W] to class scores [N, k], k >= 2.
+        x: clean images, float [N, C, H, W] in [0, 1].
+        y: true labels, int64 [N].
+        eps: radius of the threat model, in pixel units (8/255 = eight grey levels), >= 0.
+        norm: ``"linf"`` (default) or ``"l2"``.
+        steps: FAB iterations per target and run (default 100); each costs one
+            forward+backward pass and one forward pass.
+        n_targets: number of target classes tried (default 9, capped at k - 1).
+        restarts: runs per target (default 1); the first starts at ``x``, later ones at a
+            random point of radius min(best norm, eps) / 2.
+        alpha_max: largest weight of the step taken from the clean image (default 0.1).
+        eta: extrapolation factor beyond the linearised boundary (default 1.05, >= 1).
+        beta: backward-step factor toward ``x`` after a success (default 0.9, in (0, 1]).
+        seed: seed of the attack's own CPU generator (default 0); the global RNG is untouched.
+
+    Returns:
+        ``x_adv`` [N, C, H, W]: the smallest adversarial point found for each broken
+        example (projected onto the eps-ball ∩ [0, 1]); ``x`` itself for the others.
+    """
+    _check_int("n_targets", n_targets, 1)
+    x, y, clean = _prepare(model, x, y, eps, norm, seed, steps, restarts, alpha_max, eta, beta)
+    result = x.clone()
+    if clean is None or eps == 0:
+        return result
+    k = clean.shape[1]
+    generator = torch.Generator().manual_seed(seed)
+    # Wrong classes ordered by clean score, most likely first.
+    masked = clean.clone()
+    masked[torch.arange(x.shape[0], device=x.device), y] = -math.inf
+    ranked = masked.argsort(dim=1, descending=True)
+    robust = clean.argmax(dim=1) == y
+    for t in range(min(n_targets, k - 1)):
+        idx = robust.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        best, best_norm = _fab_run(
+            model, x[idx], y[idx], ranked[idx, t], eps=eps, norm=norm, steps=steps, restarts=restarts,
+            alpha_max=alpha_max, eta=eta, beta=beta, generator=generator,
+        )
+        sub = result[idx]
+        success = _finish(model, x[idx], y[idx], best, best_norm, eps, norm, sub)
+        result[idx] = sub
+        robust[idx[success]] = False
+    return result

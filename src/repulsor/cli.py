@@ -1,0 +1,187 @@
+"""The ``repulsor`` command line.
+
+User mistakes (a wrong path, a malformed config, a bad value) print one line to stderr
+and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+DEMO_CONFIG = {
+    "data": {"name": "digits"},
+    "model": {"name": "mlp", "width": 1.0},
+    "prototypes": {"dim": 64, "metric": "linf", "epochs": 100, "lr": 0.01, "distance": "cosine"},
+    "train": {"method": "prototype", "epochs": 40, "batch_size": 64, "lr": 0.05, "lr_min": 0.0,
+              "schedule": "cyclic", "weight_decay": 5e-4, "precision": "fp32", "eps": 0.1, "alpha": 0.025,
+              "val_n": 200},
+    "eval": {"suite": "quick", "n": 1000, "eps": 0.1},
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one line and exits 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _formatter(prog):
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _add_common(parser):
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="repulsor", formatter_class=_formatter,
+                     description="Deep repulsive prototypes for adversarial robustness, and an evaluation a defence cannot fool.",
+                     epilog="example:\n  repulsor demo --out runs/demo\n  repulsor <command> --help")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = sub.add_parser("demo", formatter_class=_formatter, help="train and evaluate a prototype model on the embedded digits data (about a minute)",
+                          epilog="example:\n  repulsor demo --out runs/demo")
+    demo.add_argument("--out", default="runs/demo", help="run folder to create (default: runs/demo)")
+    _add_common(demo)
+
+    train = sub.add_parser("train", formatter_class=_formatter, help="train a model from a TOML config",
+                           epilog="examples:\n"
+                                  "  repulsor train --config configs/mnist-prototype.toml --data-dir ../shared/data/mnist --out runs/mnist\n"
+                                  "  repulsor train --config configs/mnist-prototype.toml --set train.epochs=2 --out runs/try\n"
+                                  "  repulsor train --resume runs/mnist")
+    train.add_argument("--config", help="TOML config file (default: built-in defaults)")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value, e.g. --set train.lr=0.05 --set train.eps=8/255")
+    train.add_argument("--data-dir", help="folder of the data set (official files or .npz)")
+    train.add_argument("--out", help="run folder to create")
+    train.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
+    _add_common(train)
+
+    ev = sub.add_parser("evaluate", formatter_class=_formatter, help="clean and robust accuracy of a run",
+                        epilog="examples:\n  repulsor evaluate runs/demo\n"
+                               "  repulsor evaluate runs/mnist --suite standard --n 500 --eps 0.3")
+    ev.add_argument("run", help="run folder written by repulsor train")
+    ev.add_argument("--suite", help="quick | paper | standard | adaptive (default: the run's eval.suite)")
+    ev.add_argument("--n", type=int, help="first N test points, unshuffled (default: the run's eval.n)")
+    ev.add_argument("--eps", type=_fraction, help="perturbation size in [0, 1], e.g. 8/255 (default: the run's eval.eps)")
+    ev.add_argument("--norm", choices=("linf", "l2"), help="threat model (default: the run's eval.norm)")
+    ev.add_argument("--seed", type=int, help="seed of random starts and queries")
+    ev.add_argument("--batch-size", type=int, help="examples per attack call")
+    ev.add_argument("--data-dir", help="folder of the test data (default: the run's data.test_dir or data.data_dir)")
+    ev.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    _add_common(ev)
+
+    proto = sub.add_parser("prototypes", formatter_class=_formatter, help="generate repulsive prototypes and print their separation",
+                           epilog="example:\n  repulsor prototypes --classes 10 --dim 100 --metric linf --epochs 100 --lr 0.01 --seed 0 --out P.safetensors")
+    proto.add_argument("--classes", type=int, required=True, help="number of classes k")
+    proto.add_argument("--dim", type=int, required=True, help="output dimension D")
+    proto.add_argument("--metric", default="linf", choices=("linf", "l2", "cosine"))
+    proto.add_argument("--epochs", type=int, default=100)
+    proto.add_argument("--lr", type=float, default=0.01)
+    proto.add_argument("--seed", type=int, default=0)
+    proto.add_argument("--out", help="safetensors file to write")
+    return parser
+
+
+def _fraction(text: str) -> float:
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a number; write 0.0314 or 8/255") from None
+
+
+def _print_results(results: dict) -> None:
+    print(f"data: {results['dataset']} {results['split']}, first {results['n']} points")
+    print(f"clean accuracy: {results['clean_accuracy']:.4f}")
+    for entry in results["attacks"]:
+        print(f"  [{entry['suite']}] {entry['name']:<34} {entry['norm']} eps={entry['eps']:.4f}"
+              f"  accuracy after: {entry['accuracy']:.4f}  ({entry['seconds']:.1f}s)")
+    for name, acc in results["worst_case"].items():
+        print(f"worst case over suite {name}: {acc:.4f}")
+    for verdict in (v for s in results.get("suites", {}).values() for v in s.get("sanity", [])):
+        print(("WARN " if not verdict["ok"] else "ok   ") + verdict["message"])
+
+
+def cmd_demo(args) -> int:
+    from .config import from_dict
+    from .train import train
+
+    out = train(from_dict(DEMO_CONFIG), args.out, quiet=args.quiet)
+    results = json.loads((Path(out) / "results.json").read_text())
+    _print_results(results)
+    print(f"run folder: {out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .train import train
+
+    if args.resume:
+        if args.config or args.set or args.out or args.data_dir:
+            raise UserError("--resume takes the run's own config; do not combine it with --config, --set, --data-dir or --out")
+        out = train(None, args.resume, resume=True, quiet=args.quiet)
+    else:
+        if not args.out:
+            raise UserError("train needs --out RUN_FOLDER (or --resume RUN)")
+        overrides = list(args.set)
+        if args.data_dir:
+            overrides.append(f"data.data_dir={json.dumps(args.data_dir)}")
+        out = train(load_config(args.config, overrides), args.out, quiet=args.quiet)
+    results_path = Path(out) / "results.json"
+    if results_path.exists():
+        _print_results(json.loads(results_path.read_text()))
+    print(f"run folder: {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_run
+
+    results = evaluate_run(args.run, suite=args.suite, n=args.n, eps=args.eps, norm=args.norm,
+                           data_dir=args.data_dir, seed=args.seed, batch_size=args.batch_size,
+                           device=args.device, quiet=args.quiet)
+    _print_results(results)
+    return 0
+
+
+def cmd_prototypes(args) -> int:
+    from .prototypes import generate_prototypes, prototype_stats, save_prototypes
+
+    prototypes = generate_prototypes(args.classes, args.dim, metric=args.metric, epochs=args.epochs,
+                                     lr=args.lr, seed=args.seed)
+    for key, value in prototype_stats(prototypes).items():
+        print(f"{key:>12}: {value:.4f}")
+    if args.out:
+        save_prototypes(args.out, prototypes, {"k": args.classes, "D": args.dim, "metric": args.metric,
+                                               "epochs": args.epochs, "lr": args.lr, "seed": args.seed})
+        print(f"wrote {args.out}")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "prototypes": cmd_prototypes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as error:
+        print(f"repulsor: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("repulsor: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""Experiment configuration: frozen dataclasses, TOML files, ``section.key=value`` overrides.
+
+A config file is TOML data with the sections ``[data] [model] [prototypes] [train] [eval]``;
+it is parsed, never executed. Every value is checked against the dataclass schema below:
+an unknown key, a wrong type or an out-of-range value raises ``UserError`` naming it.
+Perturbation sizes may be written as fractions, ``eps = "8/255"``, so that nobody has to
+type 0.03137254901960784; an eps above 1 is refused because images live in [0, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import tomli_w
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"
+    data_dir: str = ""  # folder of the data set; "" = $REPULSOR_DATA/<name>
+    test_dir: str = ""  # optional separate folder for the test split (e.g. exact CIFAR-10 pixels)
+    val_size: float = 0.0  # >= 1: a count; in (0, 1): a fraction; 0: default (1000 or 10%)
+    train_subset: int = 0  # use only the first N training images (0 = all); for CPU presets
+    split_seed: int = 0
+    augment: str = "auto"  # auto (crop+flip for CIFAR, none otherwise) | none | crop_flip
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "mlp"  # resnet18 | preact_resnet18 | wrn | small_cnn | mlp
+    width: float = 1.0
+    depth: int = 34  # wrn only
+    widen_factor: int = 10  # wrn only
+
+
+@dataclass(frozen=True)
+class PrototypeConfig:
+    dim: int = 100  # output dimension D
+    metric: str = "linf"  # separation metric of Eq. 5: linf | l2 | cosine
+    epochs: int = 100
+    lr: float = 0.01
+    seed: int = 0
+    distance: str = "cosine"  # training loss and decision rule: cosine (Eq. 6) | linf (authors' code) | l2
+    file: str = ""  # load prototypes from this safetensors file instead of generating them
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: str = "prototype"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1  # peak learning rate
+    lr_min: float = 0.0  # cyclic schedule's lower bound
+    schedule: str = "cyclic"  # cyclic | onecycle | multistep | constant
+    milestones: list[int] = field(default_factory=list)  # multistep, in epochs
+    gamma: float = 0.1  # multistep decay factor
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    grad_clip: float = 0.0  # 0 = off
+    precision: str = "auto"  # auto (bf16 on CPU, fp16 on CUDA) | fp32 | bf16 | fp16
+    channels_last: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    # Threat model used by adversarial-training methods and by validation robust accuracy.
+    norm: str = "linf"
+    eps: float = 8 / 255
+    alpha: float = 2 / 255
+    attack_steps: int = 10
+    trades_beta: float = 6.0
+    # Model selection on the validation split (never on the test split).
+    early_stopping: bool = False
+    patience: int = 10
+    val_every: int = 1
+    val_n: int = 1000  # validation points for clean and robust accuracy
+    val_attack_steps: int = 10
+    fgsm_alpha: float = 1.25  # fgsm_rs step as a multiple of eps (Wong et al.)
+    overfit_drop: float = 0.2  # fgsm_rs: catastrophic overfitting when val robust acc drops by this
+    log_every: int = 50  # steps between log lines
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    suite: str = "quick"
+    n: int = 1000  # first N test points, unshuffled
+    norm: str = "linf"
+    eps: float = 8 / 255
+    batch_size: int = 256
+    seed: int = 0
+    after_train: bool = True  # evaluate on the test split when training ends
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prototypes: PrototypeConfig = field(default_factory=PrototypeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+_SECTION_TYPES = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "prototypes": PrototypeConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
+
+CHOICES = {
+    ("data", "name"): ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100"),
+    ("data", "augment"): ("auto", "none", "crop_flip"),
+    ("model", "name"): ("resnet18", "preact_resnet18", "wrn", "small_cnn", "mlp"),
+    ("prototypes", "metric"): ("linf", "l2", "cosine"),
+    ("prototypes", "distance"): ("cosine", "linf", "l2"),
+    ("train", "schedule"): ("cyclic", "onecycle", "multistep", "constant"),
+    ("train", "precision"): ("auto", "fp32", "bf16", "fp16"),
+    ("train", "norm"): ("linf", "l2"),
+    ("eval", "norm"): ("linf", "l2"),
+}
+
+# (section, key) -> (low, high, low_inclusive); None means unbounded.
+RANGES = {
+    ("data", "val_size"): (0.0, None, True),
+    ("data", "train_subset"): (0, None, True),
+    ("model", "width"): (0.0, None, False),
+    ("model", "depth"): (10, None, True),
+    ("model", "widen_factor"): (1, None, True),
+    ("prototypes", "dim"): (2, None, True),
+    ("prototypes", "epochs"): (0, None, True),
+    ("prototypes", "lr"): (0.0, None, False),
+    ("train", "epochs"): (1, None, True),
+    ("train", "batch_size"): (1, None, True),
+    ("train", "lr"): (0.0, None, False),
+    ("train", "lr_min"): (0.0, None, True),
+    ("train", "gamma"): (0.0, 1.0, False),
+    ("train", "momentum"): (0.0, 1.0, True),
+    ("train", "weight_decay"): (0.0, None, True),
+    ("train", "grad_clip"): (0.0, None, True),
+    ("train", "eps"): (0.0, 1.0, True),
+    ("train", "alpha"): (0.0, 1.0, True),
+    ("train", "attack_steps"): (1, None, True),
+    ("train", "trades_beta"): (0.0, None, True),
+    ("train", "patience"): (1, None, True),
+    ("train", "val_every"): (1, None, True),
+    ("train", "val_n"): (0, None, True),
+    ("train", "val_attack_steps"): (1, None, True),
+    ("train", "fgsm_alpha"): (0.0, None, False),
+    ("train", "overfit_drop"): (0.0, 1.0, False),
+    ("train", "log_every"): (1, None, True),
+    ("eval", "n"): (1, None, True),
+    ("eval", "eps"): (0.0, 1.0, True),
+    ("eval", "batch_size"): (1, None, True),
+}
+
+_PIXEL_KEYS = {"eps", "alpha"}
+
+
+def _parse_fraction(where: str, text: str) -> float:
+    """Read ``"8/255"`` or ``"0.5"`` as a float."""
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise UserError(f"{where}: cannot read {text!r} as a number (write 0.0314 or \"8/255\")") from None
+
+
+def _coerce(section: str, key: str, value, expected):
+    """Check ``value`` against the annotated type and return it in that type."""
+    where = f"{section}.{key}"
+    origin = typing.get_origin(expected)
+    if origin is list:
+        (item,) = typing.get_args(expected)
+        if not isinstance(value, list):
+            raise UserError(f"{where} must be a list of {item.__name__}, got {value!r}")
+        return [_coerce(section, key, v, item) for v in value]
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where} must be true or false, got {value!r}")
+        return value
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where} must be an integer, got {value!r}")
+        return value
+    if expected is float:
+        if isinstance(value, str) and key in _PIXEL_KEYS:
+            return _parse_fraction(where, value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if expected is str:
+        if not isinstance(value, str):
+            raise UserError(f"{where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {expected!r}")  # a schema bug, not a user error
+
+
+def _check_value(section: str, key: str, value) -> None:
+    where = f"{section}.{key}"
+    choices = CHOICES.get((section, key))
+    if choices is not None and value not in choices:
+        raise UserError(f"{where} = {value!r} is not one of {', '.join(choices)}")
+    bounds = RANGES.get((section, key))
+    if bounds is None:
+        return
+    low, high, low_inclusive = bounds
+    if key in _PIXEL_KEYS and value > 1:
+        raise UserError(
+            f"{where} = {value:g} is larger than 1: perturbations are in [0, 1] pixel units;"
+            f" for {value:g} grey levels write \"{value:g}/255\" (= {value / 255:.4f})"
+        )
+    if low is not None and (value < low or (value == low and not low_inclusive)):
+        relation = ">=" if low_inclusive else ">"
+        raise UserError(f"{where} = {value!r} is out of range: it must be {relation} {low:g}")
+    if high is not None and value > high:
+        raise UserError(f"{where} = {value!r} is out of range: it must be <= {high:g}")
+
+
+def _build_section(section: str, values: dict, base):
+    cls = _SECTION_TYPES[section]
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    updates = {}
+    for key, value in values.items():
+        if key not in known:
+            raise UserError(f"unknown key {section}.{key}: valid keys are {', '.join(sorted(known))}")
+        updates[key] = _coerce(section, key, value, hints[key])
+        _check_value(section, key, updates[key])
+    return replace(base, **updates)
+
+
+def from_dict(raw: dict, base: Config | None = None) -> Config:
+    """Build a validated ``Config`` from nested dictionaries (``{"train": {"lr": 0.1}}``)."""
+    config = base or Config()
+    for section, values in raw.items():
+        if section not in _SECTION_TYPES:
+            raise UserError(f"unknown config section [{section}]: valid sections are {', '.join(_SECTION_TYPES)}")
+        if not isinstance(values, dict):
+            raise UserError(f"config section [{section}] must be a table of key = value lines")
+        config = replace(config, **{section: _build_section(section, values, getattr(config, section))})
+    _check_consistency(config)
+    return config
+
+
+def _check_consistency(config: Config) -> None:
+    """Checks that involve more than one value."""
+    from .data import DATASETS  # late import: data imports torch, config should stay light
+
+    info = DATASETS[config.data.name]
+    method = config.train.method
+    from .methods import METHODS
+
+    if method not in METHODS:
+        raise UserError(f"train.method = {method!r} is not one of {', '.join(METHODS)}")
+    if METHODS[method].uses_prototypes and config.prototypes.dim < info.num_classes:
+        raise UserError(
+            f"prototypes.dim = {config.prototypes.dim} is smaller than the {info.num_classes} classes of"
+            f" {config.data.name}: use at least as many output dimensions as classes"
+        )
+    if config.train.schedule == "cyclic" and config.train.lr_min > config.train.lr:
+        raise UserError(f"train.lr_min = {config.train.lr_min:g} is above train.lr = {config.train.lr:g}")
+    if config.train.schedule == "multistep" and any(m < 1 for m in config.train.milestones):
+        raise UserError("train.milestones must be epochs >= 1")
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """Split ``"train.lr=0.05"`` into section, key and a TOML-typed value."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise UserError(f"--set {text!r}: write section.key=value, for example --set train.lr=0.05")
+    path, raw = text.split("=", 1)
+    section, key = path.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word such as cifar10 is a string
+    return section, key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a TOML config file (or start from defaults) and apply ``section.key=value`` overrides.
+
+    Args:
+        path: a TOML file, or None for the defaults.
+        overrides: strings such as ``"train.lr=0.05"`` or ``"eval.eps=8/255"``.
+
+    Returns:
+        A validated, frozen ``Config``.
+    """
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"config file {path} does not exist") from None
+        except IsADirectoryError:
+            raise UserError(f"config file {path} is a folder; give a .toml file") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise UserError(f"config file {path} is not valid TOML: {error}") from None
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise UserError(f"config section [{section}] must be a table")
+        raw[section][key] = value
+    return from_dict(raw)
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def to_toml(config: Config) -> str:
+    """The resolved config as TOML text, saved beside every run."""
+    return tomli_w.dumps(to_dict(config))

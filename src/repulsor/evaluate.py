@@ -1,0 +1,285 @@
+"""Clean and robust accuracy: the per-example worst-case cascade, the suites, the results file.
+
+A suite is a list of attacks run as a cascade (as AutoAttack does): each attack runs only
+on the points that every earlier attack failed on, and a point counts as robust only if
+it survives all of them. Evaluation runs in fp32 with the model in eval mode, on the first
+N test points, unshuffled, with a seed, and after each attack the cascade's state is saved
+so that an interrupted suite resumes at the next attack.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .attacks import evaluating, geometry, get_attack
+from .config import Config, load_config
+from .data import DATASETS, load_dataset
+from .errors import UserError
+from .runtime import code_version, derive_seed, resolve_device
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack of a suite: a registry name, its settings, and how it is reported."""
+
+    name: str  # as reported, e.g. "apgd-ce"
+    attack: str  # key of repulsor.attacks.ATTACKS
+    steps: int = 0  # iterations (queries for square)
+    restarts: int = 1
+    settings: dict = field(default_factory=dict)  # further keyword arguments
+    loss: str = ""
+    needs_prototypes: bool = False  # representation-space losses: only for prototype models
+
+    def kwargs(self, eps: float, norm: str) -> dict:
+        """Keyword arguments of the attack function for this threat model."""
+        kwargs = {"eps": eps, "norm": norm, **self.settings}
+        if self.attack == "square":
+            kwargs["queries"] = self.steps
+        elif self.steps:
+            kwargs["steps"] = self.steps
+        if self.attack != "fgsm":
+            kwargs["restarts"] = self.restarts
+        if self.loss:
+            kwargs["loss"] = self.loss
+        if "alpha_over_eps" in kwargs:
+            kwargs["alpha"] = kwargs.pop("alpha_over_eps") * eps
+        return kwargs
+
+
+def _pgd(name, steps, loss, restarts=1, alpha_over_eps=0.25, needs_prototypes=False):
+    return AttackSpec(name, "pgd", steps, restarts, {"alpha_over_eps": alpha_over_eps}, loss, needs_prototypes)
+
+
+STANDARD = [
+    AttackSpec("apgd-ce", "apgd", 100, 1, loss="ce"),
+    AttackSpec("apgd-t", "apgd_t", 100, 1, {"n_targets": 9}),
+    AttackSpec("fab-t", "fab_t", 100, 1, {"n_targets": 9}),
+    AttackSpec("square", "square", 5000, 1),
+]
+
+SUITES: dict[str, list[AttackSpec]] = {
+    # PGD-20, step eps/4 (2/255 at 8/255), random start, cross-entropy on the class scores.
+    "quick": [_pgd("pgd-20", 20, "ce")],
+    # The paper's protocol: PGD-20 and PGD-100 with the loss the authors' code used (the
+    # L-inf distance of f(x) to the true prototype; cross-entropy for linear heads), no restarts.
+    "paper": [_pgd("pgd-20 (authors' loss)", 20, "paper"), _pgd("pgd-100 (authors' loss)", 100, "paper")],
+    "standard": STANDARD,
+    # standard, then margin losses with restarts and the representation-space losses.
+    "adaptive": STANDARD + [
+        AttackSpec("apgd-dlr (5 restarts)", "apgd", 100, 5, loss="dlr"),
+        _pgd("pgd-100-cw (5 restarts)", 100, "cw", restarts=5, alpha_over_eps=0.1),
+        AttackSpec("apgd-proto-margin (5 restarts)", "apgd", 100, 5, loss="proto_margin", needs_prototypes=True),
+        AttackSpec("apgd-t-proto-margin", "apgd_t", 100, 1, {"n_targets": 9, "loss": "proto_margin"},
+                   needs_prototypes=True),
+    ],
+}
+
+
+def _is_prototype_model(model) -> bool:
+    return hasattr(model, "embed") and hasattr(model, "prototypes")
+
+
+def _resolve_loss(spec: AttackSpec, model) -> AttackSpec:
+    """``paper`` means the authors' loss on prototype models and cross-entropy otherwise."""
+    if spec.loss == "paper":
+        loss = "proto_linf" if _is_prototype_model(model) else "ce"
+        return AttackSpec(spec.name, spec.attack, spec.steps, spec.restarts, spec.settings, loss, spec.needs_prototypes)
+    return spec
+
+
+def suite(name: str) -> list[AttackSpec]:
+    try:
+        return SUITES[name]
+    except KeyError:
+        raise UserError(f"unknown suite {name!r}: choose one of {', '.join(SUITES)}") from None
+
+
+def _predict(model, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            out.append(model(x[start : start + batch_size].to(device)).argmax(1).cpu())
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite: str = "quick",
+             eps: float = 8 / 255, norm: str = "linf", batch_size: int = 256, seed: int = 0,
+             device: str | torch.device | None = None, quiet: bool = True, state_path: str | Path | None = None,
+             checks: bool | None = None) -> dict:
+    """Clean accuracy and the worst case over a suite of attacks, for any logits model.
+
+    Args:
+        model: an ``nn.Module`` mapping images [N, C, H, W] in [0, 1] to class scores [N, k];
+            normalisation belongs inside it. Its mode is set to eval for the evaluation and
+            restored afterwards; its weights are not changed.
+        x: images [N, C, H, W] in [0, 1]; y: labels [N] (int64).
+        suite: ``quick``, ``paper``, ``standard`` or ``adaptive`` (see ``SUITES``).
+        eps: perturbation size in [0, 1] pixel units (8/255 for L-inf, 0.5 for L2).
+        norm: ``linf`` or ``l2``.
+        batch_size: examples per attack call.
+        seed: makes every random start and query reproducible.
+        device: where to run; default: the model's device.
+        quiet: no progress bar.
+        state_path: a safetensors file where the cascade's state is saved after every
+            attack, so that an interrupted evaluation resumes at the next attack.
+        checks: run the gradient-masking sanity checks (default: for standard and adaptive).
+
+    Returns:
+        A dict: ``n``, ``clean_accuracy``, ``attacks`` (one entry per attack: name, attack,
+        loss, norm, eps, steps, restarts, n_attacked, accuracy after it, seconds),
+        ``robust_accuracy`` (the worst case), ``suite``, ``seed``, ``precision`` ("fp32"),
+        and, with checks, ``sanity`` (a list of verdicts).
+    """
+    specs = [_resolve_loss(s, model) for s in globals()["suite"](suite)]
+    if not _is_prototype_model(model):
+        specs = [s for s in specs if not s.needs_prototypes]
+    geometry(norm)
+    if not 0 <= eps <= 1:
+        raise UserError(f"eps = {eps:g} is outside [0, 1]: write 8/255, not 8")
+    if x.dim() != 4 or len(x) != len(y):
+        raise UserError(f"expected images [N, C, H, W] and labels [N]; got {tuple(x.shape)} and {tuple(y.shape)}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    with evaluating(model):
+        predictions = _predict(model, x, batch_size, device)
+        robust = predictions == y.cpu()
+        clean_accuracy = robust.float().mean().item() if len(y) else 0.0
+        x_worst = x.clone().cpu()
+        entries, done = [], 0
+        if state_path is not None and Path(state_path).exists():
+            tensors, meta = ckpt.load_tensors(state_path, "evaluation state")
+            if meta.get("key") == _state_key(suite, len(x), eps, norm, seed):
+                robust, x_worst, entries = tensors["robust"].bool(), tensors["x_worst"], meta["entries"]
+                done = len(entries)
+        for index, spec in enumerate(specs):
+            if index < done:
+                continue
+            entries.append(_run_attack(model, spec, x, y, x_worst, robust, eps=eps, norm=norm,
+                                       batch_size=batch_size, seed=derive_seed(seed, spec.name), device=device,
+                                       quiet=quiet, n_total=len(y)))
+            if state_path is not None:
+                ckpt.save_tensors(state_path, {"robust": robust.to(torch.uint8), "x_worst": x_worst},
+                                  {"key": _state_key(suite, len(x), eps, norm, seed), "entries": entries})
+        result = {
+            "suite": suite, "n": len(y), "norm": norm, "eps": eps, "seed": seed, "precision": "fp32",
+            "clean_accuracy": clean_accuracy, "attacks": entries,
+            "robust_accuracy": robust.float().mean().item() if len(y) else 0.0,
+        }
+        if checks if checks is not None else suite in ("standard", "adaptive"):
+            from .sanity import run_checks
+
+            result["sanity"] = run_checks(model, x, y, entries, eps=eps, norm=norm, seed=seed,
+                                          device=device, batch_size=batch_size, quiet=quiet)
+    result["x_adv"] = x_worst  # popped by callers that write files; handy for analyses
+    return result
+
+
+def _state_key(suite: str, n: int, eps: float, norm: str, seed: int) -> str:
+    return f"{suite}|{n}|{eps!r}|{norm}|{seed}"
+
+
+def _run_attack(model, spec: AttackSpec, x, y, x_worst, robust, *, eps, norm, batch_size, seed, device, quiet,
+                n_total) -> dict:
+    """Run one attack on the points still robust; update ``robust`` and ``x_worst`` in place."""
+    attack = get_attack(spec.attack)
+    kwargs = spec.kwargs(eps, norm)
+    geom = geometry(norm)
+    index = robust.nonzero().squeeze(1)
+    started = time.time()
+    bar = tqdm(total=len(index), desc=spec.name, unit="pt", disable=quiet, leave=False, dynamic_ncols=True)
+    for start in range(0, len(index), batch_size):
+        chunk = index[start : start + batch_size]
+        xb, yb = x[chunk].to(device), y[chunk].to(device)
+        x_adv = attack(model, xb, yb, seed=derive_seed(seed, start), **kwargs).detach()
+        # A bug in an attack must never inflate or deflate a result: check the threat model.
+        excess = (geom.norm(x_adv - xb) - eps).max().item() if len(xb) else 0.0
+        if excess > 1e-5 or x_adv.min() < 0 or x_adv.max() > 1:
+            raise RuntimeError(f"{spec.name} left the threat model (norm excess {excess:g}); this is a repulsor bug")
+        with torch.no_grad():
+            fooled = (model(x_adv).argmax(1) != yb).cpu()
+        robust[chunk[fooled]] = False
+        x_worst[chunk[fooled]] = x_adv[fooled].cpu()
+        bar.update(len(chunk))
+    bar.close()
+    return {
+        "name": spec.name, "attack": spec.attack, "loss": kwargs.get("loss", ""), "norm": norm, "eps": eps,
+        "steps": spec.steps, "restarts": spec.restarts, "n": n_total, "n_attacked": len(index),
+        "accuracy": robust.float().mean().item() if n_total else 0.0,
+        "seconds": round(time.time() - started, 3),
+    }
+
+
+def load_model(run_dir: str | Path, *, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The trained model of a run as an ``nn.Module`` in eval mode.
+
+    It takes images [N, C, H, W] in [0, 1] and returns class scores [N, k] (logits for
+    linear heads; cosine similarities or negative distances for prototype heads), so any
+    attack library can attack its real decision rule.
+    """
+    from .methods import METHODS
+    from .models import build_model
+    from .prototypes import load_prototypes
+    from .train import MODEL, head_distance
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} does not exist")
+    if not (run_dir / MODEL).exists():
+        raise UserError(f"{run_dir} holds no trained model ({MODEL}); finish training with: repulsor train --resume {run_dir}")
+    cfg = load_config(run_dir / "config.toml")
+    method = METHODS[cfg.train.method]
+    prototypes = None
+    if method.uses_prototypes:
+        prototypes, _ = load_prototypes(run_dir / "prototypes.safetensors")
+    model = build_model(cfg.model, DATASETS[cfg.data.name], prototypes=prototypes, distance=head_distance(cfg, method))
+    tensors, _ = ckpt.load_tensors(run_dir / MODEL, "model file")
+    ckpt.load_model_state(model, tensors, run_dir / MODEL)
+    return model.to(device).eval()
+
+
+def test_data(cfg: Config, n: int | None, data_dir: str | None = None):
+    """The first ``n`` test points of the run's data set (``data.test_dir`` if the config names one)."""
+    folder = data_dir or cfg.data.test_dir or cfg.data.data_dir or None
+    x, y = load_dataset(cfg.data.name, "test", data_dir=folder, split_seed=cfg.data.split_seed)
+    if n is not None:
+        x, y = x[:n], y[:n]
+    return x, y, folder
+
+
+def evaluate_run(run_dir: str | Path, *, suite: str | None = None, n: int | None = None, eps: float | None = None,
+                 norm: str | None = None, data_dir: str | None = None, seed: int | None = None,
+                 batch_size: int | None = None, device: str = "auto", quiet: bool = False) -> dict:
+    """Evaluate a run on its test split and merge the result into ``RUN/results.json``."""
+    run_dir = Path(run_dir)
+    model = load_model(run_dir)
+    cfg = load_config(run_dir / "config.toml")
+    e = cfg.eval
+    suite, n, eps = suite or e.suite, n or e.n, e.eps if eps is None else eps
+    norm, seed, batch_size = norm or e.norm, e.seed if seed is None else seed, batch_size or e.batch_size
+    dev = resolve_device(device)
+    model = model.to(dev)
+    x, y, folder = test_data(cfg, n, data_dir)
+    state_path = run_dir / "eval" / f"{suite}-state.safetensors"
+    result = evaluate(model, x, y, suite=suite, eps=eps, norm=norm, batch_size=batch_size, seed=seed, device=dev,
+                      quiet=quiet, state_path=state_path)
+    result.pop("x_adv")
+    results_path = run_dir / "results.json"
+    merged = ckpt.read_json(results_path, "results file") if results_path.exists() else {}
+    merged.update({
+        "dataset": cfg.data.name, "split": "test", "data_dir": str(folder or ""), "n": len(y),
+        "clean_accuracy": result["clean_accuracy"], "code_version": code_version(),
+    })
+    suites = merged.get("suites", {})
+    suites[suite] = {k: v for k, v in result.items()}
+    merged["suites"] = suites
+    # The flat contract: every attack of every suite evaluated so far, each with its suite.
+    merged["attacks"] = [dict(entry, suite=name) for name, res in suites.items() for entry in res["attacks"]]
+    merged["worst_case"] = {name: res["robust_accuracy"] for name, res in suites.items()}
+    ckpt.atomic_write_json(results_path, merged)
+    state_path.unlink(missing_ok=True)
+    return merged

@@ -1,0 +1,211 @@
+"""Training methods: each one is a loss function plugged into the one training loop.
+
+A method's ``loss(ctx, x, y)`` returns ``(loss, scores, passes)``: the scalar loss to
+minimise, the class scores of the clean batch (detached, for training accuracy), and a
+``Passes`` record of how many forward and backward passes of the network each example
+cost, so that training cost is accounted for rather than asserted.
+
+``ctx.model`` is the network to train through (possibly wrapped in DistributedDataParallel);
+``ctx.raw_model`` is the same network unwrapped, which attacks use because they only need
+input gradients and must not trigger DDP's gradient synchronisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .attacks import pgd
+from .config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Passes:
+    """Network passes per training example in one step (forward, backward)."""
+
+    forward: int
+    backward: int
+
+
+@dataclass
+class TrainContext:
+    model: torch.nn.Module
+    raw_model: torch.nn.Module
+    cfg: TrainConfig
+    seed: int = 0  # a fresh seed per step, for random starts of training-time attacks
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training method: its loss and the head it needs.
+
+    ``head`` is ``"linear"`` (k logits) or ``"prototype"`` (D outputs compared with fixed
+    prototypes). ``distance`` fixes the prototype distance for methods that define it
+    (MMC: negative squared L2; HPN: cosine); None means ``prototypes.distance``.
+    ``prototypes`` is ``"repulsive"`` (Eq. 5) or ``"mmc"`` (Max-Mahalanobis centres).
+    """
+
+    name: str
+    loss: Callable
+    head: str = "linear"
+    distance: str | None = None
+    prototypes: str = "repulsive"
+    adversarial: bool = False
+    watch_overfitting: bool = False
+    summary: str = ""
+
+    @property
+    def uses_prototypes(self) -> bool:
+        return self.head == "prototype"
+
+
+def prototype_objective(scores: torch.Tensor, y: torch.Tensor, distance: str) -> torch.Tensor:
+    """Per-example prototype loss from the model's own class scores.
+
+    For ``cosine`` the scores are cos(f(x), p_j) and the loss is Eq. 6 of the paper,
+    (1 - cos(f(x), p_y))^2. For the distance heads (``l2``, ``linf``, ``sqeuclid``) the
+    scores are negative distances and the loss is the distance to the true prototype:
+    ``linf`` is what the authors' code trained with, ``sqeuclid`` is the MMC loss.
+    Computing it from the scores keeps the loss and the decision rule consistent.
+    """
+    true_score = scores.float().gather(1, y[:, None]).squeeze(1)
+    if distance == "cosine":
+        return (1 - true_score) ** 2
+    return -true_score
+
+
+def _distance(ctx: TrainContext) -> str:
+    return ctx.raw_model.distance
+
+
+def _attack(ctx: TrainContext, x, y, *, loss, early_stop=False):
+    """Training-time PGD at the configured threat model (no restarts, every step on every point)."""
+    cfg = ctx.cfg
+    return pgd(
+        ctx.raw_model, x, y, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps, norm=cfg.norm,
+        loss=loss, restarts=1, random_start=True, early_stop=early_stop, seed=ctx.seed,
+    ).detach()
+
+
+def ce_loss(ctx: TrainContext, x, y):
+    """Cross-entropy on clean inputs: the paper's Regular baseline."""
+    scores = ctx.model(x)
+    return F.cross_entropy(scores.float(), y), scores.detach(), Passes(1, 1)
+
+
+def prototype_loss(ctx: TrainContext, x, y):
+    """Repulsive prototypes (Eq. 6 for cosine; distance to p_y for l2/linf). Clean inputs only."""
+    scores = ctx.model(x)
+    return prototype_objective(scores, y, _distance(ctx)).mean(), scores.detach(), Passes(1, 1)
+
+
+def pgd_at_loss(ctx: TrainContext, x, y):
+    """Madry et al. 2018: cross-entropy on PGD examples (random start, ``attack_steps`` steps)."""
+    x_adv = _attack(ctx, x, y, loss="ce")
+    scores = ctx.model(x_adv)
+    steps = ctx.cfg.attack_steps
+    return F.cross_entropy(scores.float(), y), scores.detach(), Passes(steps + 1, steps + 1)
+
+
+def fgsm_rs_loss(ctx: TrainContext, x, y):
+    """Wong et al. 2020: one FGSM step of ``fgsm_alpha * eps`` from a uniform random start."""
+    cfg = ctx.cfg
+    x_adv = pgd(
+        ctx.raw_model, x, y, eps=cfg.eps, alpha=cfg.fgsm_alpha * cfg.eps, steps=1, norm=cfg.norm,
+        loss="ce", restarts=1, random_start=True, early_stop=False, seed=ctx.seed,
+    ).detach()
+    scores = ctx.model(x_adv)
+    return F.cross_entropy(scores.float(), y), scores.detach(), Passes(2, 2)
+
+
+def _kl_to(clean_probs: torch.Tensor):
+    """An attack loss: KL(p_clean || p(x_adv)) per example, as in TRADES' inner maximisation."""
+
+    def loss(model, x_adv, y, target=None):
+        scores = model(x_adv).float()
+        kl = F.kl_div(F.log_softmax(scores, dim=1), clean_probs, reduction="none").sum(dim=1)
+        return kl, scores
+
+    return loss
+
+
+def trades_loss(ctx: TrainContext, x, y):
+    """Zhang et al. 2019: CE(f(x), y) + beta * KL(f(x) || f(x_adv)), x_adv maximising the KL."""
+    with torch.no_grad():
+        clean_probs = F.softmax(ctx.raw_model(x).float(), dim=1)
+    x_adv = _attack(ctx, x, y, loss=_kl_to(clean_probs))
+    scores = ctx.model(torch.cat([x, x_adv]))
+    clean, adv = scores[: len(x)].float(), scores[len(x) :].float()
+    robust = F.kl_div(F.log_softmax(adv, dim=1), F.softmax(clean, dim=1), reduction="batchmean")
+    steps = ctx.cfg.attack_steps
+    loss = F.cross_entropy(clean, y) + ctx.cfg.trades_beta * robust
+    return loss, clean.detach(), Passes(steps + 3, steps + 2)
+
+
+def _embedding_gap_to(clean_embedding: torch.Tensor):
+    """An attack loss: 1 - cos(f(x_adv), f(x)) per example (TRADES' KL, moved to the output space)."""
+
+    def loss(model, x_adv, y, target=None):
+        z = model.embed(x_adv).float()
+        return 1 - F.cosine_similarity(z, clean_embedding, dim=1), model.scores(z)
+
+    return loss
+
+
+def prototype_at_loss(ctx: TrainContext, x, y):
+    """Prototype loss on PGD examples that maximise the CW margin of the prototype scores."""
+    x_adv = _attack(ctx, x, y, loss="cw")
+    scores = ctx.model(x_adv)
+    steps = ctx.cfg.attack_steps
+    return prototype_objective(scores, y, _distance(ctx)).mean(), scores.detach(), Passes(steps + 1, steps + 1)
+
+
+def prototype_trades_loss(ctx: TrainContext, x, y):
+    """TRADES-style prototypes: prototype loss on x + beta * (1 - cos(f(x), f(x_adv)))."""
+    with torch.no_grad():
+        clean_embedding = ctx.raw_model.embed(x).float()
+    x_adv = _attack(ctx, x, y, loss=_embedding_gap_to(clean_embedding))
+    # One forward through ctx.model (so DDP sees it) that also returns the embeddings.
+    scores, z = ctx.model(torch.cat([x, x_adv]), return_embedding=True)
+    n = len(x)
+    gap = 1 - F.cosine_similarity(z[:n].float(), z[n:].float(), dim=1)
+    loss = prototype_objective(scores[:n], y, _distance(ctx)).mean() + ctx.cfg.trades_beta * gap.mean()
+    steps = ctx.cfg.attack_steps
+    return loss, scores[:n].detach(), Passes(steps + 3, steps + 2)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def _register(method: Method) -> None:
+    METHODS[method.name] = method
+
+
+_register(Method("ce", ce_loss, summary="cross-entropy on clean inputs (the paper's Regular run)"))
+_register(Method("prototype", prototype_loss, head="prototype",
+                 summary="repulsive prototypes, clean inputs only (the paper's method)"))
+_register(Method("hpn", prototype_loss, head="prototype", distance="cosine",
+                 summary="hyperspherical prototype networks (Mettes et al.): cosine prototypes, Eq. 6"))
+_register(Method("mmc", prototype_loss, head="prototype", distance="sqeuclid", prototypes="mmc",
+                 summary="Max-Mahalanobis centres (Pang et al.): loss ||z - mu_y||^2"))
+_register(Method("pgd_at", pgd_at_loss, adversarial=True, summary="PGD adversarial training (Madry et al.)"))
+_register(Method("trades", trades_loss, adversarial=True, summary="TRADES (Zhang et al.)"))
+_register(Method("fgsm_rs", fgsm_rs_loss, adversarial=True, watch_overfitting=True,
+                 summary="fast FGSM training with random start (Wong et al.)"))
+_register(Method("prototype_at", prototype_at_loss, head="prototype", adversarial=True,
+                 summary="prototype loss on PGD examples"))
+_register(Method("prototype_trades", prototype_trades_loss, head="prototype", adversarial=True,
+                 summary="prototype loss + beta * (1 - cos(f(x), f(x_adv))), TRADES-style"))
+
+
+def mmc_centres(num_classes: int, dim: int, scale: float = 10.0) -> torch.Tensor:
+    """Max-Mahalanobis centres: a regular simplex (pairwise cosine -1/(k-1)) scaled to norm ``scale``.
+
+    Returns [k, D] float32; needs D >= k (the simplex lives in the first k coordinates).
+    """
+    eye = torch.eye(num_classes, dim, dtype=torch.float64)
+    centred = eye - eye.mean(dim=0, keepdim=True)
+    return (scale * F.normalize(centred, dim=1)).float()

@@ -1,0 +1,173 @@
+"""From a body to a classifier: input normalisation, the plain network, the prototype head.
+
+Every model built here takes images in [0, 1] (NCHW) and returns one score per class, higher
+meaning more likely, so any attack can treat it as a black box of logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+
+DISTANCES = ("cosine", "l2", "linf", "sqeuclid")
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, the first layer of every model.
+
+    Args:
+        mean: per-channel means, length C.
+        std: per-channel standard deviations, length C, all > 0.
+
+    Input and output [N, C, H, W]. ``mean`` and ``std`` are buffers of shape [1, C, 1, 1],
+    so they travel with the model (device, state dict) but are never trained.
+    """
+
+    def __init__(self, mean, std):
+        super().__init__()
+        mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
+        std_t = torch.as_tensor(std, dtype=torch.float32).flatten()
+        if mean_t.numel() != std_t.numel() or mean_t.numel() == 0:
+            raise UserError(f"Normalize: mean and std need one value per channel, got {mean_t.numel()} "
+                            f"and {std_t.numel()}")
+        if not bool((std_t > 0).all()) or not bool(torch.isfinite(mean_t).all()):
+            raise UserError(f"Normalize: std must be > 0 and mean finite, got mean={mean_t.tolist()} "
+                            f"std={std_t.tolist()}")
+        self.register_buffer("mean", mean_t.view(1, -1, 1, 1))
+        self.register_buffer("std", std_t.view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+class Network(nn.Module):
+    """Normalisation followed by a body: [0, 1] images [N, C, H, W] -> [N, out_dim].
+
+    A plain cross-entropy classifier is a ``Network`` whose body has out_dim = k.
+    """
+
+    def __init__(self, normalize: Normalize, body: nn.Module):
+        super().__init__()
+        self.normalize = normalize
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.normalize(x))
+
+
+class PrototypeClassifier(nn.Module):
+    """Classify by similarity of the network's output to fixed class prototypes.
+
+    Args:
+        network: maps [0, 1] images [N, C, H, W] to embeddings [N, D].
+        prototypes: [k, D], kept fixed (a buffer, saved in the state dict, never trained).
+        distance: ``cosine`` (cosine similarity), ``l2`` / ``linf`` (negative L2 / L-inf
+            distance), ``sqeuclid`` (negative squared L2, as in Max-Mahalanobis centres).
+
+    ``forward(x)`` returns scores [N, k]; its argmax is the nearest (or most similar)
+    prototype, so attacks on the scores attack the actual decision rule.
+    """
+
+    def __init__(self, network: nn.Module, prototypes: torch.Tensor, distance: str):
+        super().__init__()
+        if distance not in DISTANCES:
+            raise UserError(f"unknown prototype distance {distance!r}; use one of {', '.join(DISTANCES)}")
+        if not torch.is_tensor(prototypes) or prototypes.dim() != 2 or prototypes.shape[0] < 2:
+            shape = tuple(prototypes.shape) if torch.is_tensor(prototypes) else type(prototypes).__name__
+            raise UserError(f"prototypes must be a [k, D] tensor with k >= 2, got {shape}")
+        self.network = network
+        self.distance = distance
+        self.register_buffer("prototypes", prototypes.detach().to(torch.float32).clone())
+
+    @property
+    def num_classes(self) -> int:
+        return self.prototypes.shape[0]
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings of images: [N, C, H, W] in [0, 1] -> [N, D] (dtype of the network)."""
+        return self.network(x)
+
+    def scores(self, z: torch.Tensor) -> torch.Tensor:
+        """Class scores of embeddings: [N, D] -> [N, k] float32, higher = closer.
+
+        Computed in float32 with autocast off: distances between nearby points in bf16 lose
+        most of their digits, and attacks need their gradients.
+        """
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z = z.float()
+            P = self.prototypes.float()
+            if self.distance == "cosine":
+                return F.normalize(z, dim=1) @ F.normalize(P, dim=1).T
+            if self.distance == "l2":
+                return -torch.cdist(z, P)
+            if self.distance == "linf":
+                return -torch.cdist(z, P, p=math.inf)
+            # The expanded form has the exact gradient 2 (p - z) and no square root.
+            sq = (z * z).sum(1, keepdim=True) - 2.0 * (z @ P.T) + (P * P).sum(1)
+            return -sq
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scores(self.embed(x))
+
+    def extra_repr(self) -> str:
+        k, D = self.prototypes.shape
+        return f"k={k}, D={D}, distance={self.distance!r}"
+
+
+def build_model(model_cfg, info, prototypes: torch.Tensor | None = None,
+                distance: str | None = None) -> nn.Module:
+    """Build the classifier a config asks for.
+
+    Args:
+        model_cfg: any object with ``name`` and optionally ``width`` (default 1.0), ``depth``,
+            ``widen_factor`` (used by ``wrn`` only).
+        info: a DatasetInfo-like object with ``num_classes``, ``shape`` (C, H, W), ``mean``,
+            ``std``.
+        prototypes: [k, D] or None. None builds a ``Network`` with k outputs (a linear head);
+            a tensor builds a ``PrototypeClassifier`` whose body outputs D values.
+        distance: the prototype distance (required with prototypes); None or ``"linear"``
+            without them.
+
+    Returns:
+        An ``nn.Module`` mapping [0, 1] images [N, C, H, W] to scores [N, k].
+    """
+    from . import build_body
+    from ..prototypes import check_prototypes
+
+    name = getattr(model_cfg, "name", None)
+    width = getattr(model_cfg, "width", 1.0)
+    depth = getattr(model_cfg, "depth", None)
+    widen_factor = getattr(model_cfg, "widen_factor", None)
+    channels, height, wide = (int(s) for s in info.shape)
+    k = int(info.num_classes)
+
+    if prototypes is None:
+        if distance not in (None, "linear"):
+            raise UserError(f"prototype distance {distance!r} needs prototypes; pass them or use a linear head")
+        out_dim = k
+    else:
+        if distance is None or distance == "linear":
+            raise UserError(f"prototypes need a distance, one of {', '.join(DISTANCES)}; got {distance!r}")
+        if prototypes.dim() != 2:
+            raise UserError(f"prototypes must be a [k, D] tensor, got shape {tuple(prototypes.shape)}")
+        check_prototypes(prototypes, k, prototypes.shape[1], path=f"the prototypes for {info_name(info)}")
+        out_dim = int(prototypes.shape[1])
+
+    body = build_body(name, in_channels=channels, out_dim=out_dim, width=width, depth=depth,
+                      widen_factor=widen_factor, input_size=(height, wide))
+    network = Network(Normalize(info.mean, info.std), body)
+    if prototypes is None:
+        return network
+    return PrototypeClassifier(network, prototypes, distance)
+
+
+def info_name(info) -> str:
+    return str(getattr(info, "name", "the data set"))

@@ -1,0 +1,434 @@
+"""The one training loop, for every method.
+
+Determinism by construction: the data order and the augmentation of epoch ``e`` come from
+generators seeded by (seed, e), and the random start of a training-time attack at step
+``s`` from (seed, e, s). A checkpoint records the epoch, the step inside the epoch and the
+running sums, so a resumed run replays exactly the steps an uninterrupted run would take:
+on the CPU in fp32 its weights and metrics are bitwise identical (tests/test_resume.py).
+
+Run directory layout: see docs/design.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .attacks import evaluating, pgd
+from .config import Config, load_config, to_dict, to_toml
+from .data import DATASETS, augment, default_augmentation, load_dataset
+from .errors import UserError
+from .methods import METHODS, Method, TrainContext, mmc_centres
+from .models import build_model
+from .prototypes import check_prototypes, generate_prototypes, load_prototypes, save_prototypes
+from .runtime import (ProcessGroup, autocast, derive_seed, generator, init_process_group, resolve_device,
+                      resolve_precision)
+
+LAST = "checkpoints/last.safetensors"
+BEST = "checkpoints/best.safetensors"
+MODEL = "model.safetensors"
+
+
+class TrainingStopped(UserError):
+    """Training stopped early for a reason the user must hear about (NaN loss, overfitting)."""
+
+
+def lr_at(cfg, progress: float) -> float:
+    """The learning rate at ``progress`` = epochs done as a float (e.g. 2.5 = half-way through epoch 3).
+
+    cyclic: triangular (Smith 2017) in the single-cycle form of Wong et al.: ``lr_min`` up to
+    ``lr`` over the first 40% of training, back down to ``lr_min`` at the end.
+    onecycle: linear warm-up over 30% of training, then cosine annealing to zero.
+    multistep: ``lr`` times ``gamma`` for every milestone epoch passed.
+    """
+    t = cfg.train
+    frac = progress / t.epochs
+    if t.schedule == "cyclic":
+        peak = 0.4
+        rise = frac / peak if frac < peak else (1 - frac) / (1 - peak)
+        return t.lr_min + (t.lr - t.lr_min) * max(0.0, min(1.0, rise))
+    if t.schedule == "onecycle":
+        warm = 0.3
+        if frac < warm:
+            return t.lr * frac / warm
+        return t.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (frac - warm) / (1 - warm))))
+    if t.schedule == "multistep":
+        return t.lr * t.gamma ** sum(progress >= m for m in t.milestones)
+    return t.lr
+
+
+@dataclass
+class State:
+    """Everything besides tensors that a resumed run needs to continue exactly."""
+
+    epoch: int = 0  # epoch in progress (0-based)
+    step: int = 0  # steps of that epoch already taken
+    sums: dict = field(default_factory=lambda: {"loss": 0.0, "correct": 0.0, "seen": 0.0})
+    best_metric: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    peak_robust: float = -1.0
+    elapsed: float = 0.0  # training seconds before this process started
+    passes: dict = field(default_factory=lambda: {"forward": 0.0, "backward": 0.0, "examples": 0.0})
+    finished: bool = False
+
+
+def resolve_prototypes(cfg: Config, method: Method, num_classes: int) -> torch.Tensor | None:
+    """The fixed prototypes of a prototype method, or None for a linear head."""
+    if not method.uses_prototypes:
+        return None
+    p = cfg.prototypes
+    if method.prototypes == "mmc":
+        return mmc_centres(num_classes, p.dim)
+    if p.file:
+        prototypes, _ = load_prototypes(p.file)
+        check_prototypes(prototypes, num_classes, p.dim, p.file)
+        return prototypes
+    metric = "cosine" if method.distance == "cosine" else p.metric
+    return generate_prototypes(num_classes, p.dim, metric=metric, epochs=p.epochs, lr=p.lr, seed=p.seed)
+
+
+def head_distance(cfg: Config, method: Method) -> str | None:
+    return (method.distance or cfg.prototypes.distance) if method.uses_prototypes else None
+
+
+def _prepare_run_dir(out: Path, cfg: Config, resume: bool, group: ProcessGroup) -> None:
+    if resume:
+        if not (out / LAST).exists():
+            raise UserError(f"cannot resume {out}: it holds no checkpoint ({LAST}); start it with --out {out}")
+        return
+    if (out / LAST).exists() or (out / MODEL).exists():
+        raise UserError(f"{out} already holds a run; resume it with --resume {out} or choose another --out")
+    if group.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"cannot create run folder {out}: {error.strerror}") from None
+        ckpt.atomic_write_text(out / "config.toml", to_toml(cfg))
+
+
+def _load_data(cfg: Config):
+    d = cfg.data
+    kwargs = dict(data_dir=d.data_dir or None, val_size=d.val_size or None, split_seed=d.split_seed)
+    x_train, y_train = load_dataset(d.name, "train", **kwargs)
+    x_val, y_val = load_dataset(d.name, "val", **kwargs)
+    if d.train_subset:
+        x_train, y_train = x_train[: d.train_subset], y_train[: d.train_subset]
+    return x_train, y_train, x_val, y_val
+
+
+def _augmentation(cfg: Config) -> dict:
+    if cfg.data.augment == "none":
+        return {"crop_padding": 0, "flip": False}
+    if cfg.data.augment == "crop_flip":
+        return {"crop_padding": 4, "flip": True}
+    return default_augmentation(cfg.data.name)
+
+
+def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def validate(model, x_val, y_val, cfg: Config, device, batch_size: int = 500) -> dict:
+    """Clean and PGD accuracy on the validation split, in fp32, the model in eval mode.
+
+    The attack is PGD-``val_attack_steps`` at the training threat model, step
+    2.5 * eps / steps, with the CW margin loss, so that model selection (early stopping)
+    is made against the decision rule on held-out training data, never on the test split.
+    """
+    t = cfg.train
+    correct = robust = 0
+    with evaluating(model):
+        for start in range(0, len(x_val), batch_size):
+            x = x_val[start : start + batch_size].to(device)
+            y = y_val[start : start + batch_size].to(device)
+            with torch.no_grad():
+                correct += (model(x).argmax(1) == y).sum().item()
+            if t.eps > 0:
+                x_adv = pgd(model, x, y, eps=t.eps, alpha=2.5 * t.eps / t.val_attack_steps,
+                            steps=t.val_attack_steps, norm=t.norm, loss="cw", seed=derive_seed(t.seed, "val", start))
+                with torch.no_grad():
+                    robust += (model(x_adv).argmax(1) == y).sum().item()
+    n = max(1, len(x_val))
+    return {"val_clean": correct / n, "val_robust": robust / n if t.eps > 0 else None}
+
+
+class _StopSignal:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a checkpoint is saved first."""
+
+    def __init__(self):
+        self.received = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _save_checkpoint(path: Path, model, optimizer, scaler, state: State, cfg: Config) -> None:
+    tensors = ckpt.model_state(model)
+    opt_tensors, opt_meta = ckpt.optimizer_state(optimizer)
+    tensors.update(opt_tensors)
+    meta = {
+        "config": to_dict(cfg),
+        "state": state.__dict__,
+        "optimizer": opt_meta,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+    }
+    ckpt.save_tensors(path, tensors, meta)
+
+
+def _log(out: Path, text: str, group: ProcessGroup) -> None:
+    if group.is_main:
+        with open(out / "log.txt", "a", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+
+
+def _rewrite_metrics(out: Path, keep_epochs: int) -> None:
+    """Drop metric lines of epochs that the checkpoint does not cover (written before a crash)."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln)["epoch"] <= keep_epochs]
+    ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+
+
+def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = False) -> Path:
+    """Train ``cfg.train.method`` on ``cfg.data`` and write a run directory at ``out``.
+
+    Args:
+        cfg: a validated ``Config``.
+        out: the run directory (created; must not already hold a run unless ``resume``).
+        resume: continue the run in ``out`` from its last checkpoint; ``cfg`` is then
+            ignored in favour of the run's saved config.
+        quiet: no progress bar.
+
+    Returns:
+        The run directory. It holds ``model.safetensors`` (the selected weights),
+        ``metrics.jsonl`` and, when ``eval.after_train``, ``results.json``.
+    """
+    out = Path(out)
+    if resume:
+        cfg = load_config(out / "config.toml")
+    device = resolve_device(cfg.train.device)
+    group = init_process_group(device)
+    _prepare_run_dir(out, cfg, resume, group)
+    group.barrier()
+    t = cfg.train
+    torch.manual_seed(t.seed)  # initial weights; everything later uses derived generators
+    method = METHODS[t.method]
+    info = DATASETS[cfg.data.name]
+    x_train, y_train, x_val, y_val = _load_data(cfg)
+    if t.val_n:
+        x_val, y_val = x_val[: t.val_n], y_val[: t.val_n]
+
+    prototypes = resolve_prototypes(cfg, method, info.num_classes)
+    if prototypes is not None and group.is_main and not resume:
+        save_prototypes(out / "prototypes.safetensors", prototypes, {
+            "k": info.num_classes, "D": prototypes.shape[1], "metric": cfg.prototypes.metric,
+            "epochs": cfg.prototypes.epochs, "lr": cfg.prototypes.lr, "seed": cfg.prototypes.seed})
+    model = build_model(cfg.model, info, prototypes=prototypes, distance=head_distance(cfg, method)).to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    amp_dtype = resolve_precision(t.precision, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
+                                weight_decay=t.weight_decay, nesterov=t.nesterov)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    state = State()
+    if resume:
+        tensors, meta = ckpt.load_tensors(out / LAST)
+        ckpt.load_model_state(model, tensors, out / LAST)
+        ckpt.load_optimizer_state(optimizer, tensors, meta["optimizer"])
+        if meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
+        state = State(**meta["state"])
+        if state.finished:
+            raise UserError(f"the run in {out} has already finished; evaluate it with: repulsor evaluate {out}")
+        if group.is_main:
+            _rewrite_metrics(out, state.epoch)
+        _log(out, f"resumed at epoch {state.epoch + 1} step {state.step}", group)
+
+    train_model = model
+    if group.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    batch = t.batch_size
+    if batch % group.world_size:
+        raise UserError(f"train.batch_size = {batch} must be divisible by the {group.world_size} processes")
+    steps_per_epoch = len(x_train) // batch
+    if steps_per_epoch == 0:
+        raise UserError(f"train.batch_size = {batch} is larger than the {len(x_train)} training images")
+    aug = _augmentation(cfg)
+    started = time.time()
+    stopped_by = None
+
+    with _StopSignal() as stop:
+        while state.epoch < t.epochs:
+            epoch = state.epoch
+            order = torch.randperm(len(x_train), generator=generator(t.seed, "order", epoch))
+            aug_gen = generator(t.seed, "augment", epoch)
+            # Draw the augmentations of skipped steps too, so a resumed epoch sees the same crops.
+            bar = tqdm(total=steps_per_epoch, initial=state.step, disable=quiet or not group.is_main,
+                       desc=f"epoch {epoch + 1}/{t.epochs}", unit="step", leave=False, dynamic_ncols=True)
+            model.train()
+            for step in range(steps_per_epoch):
+                index = order[step * batch : (step + 1) * batch]
+                x_cpu = augment(x_train[index], generator=aug_gen, **aug)
+                if step < state.step:
+                    continue
+                x = _to_device(x_cpu[group.rank :: group.world_size], device, t.channels_last)
+                y = y_train[index][group.rank :: group.world_size].to(device)
+                lr = lr_at(cfg, epoch + step / steps_per_epoch)
+                for group_ in optimizer.param_groups:
+                    group_["lr"] = lr
+                ctx = TrainContext(train_model, model, t, seed=derive_seed(t.seed, "attack", epoch, step))
+                with autocast(device, amp_dtype):
+                    loss, scores, passes = method.loss(ctx, x, y)
+                if group.broadcast_flag(not torch.isfinite(loss).item(), device):
+                    bar.close()
+                    raise TrainingStopped(
+                        f"the training loss became {loss.item()} at epoch {epoch + 1} step {step + 1};"
+                        f" the last good checkpoint is kept in {out / LAST}; lower train.lr and start a new run")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if t.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                sums = group.all_reduce_sum(
+                    [loss.item() * len(y), (scores.argmax(1) == y).sum().item(), len(y)], device)
+                state.sums = {k: state.sums[k] + v for k, v in zip(("loss", "correct", "seen"), sums)}
+                state.passes = {"forward": state.passes["forward"] + passes.forward * sums[2],
+                                "backward": state.passes["backward"] + passes.backward * sums[2],
+                                "examples": state.passes["examples"] + sums[2]}
+                state.step = step + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{state.sums['loss'] / state.sums['seen']:.4f}", lr=f"{lr:.4g}")
+                if stop.received:
+                    break
+            bar.close()
+            if stop.received and state.step < steps_per_epoch:
+                stopped_by = stop.received
+                break
+            state = _end_epoch(cfg, out, model, optimizer, scaler, state, method, x_val, y_val, device,
+                               group, steps_per_epoch, started, quiet)
+            if state.finished or stop.received:
+                stopped_by = stop.received
+                break
+
+    state.elapsed += time.time() - started
+    if stopped_by and not state.finished:
+        if group.is_main:
+            _save_checkpoint(out / LAST, model, optimizer, scaler, state, cfg)
+        _log(out, f"stopped by {stopped_by} at epoch {state.epoch + 1} step {state.step}; checkpoint saved", group)
+        raise TrainingStopped(f"stopped by {stopped_by}; checkpoint saved; continue with: repulsor train --resume {out}")
+
+    state.finished = True
+    if group.is_main:
+        _finish(cfg, out, model, optimizer, scaler, state, quiet)
+    group.barrier()
+    return out
+
+
+def _end_epoch(cfg, out, model, optimizer, scaler, state: State, method, x_val, y_val, device, group,
+               steps_per_epoch, started, quiet) -> State:
+    """Validate, log, select, checkpoint; decide whether training stops."""
+    t = cfg.train
+    epoch = state.epoch
+    record = {
+        "epoch": epoch + 1,
+        "train_loss": state.sums["loss"] / max(1, state.sums["seen"]),
+        "train_accuracy": state.sums["correct"] / max(1, state.sums["seen"]),
+        "lr": lr_at(cfg, epoch + 1 - 1e-9),
+        "seconds": state.elapsed + time.time() - started,
+    }
+    validating = len(x_val) and ((epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs)
+    if validating:
+        record.update(validate(model, x_val, y_val, cfg, device))
+    state.epoch += 1
+    state.step = 0
+    state.sums = {"loss": 0.0, "correct": 0.0, "seen": 0.0}
+    reason = None
+    if validating:
+        metric = record["val_robust"] if record["val_robust"] is not None else record["val_clean"]
+        if metric > state.best_metric:
+            state.best_metric, state.best_epoch, state.bad_epochs = metric, epoch + 1, 0
+            if group.is_main:
+                _save_checkpoint(out / BEST, model, optimizer, scaler, state, cfg)
+        else:
+            state.bad_epochs += 1
+        if t.early_stopping and state.bad_epochs >= t.patience:
+            reason = f"early stopping: no better validation accuracy for {t.patience} epochs"
+        if method.watch_overfitting and record["val_robust"] is not None:
+            state.peak_robust = max(state.peak_robust, record["val_robust"])
+            if state.peak_robust - record["val_robust"] > t.overfit_drop:
+                reason = (f"catastrophic overfitting: validation PGD accuracy fell from {state.peak_robust:.3f}"
+                          f" to {record['val_robust']:.3f}")
+                record["catastrophic_overfitting"] = True
+    if reason:
+        record["stopped"] = reason
+        state.finished = True
+    if group.is_main:
+        with open(out / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        _save_checkpoint(out / LAST, model, optimizer, scaler, state, cfg)
+        line = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+        _log(out, line, group)
+        if not quiet:
+            tqdm.write(line)
+    return state
+
+
+def _finish(cfg, out: Path, model, optimizer, scaler, state: State, quiet: bool) -> None:
+    """Select the final weights, save them with the training cost, and evaluate if asked."""
+    t = cfg.train
+    selected = "last"
+    if t.early_stopping and (out / BEST).exists():
+        tensors, _ = ckpt.load_tensors(out / BEST)
+        ckpt.load_model_state(model, tensors, out / BEST)
+        selected = f"best (epoch {state.best_epoch})"
+    _save_checkpoint(out / LAST, model, optimizer, scaler, state, cfg)
+    epochs_run = state.epoch
+    cost = {
+        "wall_seconds": state.elapsed,
+        "epochs": epochs_run,
+        "examples_seen": state.passes["examples"],
+        "forward_passes_per_example": state.passes["forward"] / max(1.0, state.passes["examples"]),
+        "backward_passes_per_example": state.passes["backward"] / max(1.0, state.passes["examples"]),
+    }
+    ckpt.save_tensors(out / MODEL, ckpt.model_state(model),
+                      {"config": to_dict(cfg), "selected": selected, "best_epoch": state.best_epoch, "cost": cost})
+    ckpt.atomic_write_json(out / "training.json", {"selected": selected, "best_epoch": state.best_epoch,
+                                                   "best_val_metric": state.best_metric, "cost": cost})
+    _log(out, f"finished: {epochs_run} epochs in {state.elapsed:.1f}s; weights: {selected}", ProcessGroup())
+    if cfg.eval.after_train:
+        from .evaluate import evaluate_run
+
+        evaluate_run(out, quiet=quiet)
+

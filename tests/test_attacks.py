@@ -1,0 +1,450 @@
+"""Properties every white-box attack must have, on tiny models and synthetic 1x8x8 images.
+
+The task: k = 4 classes, each a fixed random template plus noise, so a small MLP learns it
+to 100% in well under a second. Attacks then run on 64 test points.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from repulsor.attacks import (
+    ATTACKS,
+    LOSSES,
+    apgd,
+    apgd_targeted,
+    evaluating,
+    fgsm,
+    geometry,
+    get_attack,
+    get_loss,
+    pgd,
+)
+from repulsor.errors import UserError
+
+K = 4
+EPS_LARGE = {"linf": 0.3, "l2": 3.0}  # far beyond the distance between classes
+EPS_MEDIUM = {"linf": 0.05, "l2": 0.5}  # leaves a fraction of points robust
+NORMS = ["linf", "l2"]
+
+
+def make_data(n: int, seed: int, k: int = K):
+    """Images [n, 1, 8, 8] in [0, 1]: a class template plus noise; a few saturated to 0/1."""
+    templates = torch.rand(k, 1, 8, 8, generator=torch.Generator().manual_seed(1234))
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, k, (n,), generator=g)
+    x = (0.5 + 0.3 * (templates[y] - 0.5) + 0.1 * torch.randn(n, 1, 8, 8, generator=g)).clamp(0, 1)
+    x[: n // 8] = (x[: n // 8] - 0.5).sign().clamp(min=0)  # images on the corners of the box
+    return x, y
+
+
+def train(model: nn.Module, k: int = K, steps: int = 150) -> nn.Module:
+    """A fraction of a second of full-batch Adam: cross-entropy, or for a prototype model
+    squared distance to the class prototype (cross-entropy trains L-inf scores badly)."""
+    x, y = make_data(512, seed=1, k=k)
+    torch.manual_seed(0)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        if hasattr(model, "embed"):
+            loss = (model.embed(x) - model.prototypes[y]).pow(2).sum(1).mean()
+        else:
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimiser.step()
+    model.eval()
+    return model
+
+
+def mlp(k: int = K) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, k))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return train(mlp())
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return make_data(64, seed=2)
+
+
+def accuracy(model, x, y) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def run(name, model, x, y, *, norm, eps, seed=0, **extra):
+    """Each attack with small settings that keep the test fast."""
+    if name == "fgsm":
+        return fgsm(model, x, y, eps=eps, norm=norm, seed=seed, **extra)
+    if name == "pgd":
+        return pgd(model, x, y, eps=eps, alpha=eps / 4, steps=10, norm=norm, seed=seed, **extra)
+    if name == "apgd":
+        return apgd(model, x, y, eps=eps, norm=norm, steps=20, seed=seed, **extra)
+    return apgd_targeted(model, x, y, eps=eps, norm=norm, steps=20, n_targets=3, seed=seed, **extra)
+
+
+ALL = ["fgsm", "pgd", "apgd", "apgd_t"]
+
+
+# ------------------------------------------------------------ the threat model
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("name", ALL)
+def test_perturbation_stays_in_ball_and_box(name, norm, model, batch):
+    x, y = batch
+    eps = EPS_MEDIUM[norm]
+    with evaluating(model):
+        x_adv = run(name, model, x, y, norm=norm, eps=eps)
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and not x_adv.requires_grad
+    assert (geometry(norm).norm(x_adv - x) <= eps + 1e-6).all()
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert accuracy(model, x_adv, y) < accuracy(model, x, y)  # it did something
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("attack,loss", [("pgd_full", "ce"), ("apgd", "ce"), ("apgd", "cw"), ("apgd", "dlr")])
+def test_loss_not_below_clean_loss(attack, loss, norm, model, batch):
+    x, y = batch
+    eps = EPS_MEDIUM[norm]
+    with evaluating(model):
+        if attack == "pgd_full":
+            x_adv = pgd(model, x, y, eps=eps, alpha=eps / 4, steps=10, norm=norm, loss=loss, early_stop=False)
+        else:
+            x_adv = apgd(model, x, y, eps=eps, norm=norm, loss=loss, steps=20)
+        with torch.no_grad():
+            clean, _ = get_loss(loss)(model, x, y)
+            adv, _ = get_loss(loss)(model, x_adv, y)
+    assert (adv >= clean - 1e-6).all()
+    assert (adv > clean).float().mean() > 0.9
+
+
+# ----------------------------------------------------- the model is left alone
+
+
+class TinyCNN(nn.Module):
+    """A model with batch norm and dropout, whose mode changes its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.1)
+        self.fc = nn.Linear(4 * 8 * 8, K)
+
+    def forward(self, x):
+        return self.fc(self.drop(F.relu(self.bn(self.conv(x))).flatten(1)))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", ALL)
+def test_attack_leaves_model_untouched(name, mode, batch):
+    torch.manual_seed(0)
+    net = TinyCNN().train(mode == "train")
+    params = {n: p.detach().clone() for n, p in net.named_parameters()}
+    buffers = {n: b.clone() for n, b in net.named_buffers()}
+    x, y = batch
+    x_adv = run(name, net, x[:16], y[:16], norm="linf", eps=0.05)
+    assert x_adv.shape == (16, 1, 8, 8)
+    assert all(m.training == (mode == "train") for m in net.modules())
+    for n, p in net.named_parameters():
+        assert torch.equal(p, params[n]), n
+        assert p.requires_grad and p.grad is None, n
+    if mode == "eval":  # in train mode batch norm updates its statistics by design
+        assert all(torch.equal(b, buffers[n]) for n, b in net.named_buffers())
+
+    # The intended use: the evaluating context, from train mode, restores everything.
+    net.train()
+    buffers = {n: b.clone() for n, b in net.named_buffers()}
+    with evaluating(net):
+        run(name, net, x[:16], y[:16], norm="linf", eps=0.05)
+    assert all(m.training for m in net.modules())
+    assert all(p.requires_grad and p.grad is None for p in net.parameters())
+    assert all(torch.equal(b, buffers[n]) for n, b in net.named_buffers())
+
+
+def test_evaluating_restores_mode_and_flags_even_on_exception():
+    net = TinyCNN().train()
+    net.bn.eval()  # a module kept in eval mode on purpose must stay so
+    net.conv.weight.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="boom"):
+        with evaluating(net) as inside:
+            assert inside is net
+            assert not any(m.training for m in net.modules())
+            assert not any(p.requires_grad for p in net.parameters())
+            raise RuntimeError("boom")
+    assert net.training and net.fc.training and net.drop.training and not net.bn.training
+    assert not net.conv.weight.requires_grad
+    assert all(p.requires_grad for n, p in net.named_parameters() if n != "conv.weight")
+
+
+def test_attacks_work_under_no_grad(model, batch):
+    x, y = batch
+    with torch.no_grad():
+        x_adv = pgd(model, x, y, eps=0.3, alpha=0.05, steps=5)
+    assert accuracy(model, x_adv, y) < 0.1
+
+
+# --------------------------------------------------------------- determinism
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("name", ALL)
+def test_seed_makes_attack_reproducible(name, norm, model, batch):
+    x, y = batch
+    eps = EPS_MEDIUM[norm]
+    extra = {"random_start": True} if name == "fgsm" else {}
+    with evaluating(model):
+        torch.manual_seed(1)
+        rng_before = torch.get_rng_state()
+        first = run(name, model, x, y, norm=norm, eps=eps, seed=3, **extra)
+        assert torch.equal(torch.get_rng_state(), rng_before)  # the global RNG is not used
+        torch.manual_seed(2)
+        again = run(name, model, x, y, norm=norm, eps=eps, seed=3, **extra)
+        other = run(name, model, x, y, norm=norm, eps=eps, seed=4, **extra)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+# ------------------------------------------------------------------ strength
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("name", ["pgd", "apgd", "apgd_t"])
+def test_large_eps_breaks_undefended_model(name, norm, model, batch):
+    x, y = batch
+    assert accuracy(model, x, y) >= 0.95
+    with evaluating(model):
+        x_adv = run(name, model, x, y, norm=norm, eps=EPS_LARGE[norm])
+    assert accuracy(model, x_adv, y) <= 0.05
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("name", ["pgd", "apgd", "apgd_t"])
+def test_more_restarts_never_raise_robust_accuracy(name, norm, model, batch):
+    x, y = batch
+    eps = EPS_MEDIUM[norm]
+    with evaluating(model), torch.no_grad():
+        one = model(run(name, model, x, y, norm=norm, eps=eps, restarts=1)).argmax(1) != y
+        three = model(run(name, model, x, y, norm=norm, eps=eps, restarts=3)).argmax(1) != y
+    assert 0 < one.sum() < len(y)  # the test is only meaningful when some points resist
+    assert (three | ~one).all()  # every point fooled with one restart is fooled with three
+
+
+def test_pgd_restart_keeps_highest_loss_without_early_stop(model, batch):
+    x, y = batch
+    with evaluating(model):
+        losses = []
+        for restarts in (1, 4):
+            x_adv = pgd(model, x, y, eps=0.05, alpha=0.0125, steps=3, restarts=restarts, early_stop=False, loss="cw")
+            losses.append(LOSSES["cw"](model, x_adv, y)[0].detach())
+    assert (losses[1] >= losses[0] - 1e-6).all()
+
+
+def test_early_stop_is_as_strong_and_cheaper(model, batch):
+    x, y = batch
+    seen = []
+    hook = model.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[0]))
+    try:
+        with evaluating(model):
+            costs, robust = {}, {}
+            for early_stop in (True, False):
+                seen.clear()
+                x_adv = pgd(model, x, y, eps=0.05, alpha=0.0125, steps=10, early_stop=early_stop)
+                costs[early_stop] = sum(seen)
+                robust[early_stop] = accuracy(model, x_adv, y)
+    finally:
+        hook.remove()
+    assert costs[False] == len(y) * 11  # steps + 1 forward passes of every point
+    assert costs[True] < costs[False]
+    assert robust[True] <= robust[False] + 1 / len(y)
+
+
+def test_pgd_loss_trace_rises(model, batch):
+    x, y = batch
+    with evaluating(model):
+        x_adv, trace = pgd(model, x, y, eps=0.05, alpha=0.01, steps=8, early_stop=False, return_trace=True)
+        _, apgd_trace = apgd(model, x, y, eps=0.05, steps=8, return_trace=True)
+        final, _ = LOSSES["ce"](model, x_adv, y)
+    assert trace.shape == (9,) and apgd_trace.shape == (9,)
+    assert trace[-1] > trace[0] and apgd_trace[-1] > apgd_trace[0]
+    assert torch.isclose(trace[-1], final.mean())
+
+
+def test_targeted_pgd_reaches_its_targets(model, batch):
+    x, y = batch
+    targets = (y + 1) % K
+    with evaluating(model):
+        x_adv = pgd(model, x, y, eps=0.5, alpha=0.05, steps=20, loss="ce_targeted", targets=targets, early_stop=False)
+    with torch.no_grad():
+        assert (model(x_adv).argmax(1) == targets).float().mean() >= 0.95
+
+
+# -------------------------------------------------------------------- losses
+
+
+def test_score_losses_match_their_definitions():
+    scores = torch.tensor([[3.0, 1.0, 0.5, -1.0], [0.0, 2.0, 1.0, 4.0]])
+    y = torch.tensor([0, 1])
+    target = torch.tensor([2, 3])
+    fixed = lambda x: scores  # noqa: E731 - a "model" returning fixed scores
+    x = torch.zeros(2, 1)
+    torch.testing.assert_close(LOSSES["ce"](fixed, x, y)[0], F.cross_entropy(scores, y, reduction="none"))
+    torch.testing.assert_close(LOSSES["cw"](fixed, x, y)[0], torch.tensor([1.0 - 3.0, 4.0 - 2.0]))
+    torch.testing.assert_close(LOSSES["dlr"](fixed, x, y)[0], torch.tensor([-(3.0 - 1.0) / (3.0 - 0.5), -(2.0 - 4.0) / (4.0 - 1.0)]))
+    torch.testing.assert_close(
+        LOSSES["dlr_targeted"](fixed, x, y, target)[0],
+        torch.tensor([-(3.0 - 0.5) / (3.0 + 0.25), -(2.0 - 4.0) / (4.0 - 0.5)]),
+    )
+    torch.testing.assert_close(LOSSES["ce_targeted"](fixed, x, y, target)[0], -F.cross_entropy(scores, target, reduction="none"))
+    # DLR is invariant to shifting and positive rescaling of the scores.
+    shifted = lambda x: 7 * scores - 3  # noqa: E731
+    torch.testing.assert_close(LOSSES["dlr"](shifted, x, y)[0], LOSSES["dlr"](fixed, x, y)[0])
+
+
+def test_losses_are_float32_for_half_precision_scores():
+    scores = torch.tensor([[3.0, 1.0, 0.5, -1.0]], dtype=torch.float16)
+    for name in ("ce", "cw", "dlr"):
+        loss, out = LOSSES[name](lambda x: scores, torch.zeros(1, 1), torch.tensor([0]))
+        assert loss.dtype == torch.float32 and out.dtype == torch.float32
+
+
+def test_dlr_needs_enough_classes(batch):
+    x, y = batch
+    two, three = mlp(2), mlp(3)
+    with pytest.raises(UserError, match=r"DLR loss needs at least 3 classes \(got 2\); use --loss cw"):
+        apgd(two, x, y % 2, eps=0.05, loss="dlr", steps=2)
+    with pytest.raises(UserError, match=r"targeted DLR loss needs at least 4 classes \(got 3\)"):
+        apgd_targeted(three, x, y % 3, eps=0.05, steps=2)
+    with pytest.raises(UserError, match="needs at least 4 classes"):
+        LOSSES["dlr_targeted"](three, x, y % 3, (y + 1) % 3)
+    apgd_targeted(three, x, y % 3, eps=0.05, steps=2, loss="ce_targeted")  # works with k = 3
+
+
+# ---------------------------------------------------------- prototype losses
+
+
+try:
+    from repulsor.models.heads import PrototypeClassifier
+except ImportError:  # the models package is written separately; a stand-in with its interface
+
+    class PrototypeClassifier(nn.Module):
+        def __init__(self, network, prototypes, distance):
+            super().__init__()
+            self.network, self.distance = network, distance
+            self.register_buffer("prototypes", prototypes)
+
+        def embed(self, x):
+            return self.network(x)
+
+        def scores(self, z):
+            p = self.prototypes
+            if self.distance == "cosine":
+                return F.normalize(z, dim=1) @ F.normalize(p, dim=1).T
+            if self.distance == "linf":
+                return -(z[:, None] - p[None]).abs().amax(2)
+            squared = (z[:, None] - p[None]).pow(2).sum(2)
+            return -squared.sqrt() if self.distance == "l2" else -squared
+
+        def forward(self, x):
+            return self.scores(self.embed(x))
+
+
+def proto_model(distance: str) -> nn.Module:
+    torch.manual_seed(0)
+    prototypes = torch.eye(K, 6) * 2 - 1 if distance != "cosine" else torch.eye(K, 6)
+    network = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 6))
+    return train(PrototypeClassifier(network, prototypes, distance), steps=100)
+
+
+@pytest.mark.parametrize("distance", ["cosine", "l2", "linf", "sqeuclid"])
+def test_proto_margin_attacks_the_decision_rule(distance, batch):
+    x, y = batch
+    net = proto_model(distance)
+    with torch.no_grad():
+        margin, scores = LOSSES["proto_margin"](net, x, y)
+        torch.testing.assert_close(scores, net(x).float())
+        wrong = scores.argmax(1) != y
+        # A positive margin means a wrong prototype is nearer: exactly a misclassification.
+        assert torch.equal(margin > 0, wrong)
+        d_linf, _ = LOSSES["proto_linf"](net, x, y)
+        torch.testing.assert_close(d_linf, (net.embed(x) - net.prototypes[y]).abs().amax(1))
+        targeted, _ = LOSSES["proto_margin"](net, x, y, (y + 1) % K)
+        assert targeted.shape == (len(y),)
+    assert accuracy(net, x, y) >= 0.9
+    with evaluating(net):
+        x_adv = pgd(net, x, y, eps=0.5, alpha=0.05, steps=20, loss="proto_margin")
+        x_linf = pgd(net, x, y, eps=0.5, alpha=0.05, steps=20, loss="proto_linf")
+    assert accuracy(net, x_adv, y) <= 0.05
+    assert accuracy(net, x_linf, y) < accuracy(net, x, y)
+
+
+def test_proto_losses_need_a_prototype_model(model, batch):
+    x, y = batch
+    for name in ("proto_margin", "proto_linf"):
+        with pytest.raises(UserError, match=f"loss '{name}' needs a prototype model"):
+            pgd(model, x, y, eps=0.05, alpha=0.01, steps=1, loss=name)
+
+
+# ------------------------------------------------------ user errors, registry
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"eps": -0.1}, "eps must be >= 0"),
+        ({"alpha": 0.0}, "alpha must be > 0"),
+        ({"steps": -1}, "steps must be >= 0"),
+        ({"steps": 2.5}, "steps must be an integer"),
+        ({"restarts": 0}, "restarts must be >= 1"),
+        ({"norm": "l1"}, "unknown norm 'l1'"),
+        ({"loss": "nope"}, "unknown attack loss 'nope': choose one of ce, "),
+        ({"restarts": 2, "random_start": False}, "set random_start=True"),
+        ({"seed": -1}, "seed must be >= 0"),
+    ],
+)
+def test_bad_settings_raise_one_line_user_errors(settings, message, model, batch):
+    x, y = batch
+    kwargs = {"eps": 0.05, "alpha": 0.01, "steps": 2, **settings}
+    with pytest.raises(UserError, match=message) as error:
+        pgd(model, x, y, **kwargs)
+    assert "\n" not in str(error.value)
+
+
+def test_bad_inputs_raise_user_errors(model, batch):
+    x, y = batch
+    with pytest.raises(UserError, match=r"inputs must be images in \[0, 1\]; got min .* normalisation belongs inside the model"):
+        apgd(model, (x - 0.5) / 0.25, y, eps=0.05)
+    with pytest.raises(UserError, match="y must be an integer label tensor"):
+        pgd(model, x, y.float(), eps=0.05, alpha=0.01, steps=1)
+    with pytest.raises(UserError, match="targets must differ from the true labels"):
+        pgd(model, x, y, eps=0.05, alpha=0.01, steps=1, loss="ce_targeted", targets=y)
+    with pytest.raises(UserError, match="is targeted: pass targets"):
+        pgd(model, x, y, eps=0.05, alpha=0.01, steps=1, loss="dlr_targeted")
+    with pytest.raises(UserError, match=r"labels must lie in \[0, 3\]"):
+        pgd(model, x, y + K, eps=0.05, alpha=0.01, steps=1)
+    with pytest.raises(UserError, match="rho must be in"):
+        apgd(model, x, y, eps=0.05, rho=1.5)
+
+
+def test_empty_batch_and_zero_eps(model, batch):
+    x, y = batch
+    for name in ALL:
+        assert run(name, model, x[:0], y[:0], norm="linf", eps=0.05).shape == (0, 1, 8, 8)
+    assert torch.equal(fgsm(model, x, y, eps=0.0), x)
+    assert torch.equal(pgd(model, x, y, eps=0.0, alpha=0.01, steps=3), x)
+
+
+def test_registry():
+    assert {"fgsm", "pgd", "apgd", "apgd_t"} <= set(ATTACKS)
+    assert get_attack("apgd_t") is apgd_targeted
+    with pytest.raises(UserError, match="unknown attack 'cw': choose one of fgsm, pgd, apgd, apgd_t"):
+        get_attack("cw")
+    assert set(LOSSES) == {"ce", "ce_targeted", "cw", "dlr", "dlr_targeted", "proto_margin", "proto_linf"}

@@ -23,6 +23,7 @@ from repulsor.attacks import (
     get_loss,
     pgd,
 )
+from repulsor.attacks.apgd import _checkpoint, checkpoints
 from repulsor.errors import UserError
 
 K = 4
@@ -238,6 +239,15 @@ def test_more_restarts_never_raise_robust_accuracy(name, norm, model, batch):
     assert (three | ~one).all()  # every point fooled with one restart is fooled with three
 
 
+def test_more_targets_never_raise_robust_accuracy(model, batch):
+    x, y = batch
+    with evaluating(model), torch.no_grad():
+        fooled = [
+            model(apgd_targeted(model, x, y, eps=0.05, steps=10, n_targets=n)).argmax(1) != y for n in (1, 3)
+        ]
+    assert (fooled[1] | ~fooled[0]).all()
+
+
 def test_pgd_restart_keeps_highest_loss_without_early_stop(model, batch):
     x, y = batch
     with evaluating(model):
@@ -285,6 +295,49 @@ def test_targeted_pgd_reaches_its_targets(model, batch):
         x_adv = pgd(model, x, y, eps=0.5, alpha=0.05, steps=20, loss="ce_targeted", targets=targets, early_stop=False)
     with torch.no_grad():
         assert (model(x_adv).argmax(1) == targets).float().mean() >= 0.95
+
+
+def test_apgd_targeted_returns_misclassified_points_unchanged(batch):
+    x, y = batch
+    untrained = mlp()
+    with torch.no_grad():
+        wrong = untrained(x).argmax(1) != y
+    assert 0 < wrong.sum() < len(y)
+    x_adv = apgd_targeted(untrained, x, y, eps=0.05, steps=5, n_targets=2)
+    assert torch.equal(x_adv[wrong], x[wrong])
+    assert not torch.equal(x_adv[~wrong], x[~wrong])
+
+
+def test_apgd_checkpoints_follow_the_paper():
+    # p = 0, 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99 (the next, 1.05, is past the end).
+    assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert checkpoints(10) == [3, 5, 6, 7, 8, 9, 10]
+    assert checkpoints(0) == []
+
+
+def test_apgd_checkpoint_conditions():
+    # Four examples, 10 steps since the last checkpoint, rho = 0.75:
+    # 0 progressing; 1 too few increases (condition 1); 2 best loss flat and step not
+    # halved last time (condition 2); 3 flat but halved last time (kept).
+    n = 4
+    state = {
+        "increases": torch.tensor([9.0, 5.0, 9.0, 9.0]),
+        "loss_best": torch.tensor([2.0, 2.0, 1.0, 1.0]),
+        "loss_best_at_mark": torch.tensor([1.0, 1.0, 1.0, 1.0]),
+        "halved_at_mark": torch.tensor([False, False, False, True]),
+        "eta": torch.full((n,), 0.1),
+        "x_cur": torch.zeros(n, 1, 2, 2), "x_prev": torch.zeros(n, 1, 2, 2), "x_best": torch.ones(n, 1, 2, 2),
+        "grad_cur": torch.zeros(n, 1, 2, 2), "grad_best": torch.ones(n, 1, 2, 2),
+        "loss_cur": torch.zeros(n),
+    }
+    _checkpoint(state, rho=0.75, span=10)
+    halved = torch.tensor([False, True, True, False])
+    torch.testing.assert_close(state["eta"], torch.where(halved, 0.05, 0.1))
+    assert torch.equal(state["halved_at_mark"], halved)
+    assert torch.equal(state["x_cur"].flatten(1).mean(1) == 1, halved)  # restarted at the best point
+    assert torch.equal(state["x_prev"].flatten(1).mean(1) == 1, halved)  # without momentum
+    torch.testing.assert_close(state["loss_best_at_mark"], state["loss_best"])
+    assert (state["increases"] == 0).all()
 
 
 # -------------------------------------------------------------------- losses
@@ -380,10 +433,12 @@ def test_proto_margin_attacks_the_decision_rule(distance, batch):
         assert targeted.shape == (len(y),)
     assert accuracy(net, x, y) >= 0.9
     with evaluating(net):
-        x_adv = pgd(net, x, y, eps=0.5, alpha=0.05, steps=20, loss="proto_margin")
-        x_linf = pgd(net, x, y, eps=0.5, alpha=0.05, steps=20, loss="proto_linf")
+        # Restarts: under the L-inf distance a far-out embedding can sit on a tie
+        # d(z, p_y) = d(z, p_j) with zero gradient, where one random start gets stuck.
+        x_adv = pgd(net, x, y, eps=0.5, alpha=0.05, steps=20, loss="proto_margin", restarts=3)
+        x_linf = pgd(net, x, y, eps=0.5, alpha=0.05, steps=20, loss="proto_linf", restarts=3)
     assert accuracy(net, x_adv, y) <= 0.05
-    assert accuracy(net, x_linf, y) < accuracy(net, x, y)
+    assert accuracy(net, x_adv, y) <= accuracy(net, x_linf, y) < accuracy(net, x, y)
 
 
 def test_proto_losses_need_a_prototype_model(model, batch):
@@ -440,6 +495,7 @@ def test_empty_batch_and_zero_eps(model, batch):
         assert run(name, model, x[:0], y[:0], norm="linf", eps=0.05).shape == (0, 1, 8, 8)
     assert torch.equal(fgsm(model, x, y, eps=0.0), x)
     assert torch.equal(pgd(model, x, y, eps=0.0, alpha=0.01, steps=3), x)
+    assert torch.equal(apgd(model, x, y, eps=0.0, steps=3), x)
 
 
 def test_registry():

@@ -10,7 +10,7 @@ import repulsor
 from repulsor.config import from_dict
 from repulsor.data import DATASETS
 from repulsor.errors import UserError
-from repulsor.evaluate import load_model, test_data
+from repulsor.evaluate import load_model, load_test_split
 from repulsor.methods import METHODS, TrainContext, mmc_centres, prototype_objective
 from repulsor.models import build_model
 from repulsor.train import lr_at, resolve_prototypes, head_distance, train
@@ -48,7 +48,7 @@ def test_train_writes_run_and_results_match_loaded_model(tmp_path):
 
     model = repulsor.load_model(run)
     assert not model.training
-    x, y, _ = test_data(from_dict(TINY), 100)
+    x, y, _ = load_test_split(from_dict(TINY), 100)
     with torch.no_grad():
         accuracy = (model(x).argmax(1) == y).float().mean().item()
     assert accuracy == results["clean_accuracy"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -137,6 +138,8 @@ def cmd_train(args) -> int:
         if args.data_dir:
             overrides.append(f"data.data_dir={json.dumps(args.data_dir)}")
         out = train(load_config(args.config, overrides), args.out, quiet=args.quiet)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun only rank 0 reports
     results_path = Path(out) / "results.json"
     if results_path.exists():
         _print_results(json.loads(results_path.read_text()))

@@ -242,7 +242,7 @@ def load_model(run_dir: str | Path, *, device: str | torch.device = "cpu") -> to
     return model.to(device).eval()
 
 
-def test_data(cfg: Config, n: int | None, data_dir: str | None = None):
+def load_test_split(cfg: Config, n: int | None, data_dir: str | None = None):
     """The first ``n`` test points of the run's data set (``data.test_dir`` if the config names one)."""
     folder = data_dir or cfg.data.test_dir or cfg.data.data_dir or None
     x, y = load_dataset(cfg.data.name, "test", data_dir=folder, split_seed=cfg.data.split_seed)
@@ -263,7 +263,7 @@ def evaluate_run(run_dir: str | Path, *, suite: str | None = None, n: int | None
     norm, seed, batch_size = norm or e.norm, e.seed if seed is None else seed, batch_size or e.batch_size
     dev = resolve_device(device)
     model = model.to(dev)
-    x, y, folder = test_data(cfg, n, data_dir)
+    x, y, folder = load_test_split(cfg, n, data_dir)
     state_path = run_dir / "eval" / f"{suite}-state.safetensors"
     result = evaluate(model, x, y, suite=suite, eps=eps, norm=norm, batch_size=batch_size, seed=seed, device=dev,
                       quiet=quiet, state_path=state_path)

@@ -61,7 +61,7 @@ def _validate(num_classes, dim, metric, epochs, lr, seed) -> None:
         raise UserError(f"prototypes: seed must be an integer, got {seed!r}")
 
 
-def _off_diagonal(k: int) -> torch.Tensor:
+def _diagonal_mask(k: int) -> torch.Tensor:
     """Boolean mask [k, k], True on the diagonal (the pairs to leave out)."""
     return torch.eye(k, dtype=torch.bool, device=_CPU)
 
@@ -75,7 +75,7 @@ def _loss(P: torch.Tensor, metric: str) -> torch.Tensor:
     """The quantity to minimise: a sum over prototypes, so each prototype's gradient has unit
     scale whatever k is (a mean would make lr=0.01 a hundred times weaker for k=100)."""
     k = P.shape[0]
-    diag = _off_diagonal(k)
+    diag = _diagonal_mask(k)
     if metric == "cosine":
         # Normalising inside the loss keeps the gradient tangent to the sphere.
         U = F.normalize(P, dim=1)
@@ -120,19 +120,19 @@ def generate_prototypes(num_classes: int, dim: int, *, metric: str = "linf", epo
         every coordinate lies in [-1, 1] for linf.
     """
     _validate(num_classes, dim, metric, epochs, lr, seed)
-    gen = torch.Generator(device=_CPU).manual_seed(int(seed))
-    shape = (int(num_classes), int(dim))
-    if metric == "linf":
-        P = torch.rand(shape, generator=gen, dtype=torch.float32, device=_CPU) * 2.0 - 1.0
-    else:
-        # A normalised Gaussian is uniform on the sphere.
-        P = F.normalize(torch.randn(shape, generator=gen, dtype=torch.float32, device=_CPU), dim=1)
-
-    best, best_loss = P, math.inf
-    velocity = torch.zeros_like(P)
     # The caller may hold no_grad or inference_mode (e.g. inside an evaluation); the descent
-    # needs autograd regardless.
+    # needs autograd regardless, and tensors made under inference mode could not join it.
     with torch.inference_mode(False), torch.enable_grad():
+        gen = torch.Generator(device=_CPU).manual_seed(int(seed))
+        shape = (int(num_classes), int(dim))
+        if metric == "linf":
+            P = torch.rand(shape, generator=gen, dtype=torch.float32, device=_CPU) * 2.0 - 1.0
+        else:
+            # A normalised Gaussian is uniform on the sphere.
+            P = F.normalize(torch.randn(shape, generator=gen, dtype=torch.float32, device=_CPU), dim=1)
+
+        best, best_loss = P, math.inf
+        velocity = torch.zeros_like(P)
         for step in range(int(epochs) + 1):
             P = P.detach().requires_grad_(True)
             loss = _loss(P, metric)
@@ -160,7 +160,7 @@ def prototype_stats(P: torch.Tensor) -> dict[str, float]:
     if P.dim() != 2 or P.shape[0] < 2:
         raise UserError(f"prototype_stats: need a [k, D] tensor with k >= 2, got shape {tuple(P.shape)}")
     P = P.detach().to(device=_CPU, dtype=torch.float64)
-    pairs = ~_off_diagonal(P.shape[0])
+    pairs = ~_diagonal_mask(P.shape[0])
     l2 = torch.cdist(P, P)[pairs]
     linf = torch.cdist(P, P, p=math.inf)[pairs]
     U = F.normalize(P, dim=1)

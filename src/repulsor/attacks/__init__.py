@@ -8,16 +8,19 @@ run it inside ``with evaluating(model):``. ``ATTACKS`` maps names to attacks.
 from ..errors import UserError
 from .apgd import apgd, apgd_targeted
 from .context import evaluating
+from .fab import fab, fab_targeted
 from .geometry import GEOMETRIES, geometry
 from .losses import LOSSES, get_loss
 from .pgd import fgsm, pgd
+from .square import square
 
 ATTACKS = {
     "fgsm": fgsm,
     "pgd": pgd,
     "apgd": apgd,
     "apgd_t": apgd_targeted,
-    # REGISTER HERE: "fab_t": fab_targeted (from .fab) and "square": square (from .square).
+    "fab_t": fab_targeted,
+    "square": square,
 }
 
 
@@ -36,9 +39,12 @@ __all__ = [
     "apgd",
     "apgd_targeted",
     "evaluating",
+    "fab",
+    "fab_targeted",
     "fgsm",
     "geometry",
     "get_attack",
     "get_loss",
     "pgd",
+    "square",
 ]

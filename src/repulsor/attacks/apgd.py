@@ -21,7 +21,7 @@ from .context import (
     random_start,
 )
 from .geometry import geometry
-from .losses import _require_classes, dlr_targeted, get_loss
+from .losses import check_scores, dlr_targeted, get_loss, require_classes
 from ..errors import UserError
 
 MOMENTUM = 0.75  # the paper's alpha: weight of the new gradient step against the last move
@@ -87,7 +87,13 @@ def apgd(
     loss_fn = get_loss(loss)
     generator = make_generator(seed)
     x = x.detach()
-    x_adv, _, _, trace = _apgd_restarts(model, loss_fn, geom, x, y, targets, eps, steps, restarts, rho, generator)
+    n = x.shape[0]
+    x_adv = x.clone()
+    best_loss = torch.full((n,), float("-inf"), device=x.device)
+    fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
+    trace = _apgd_restarts(
+        model, loss_fn, geom, x, y, targets, eps, steps, restarts, rho, generator, x_adv, best_loss, fooled
+    )
     return (x_adv, trace) if return_trace else x_adv
 
 
@@ -122,7 +128,7 @@ def apgd_targeted(
         n_targets: number of target classes per example, >= 1 (default 9); at most k - 1
             are used.
         restarts: random starts per target, >= 1 (default 1).
-        seed: seed of the attack's CPU generator (default 0).
+        seed: seed of the random starts (default 0); every target uses the same starts.
         loss: a targeted loss name or callable (default ``"dlr_targeted"``, which needs
             k >= 4 classes; ``"ce_targeted"`` works for any k >= 2).
 
@@ -136,16 +142,15 @@ def apgd_targeted(
     n_targets = check_int("n_targets", n_targets, minimum=1)
     restarts = check_int("restarts", restarts, minimum=1)
     loss_fn = get_loss(loss)
-    generator = make_generator(seed)
+    make_generator(seed)  # validates the seed before any work
     x = x.detach()
 
     with torch.no_grad():
         clean = model(x).float()
-    if clean.dim() != 2 or clean.shape[0] != x.shape[0]:
-        raise UserError(f"the model must return class scores of shape [N, k]; got {list(clean.shape)}")
+    check_scores(clean, x, y, None)
     k = clean.shape[1]
     if loss_fn is dlr_targeted:
-        _require_classes("targeted DLR loss", clean, 4, "use --loss ce_targeted or cw")
+        require_classes("targeted DLR loss", clean, 4, "use --loss ce_targeted or cw")
     if k < 2:
         raise UserError(f"a targeted attack needs at least 2 classes (got {k})")
     # Rank the wrong classes by clean score; the true class goes last and is never used.
@@ -155,27 +160,24 @@ def apgd_targeted(
     best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
     fooled = clean.argmax(dim=1) != y
     for i in range(min(n_targets, k - 1)):
-        active = (~fooled).nonzero().squeeze(1)
-        if active.numel() == 0:
+        if fooled.all():
             break
-        run_x, run_loss, run_fooled, _ = _apgd_restarts(
-            model, loss_fn, geom, x[active], y[active], ranking[active, i], eps, steps, restarts, 0.75, generator
+        # Each target replays the same random starts, so the runs of the first targets and
+        # restarts do not change when more targets or restarts are asked for.
+        generator = make_generator(seed)
+        _apgd_restarts(
+            model, loss_fn, geom, x, y, ranking[:, i], eps, steps, restarts, 0.75, generator, x_adv, best_loss, fooled
         )
-        better = run_fooled | (run_loss > best_loss[active])
-        chosen = active[better]
-        x_adv[chosen], best_loss[chosen], fooled[chosen] = run_x[better], run_loss[better], run_fooled[better]
     return x_adv
 
 
-def _apgd_restarts(model, loss_fn, geom, x, y, targets, eps, steps, restarts, rho, generator):
-    """APGD restarts, each on the examples still robust; worst case per example.
+def _apgd_restarts(model, loss_fn, geom, x, y, targets, eps, steps, restarts, rho, generator, x_adv, best_loss, fooled):
+    """APGD restarts on the examples not yet ``fooled``, keeping the worst case per example.
 
-    Returns (x_adv [n, ...], loss [n], fooled [n], trace of the first restart [steps + 1]).
+    Updates ``x_adv`` [N, ...], ``best_loss`` [N] and ``fooled`` [N] in place: a
+    misclassifying point replaces anything, otherwise a higher loss wins. Returns the loss
+    trace of the first restart [steps + 1].
     """
-    n = x.shape[0]
-    x_adv = x.clone()
-    best_loss = torch.full((n,), float("-inf"), device=x.device)
-    fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
     trace = torch.zeros(steps + 1, device=x.device)
     for restart in range(restarts):
         # Drawn for every example, so each one's start does not depend on who is still active.
@@ -192,7 +194,7 @@ def _apgd_restarts(model, loss_fn, geom, x, y, targets, eps, steps, restarts, rh
         better = run_fooled | (run_loss > best_loss[active])
         chosen = active[better]
         x_adv[chosen], best_loss[chosen], fooled[chosen] = run_x[better], run_loss[better], run_fooled[better]
-    return x_adv, best_loss, fooled, trace
+    return trace
 
 
 def checkpoints(steps: int) -> list[int]:

@@ -63,7 +63,7 @@ def dlr(model, x, y, target=None):
     if target is not None:
         return dlr_targeted(model, x, y, target)
     scores = _scores(model, x, y, target)
-    _require_classes("DLR loss", scores, 3, "use --loss cw")
+    require_classes("DLR loss", scores, 3, "use --loss cw")
     top = scores.sort(dim=1, descending=True).values
     margin = _score_of(scores, y) - _best_other(scores, y)
     return -margin / (top[:, 0] - top[:, 2] + _TINY), scores
@@ -76,7 +76,7 @@ def dlr_targeted(model, x, y, target=None):
     """
     _require_target("dlr_targeted", target)
     scores = _scores(model, x, y, target)
-    _require_classes("targeted DLR loss", scores, 4, "use --loss ce_targeted or cw")
+    require_classes("targeted DLR loss", scores, 4, "use --loss ce_targeted or cw")
     top = scores.sort(dim=1, descending=True).values
     margin = _score_of(scores, y) - _score_of(scores, target)
     return -margin / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + _TINY), scores
@@ -146,11 +146,12 @@ def get_loss(name):
 def _scores(model, x, y, target) -> torch.Tensor:
     """The model's scores at ``x`` in float32, after checking their shape and the labels."""
     scores = model(x)
-    _check_scores(scores, x, y, target)
+    check_scores(scores, x, y, target)
     return scores.float()
 
 
-def _check_scores(scores, x, y, target) -> None:
+def check_scores(scores, x, y, target) -> None:
+    """Raise ``UserError`` unless ``scores`` is [N, k] and labels and targets lie in [0, k)."""
     if not torch.is_tensor(scores) or scores.dim() != 2 or scores.shape[0] != x.shape[0]:
         got = list(scores.shape) if torch.is_tensor(scores) else type(scores).__name__
         raise UserError(f"the model must return class scores of shape [N, k] = [{x.shape[0]}, k]; got {got}")
@@ -176,7 +177,8 @@ def _require_target(name: str, target) -> None:
         raise UserError(f"loss {name!r} is targeted: pass targets, or use apgd_targeted")
 
 
-def _require_classes(what: str, scores: torch.Tensor, needed: int, advice: str) -> None:
+def require_classes(what: str, scores: torch.Tensor, needed: int, advice: str) -> None:
+    """Raise ``UserError`` when ``scores`` [N, k] has fewer than ``needed`` classes."""
     k = scores.shape[1]
     if k < needed:
         raise UserError(f"{what} needs at least {needed} classes (got {k}); {advice}")
@@ -196,7 +198,7 @@ def _embed(model, name, x, y, target, distances=True):
         raise UserError(f"prototype model has unknown distance {model.distance!r}; expected one of {_DISTANCES}")
     z_raw = model.embed(x)
     scores = model.scores(z_raw)
-    _check_scores(scores, x, y, target)
+    check_scores(scores, x, y, target)
     z = z_raw.float()
     if not distances:
         return z, scores.float()

@@ -57,6 +57,7 @@ def pgd(
         random_start: start uniformly in the ball (default True) rather than at ``x``.
         targets: target classes [N] (int64) for a targeted loss, or None (default).
         early_stop: default True: an example is frozen at its first misclassifying iterate
+            (misclassified means ``argmax != y``, also with a targeted loss)
             and dropped from the batch (so the attack gets cheaper as it succeeds), and
             restarts only run on examples still classified correctly. False: every step
             runs on every example and the final iterate is returned (adversarial training,
@@ -109,31 +110,35 @@ def pgd(
 
 
 def _pgd_run(model, loss_fn, geom, x, y, targets, start, *, eps, alpha, steps, early_stop):
-    """One PGD run from ``start``: (x_adv [n, ...], loss [n], fooled [n], trace [steps + 1])."""
+    """One PGD run from ``start``: (x_adv [n, ...], loss [n], fooled [n], trace [steps + 1]).
+
+    ``active`` indexes the examples still being attacked; with ``early_stop`` an example
+    leaves it at its first misclassifying iterate, which ``out_*`` then keep.
+    """
     n = x.shape[0]
-    out_x = start.clone()
-    out_loss = torch.empty(n, device=x.device)
+    out_x, out_loss = start.clone(), torch.empty(n, device=x.device)
     out_fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
+    latest = torch.empty(n, device=x.device)  # each example's latest loss, for the trace
     trace = torch.empty(steps + 1, device=x.device)
-    active = torch.arange(n, device=x.device)
-    x_cur = start
+    active, x_cur = torch.arange(n, device=x.device), start
     for t in range(steps + 1):
-        last = t == steps
         target = None if targets is None else targets[active]
-        loss, scores, grad = loss_and_grad(model, loss_fn, x_cur, y[active], target, need_grad=not last)
+        loss, scores, grad = loss_and_grad(model, loss_fn, x_cur, y[active], target, need_grad=t < steps)
+        latest[active] = loss
+        trace[t] = latest.mean()
         wrong = scores.argmax(dim=1) != y[active]
-        # Record every active example's current state; frozen ones keep their last record.
-        out_x[active], out_loss[active], out_fooled[active] = x_cur, loss, wrong
-        trace[t] = out_loss.mean()
-        if last:
+        if t == steps:
             break
         if early_stop and wrong.any():
+            frozen = active[wrong]
+            out_x[frozen], out_loss[frozen], out_fooled[frozen] = x_cur[wrong], loss[wrong], True
             keep = ~wrong
             active, x_cur, grad = active[keep], x_cur[keep], grad[keep]
             if active.numel() == 0:
                 trace[t + 1 :] = trace[t]
-                break
+                return out_x, out_loss, out_fooled, trace
         x_cur = geom.project(geom.step(x_cur, grad, alpha), x[active], eps)
+    out_x[active], out_loss[active], out_fooled[active] = x_cur, loss, wrong
     return out_x, out_loss, out_fooled, trace
 
 
@@ -173,8 +178,8 @@ def fgsm(
     eps = check_number("eps", eps)
     if alpha is None:
         alpha = 1.25 * eps if random_start else eps
-    if eps == 0:
-        check_images(x, y)
+    if eps == 0:  # the ball is a point; validate the rest as pgd would, then return x
+        geometry(norm), get_loss(loss), check_images(x, y)
         return x.detach().clone()
     return pgd(
         model, x, y, eps=eps, alpha=alpha, steps=1, norm=norm, loss=loss,

@@ -114,8 +114,14 @@ class PrototypeClassifier(nn.Module):
             sq = (z * z).sum(1, keepdim=True) - 2.0 * (z @ P.T) + (P * P).sum(1)
             return -sq
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scores(self.embed(x))
+    def forward(self, x: torch.Tensor, return_embedding: bool = False):
+        """Scores [N, k]; with ``return_embedding``, also the embeddings [N, D].
+
+        Training methods that need both (TRADES-style prototypes) get them from one call,
+        so a DistributedDataParallel wrapper sees a single forward.
+        """
+        z = self.embed(x)
+        return (self.scores(z), z) if return_embedding else self.scores(z)
 
     def extra_repr(self) -> str:
         k, D = self.prototypes.shape
@@ -158,7 +164,7 @@ def build_model(model_cfg, info, prototypes: torch.Tensor | None = None,
             raise UserError(f"prototypes need a distance, one of {', '.join(DISTANCES)}; got {distance!r}")
         if prototypes.dim() != 2:
             raise UserError(f"prototypes must be a [k, D] tensor, got shape {tuple(prototypes.shape)}")
-        check_prototypes(prototypes, k, prototypes.shape[1], path=f"the prototypes for {info_name(info)}")
+        check_prototypes(prototypes, k, prototypes.shape[1], path=f"the prototypes for {_info_name(info)}")
         out_dim = int(prototypes.shape[1])
 
     body = build_body(name, in_channels=channels, out_dim=out_dim, width=width, depth=depth,
@@ -169,5 +175,5 @@ def build_model(model_cfg, info, prototypes: torch.Tensor | None = None,
     return PrototypeClassifier(network, prototypes, distance)
 
 
-def info_name(info) -> str:
+def _info_name(info) -> str:
     return str(getattr(info, "name", "the data set"))

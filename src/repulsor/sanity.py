@@ -1,0 +1,488 @@
+"""Gradient-masking sanity checks: signs that an evaluation was fooled by the defence.
+
+Carlini et al. (2019, "On evaluating adversarial robustness") list symptoms of an attack
+that failed because the model hides or breaks its gradients rather than because the model
+is robust; AutoAttack automates some of them. Each check here is one symptom:
+
+- ``unbounded``: with a budget covering the whole image box, PGD must reach about 0%.
+- ``more_iterations``: PGD-100 with restarts must not leave more points robust than PGD-10.
+- ``black_box_vs_white_box``: the score-based Square attack must not beat the white-box
+  attacks that ran before it in the cascade.
+- ``zero_gradients``: input gradients of the attack losses must not be exactly zero.
+- ``loss_rises``: PGD's mean loss must rise over its iterations.
+- ``autocast_agreement``: input gradients under autocast (bf16 on the CPU, fp16 on CUDA)
+  must point the same way as in fp32 and must not vanish more often (fp16 underflow
+  masked the gradients of the original authors' code).
+- ``deterministic``: two forward passes must give the same scores; a randomised model
+  needs an EOT attack, which the cascade does not run.
+
+Every check reuses the attacks of ``repulsor.attacks`` (never a PGD of its own), runs on
+the first ``CHECK_POINTS`` points with seeds derived from the evaluation's seed, takes
+gradients with ``torch.autograd.grad`` with respect to the input only, and leaves the
+model's parameters and train/eval mode as they were.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .attacks import LOSSES, evaluating, pgd
+from .runtime import derive_seed
+
+CHECK_POINTS = 200  # the checks run on the first 200 points: cheap beside the cascade
+TOLERANCE = 0.01  # one percent of the checked points (or one point, if that is more)
+MIN_COSINE = 0.5  # median cosine between fp32 and autocast input gradients
+DETERMINISM_RTOL = 1e-6  # of the largest score: allows non-deterministic GPU reductions
+
+
+@dataclass(frozen=True)
+class CheckInput:
+    """What every check reads: the model and the checked points, the threat model, the cascade.
+
+    ``x`` [n, C, H, W] in [0, 1] and ``y`` [n] are on the CPU (moved to ``device`` one batch
+    at a time); ``n <= CHECK_POINTS``.
+    """
+
+    model: torch.nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    entries: list
+    eps: float
+    norm: str
+    seed: int
+    device: torch.device
+    batch_size: int
+
+    @property
+    def n(self) -> int:
+        return len(self.y)
+
+    @property
+    def tolerance(self) -> float:
+        """Allowed fraction of points: 1%, but never less than one point."""
+        return max(TOLERANCE, 1 / self.n) if self.n else TOLERANCE
+
+    def batches(self):
+        """Yield ``(start, x_batch, y_batch)`` on ``device``, in order."""
+        for start in range(0, self.n, self.batch_size):
+            stop = start + self.batch_size
+            yield start, self.x[start:stop].to(self.device), self.y[start:stop].to(self.device)
+
+
+def _verdict(name: str, ok: bool, message: str, value: float | None) -> dict:
+    # A non-finite value becomes None (the message keeps it): results files are strict JSON.
+    value = None if value is None or not math.isfinite(value) else float(value)
+    return {"name": name, "ok": bool(ok), "message": message, "value": value}
+
+
+def _skipped(name: str, reason: str) -> dict:
+    """A check that could not say anything is not a warning: ok, no value."""
+    return _verdict(name, True, f"{name.replace('_', ' ')}: skipped, {reason}", None)
+
+
+def _pct(fraction: float) -> str:
+    return f"{100 * fraction:.1f}%"
+
+
+def _eps_text(eps: float) -> str:
+    return f"{eps:.4g}"
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _still_correct(inp: CheckInput, x: torch.Tensor, y: torch.Tensor, *, tag: str, loss: str, eps: float,
+                   alpha: float, steps: int, restarts: int, random_start: bool) -> torch.Tensor:
+    """Which of the points ``x`` [m, C, H, W], ``y`` [m] (CPU) PGD fails to fool.
+
+    Returns a bool tensor [m] on the CPU. Seeds derive from the evaluation's seed, ``tag``
+    and the batch, so a check gives the same verdict every time.
+    """
+    out = []
+    for start in range(0, len(y), inp.batch_size):
+        xb = x[start : start + inp.batch_size].to(inp.device)
+        yb = y[start : start + inp.batch_size].to(inp.device)
+        x_adv = pgd(inp.model, xb, yb, eps=eps, alpha=alpha, steps=steps, norm=inp.norm, loss=loss,
+                    restarts=restarts, random_start=random_start,
+                    seed=derive_seed(inp.seed, "sanity", tag, start))
+        with torch.no_grad():
+            out.append((inp.model(x_adv).argmax(1) == yb).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The low-precision dtype training would autocast to on ``device`` (None: no autocast)."""
+    if device.type == "cpu":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.float16  # fp16 is what underflows; bf16 shares fp32's exponent range
+    return None
+
+
+def input_gradients(model, x: torch.Tensor, y: torch.Tensor, loss: str, *, device, batch_size: int,
+                    autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-example input gradients of an attack loss, as the attacks would see them.
+
+    Args:
+        model: maps images [N, C, H, W] in [0, 1] to class scores [N, k]; not modified.
+        x: images [N, C, H, W] (any device); y: labels [N].
+        loss: a key of ``repulsor.attacks.LOSSES`` (``"ce"``, ``"cw"``...).
+        device: where to compute; batch_size: examples per forward/backward pass.
+        autocast_dtype: run the forward pass under ``torch.autocast`` with this dtype, or
+            None for plain fp32.
+
+    Returns:
+        float32 tensor [N, C*H*W] on the CPU. A loss that does not depend on the input
+        through autograd (``.detach()`` or ``no_grad`` inside the model) gives zeros: to an
+        attacker that is exactly a zero gradient.
+    """
+    loss_fn = LOSSES[loss]
+    out = []
+    for start in range(0, len(x), batch_size):
+        xb = x[start : start + batch_size].to(device).detach().requires_grad_(True)
+        yb = y[start : start + batch_size].to(device)
+        with torch.enable_grad():
+            if autocast_dtype is None:
+                values, _ = loss_fn(model, xb, yb)
+            else:
+                with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype):
+                    values, _ = loss_fn(model, xb, yb)
+            grad = None
+            if values.requires_grad:
+                (grad,) = torch.autograd.grad(values.float().sum(), xb, allow_unused=True)
+        if grad is None:
+            grad = torch.zeros_like(xb)
+        out.append(grad.detach().float().flatten(1).cpu())
+    return torch.cat(out) if out else torch.empty(0, x[0].numel() if len(x) else 0)
+
+
+def useless_gradients(grads: torch.Tensor) -> torch.Tensor:
+    """Bool [N]: rows of ``grads`` [N, D] that are exactly zero everywhere or not finite.
+
+    A non-finite gradient gives an attacker no direction either, so it counts with the zeros.
+    """
+    if grads.numel() == 0:
+        return torch.zeros(grads.shape[0], dtype=torch.bool)
+    return (grads.abs().amax(dim=1) == 0) | ~torch.isfinite(grads).all(dim=1)
+
+
+def gradient_agreement(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float, float]:
+    """How well low-precision input gradients agree with fp32 ones.
+
+    Args:
+        reference: fp32 gradients [N, D]; other: gradients under autocast [N, D].
+
+    Returns:
+        ``(median_cosine, zero_reference, zero_other)``: the median over examples of the
+        cosine similarity of the two gradients (1 when both are zero, since they then
+        agree; 0 when only one is zero or either is non-finite), and the fraction of
+        examples whose gradient is useless (all zero or non-finite) in each.
+    """
+    if reference.shape != other.shape:
+        raise ValueError(f"gradient shapes differ: {tuple(reference.shape)} and {tuple(other.shape)}")
+    if reference.shape[0] == 0:
+        return 1.0, 0.0, 0.0
+    ref, oth = reference.double(), other.double()
+    bad_ref, bad_oth = useless_gradients(reference), useless_gradients(other)
+    ref, oth = torch.nan_to_num(ref), torch.nan_to_num(oth)
+    # float64, so that gradients of about 1e-30 (still usable by a sign step) do not make
+    # their squared norms underflow to zero.
+    cosine = torch.nn.functional.cosine_similarity(ref, oth, dim=1, eps=1e-300)
+    cosine = torch.where(bad_ref | bad_oth, torch.zeros_like(cosine), cosine)
+    cosine = torch.where(bad_ref & bad_oth, torch.ones_like(cosine), cosine)
+    return (cosine.median().item(), bad_ref.double().mean().item(), bad_oth.double().mean().item())
+
+
+# ------------------------------------------------------------------- checks
+
+
+def check_unbounded(inp: CheckInput) -> dict:
+    """PGD-100 (CW loss, then CE on the survivors) with a budget covering the whole box must
+    fool about every point.
+
+    L-inf: eps = 1; L2: eps = sqrt(C*H*W), the diameter of the box. Any image is then
+    reachable, so a classifier that predicts more than one class can be fooled on every
+    point; one that keeps more than 1% of the points correct hides its gradients (or is
+    broken). No random start: from the clean point, a failure is the gradients' fault, not
+    bad luck, and random noise images would fool a gradient-masking model by chance.
+    """
+    name = "unbounded"
+    if inp.n == 0:
+        return _skipped(name, "no points to check")
+    dim = inp.x[0].numel()
+    eps = 1.0 if inp.norm == "linf" else math.sqrt(dim)
+    # Step eps/20: 100 steps cross the box five times, yet fine enough to settle in narrow
+    # regions of another class.
+    settings = dict(eps=eps, alpha=eps / 20, steps=100, restarts=1, random_start=False)
+    correct = _still_correct(inp, inp.x, inp.y, tag=name, loss="cw", **settings)
+    # Cross-entropy on the survivors: a margin loss can be locally flat where cross-entropy
+    # is not (negative L-inf distance heads), and that weakness is zero_gradients' to report;
+    # this check asks whether gradient attacks can move the model's decisions at all.
+    if correct.any():
+        index = correct.nonzero().squeeze(1)
+        correct[index] = _still_correct(inp, inp.x[index], inp.y[index], tag=name + "-ce", loss="ce", **settings)
+    accuracy = correct.double().mean().item()
+    ok = accuracy <= TOLERANCE
+    return _verdict(
+        name, ok,
+        f"unbounded attack (PGD-100 with CW then CE loss, {inp.norm} eps={_eps_text(eps)}): accuracy "
+        f"{_pct(accuracy)} of {inp.n} points (expected at most {_pct(TOLERANCE)})",
+        accuracy,
+    )
+
+
+def check_more_iterations(inp: CheckInput) -> dict:
+    """PGD-100 with 3 restarts must not leave more points robust than PGD-10 (both CW loss).
+
+    Step sizes: eps/4 for PGD-10 (the usual 2/255 at 8/255) and eps/10 for PGD-100 (as in
+    the adaptive suite). Warns when the stronger attack's accuracy exceeds the weaker one's
+    by more than 1% of the points (at least one point).
+    """
+    name = "more_iterations"
+    if inp.n == 0:
+        return _skipped(name, "no points to check")
+    if inp.eps == 0:
+        return _skipped(name, "eps = 0 leaves the attacks nothing to do")
+    common = dict(loss="cw", eps=inp.eps, random_start=True)
+    fewer = _still_correct(inp, inp.x, inp.y, tag="pgd-10", alpha=inp.eps / 4, steps=10, restarts=1, **common)
+    more = _still_correct(inp, inp.x, inp.y, tag="pgd-100x3", alpha=inp.eps / 10, steps=100, restarts=3, **common)
+    fewer, more = fewer.double().mean().item(), more.double().mean().item()
+    rise = more - fewer
+    tolerance = inp.tolerance
+    ok = rise <= tolerance + 1e-12
+    return _verdict(
+        name, ok,
+        f"more iterations: accuracy {_pct(more)} under PGD-100 with 3 restarts vs {_pct(fewer)} under PGD-10 "
+        f"at eps={_eps_text(inp.eps)} (expected no more than {100 * tolerance:.1f} points higher)",
+        rise,
+    )
+
+
+def black_box_drops(entries: list) -> list[tuple[str, float]]:
+    """``(name, accuracy drop)`` of every score-based (Square) entry that follows white-box ones.
+
+    Args:
+        entries: the cascade's per-attack dicts in order (keys ``name``, ``attack``,
+            ``accuracy``, ``n_attacked``, ``n``...); ``accuracy`` is the cascade's accuracy
+            after that attack, as a fraction of all ``n`` points.
+
+    Returns:
+        For each Square entry preceded by at least one white-box attack, the fraction of
+        all points it fooled after the earlier attacks had failed on them.
+    """
+    drops = []
+    seen_white_box = False
+    previous = None
+    for entry in entries:
+        if entry.get("attack") == "square":
+            if seen_white_box:
+                before = previous["accuracy"]
+                drops.append((entry.get("name", "square"), before - entry["accuracy"]))
+        else:
+            seen_white_box = True
+        previous = entry
+    return drops
+
+
+def check_black_box_vs_white_box(inp: CheckInput) -> dict:
+    """The Square attack, run after the white-box attacks, must fool at most 1% more points.
+
+    A gradient-free attack beating gradient-based ones on the same threat model means the
+    gradients mislead the white-box attacks (Carlini et al. 2019, section 5.4 of their
+    checklist; AutoAttack warns the same way). Reads only the cascade's entries.
+    """
+    name = "black_box_vs_white_box"
+    drops = black_box_drops(inp.entries)
+    if not drops:
+        return _skipped(name, "no score-based attack ran after white-box attacks in this suite")
+    attack, drop = max(drops, key=lambda item: item[1])
+    ok = drop <= TOLERANCE + 1e-12
+    return _verdict(
+        name, ok,
+        f"black box vs white box: {attack} fooled {_pct(drop)} of the points that the white-box attacks "
+        f"missed (expected at most {_pct(TOLERANCE)})",
+        drop,
+    )
+
+
+def check_zero_gradients(inp: CheckInput) -> dict:
+    """The fraction of points whose input gradient is exactly zero must be at most 1%.
+
+    Measured for cross-entropy and for the CW margin loss on the clean points; the larger
+    fraction is reported. Exactly zero gradients come from hard quantisation, saturated
+    softmax outputs, ``detach`` in the forward pass or dead activations.
+    """
+    name = "zero_gradients"
+    if inp.n == 0:
+        return _skipped(name, "no points to check")
+    fractions = {}
+    for loss in ("ce", "cw"):
+        grads = input_gradients(inp.model, inp.x, inp.y, loss, device=inp.device, batch_size=inp.batch_size)
+        fractions[loss] = useless_gradients(grads).double().mean().item()
+    worst = max(fractions.values())
+    tolerance = inp.tolerance
+    ok = worst <= tolerance + 1e-12
+    return _verdict(
+        name, ok,
+        f"zero gradients: {_pct(worst)} of {inp.n} points have an all-zero input gradient "
+        f"(CE {_pct(fractions['ce'])}, CW {_pct(fractions['cw'])}; expected at most {_pct(tolerance)})",
+        worst,
+    )
+
+
+def check_loss_rises(inp: CheckInput) -> dict:
+    """PGD-20 (CW loss, no early stop) must end with a higher mean loss than it started with.
+
+    The trace is the mean CW margin over the checked points at every iterate of the first
+    run (``pgd(..., return_trace=True)``). A flat or falling trace means the steps do not
+    follow the loss: zero, wrong or noisy gradients.
+    """
+    name = "loss_rises"
+    if inp.n == 0:
+        return _skipped(name, "no points to check")
+    if inp.eps == 0:
+        return _skipped(name, "eps = 0 leaves the attack nothing to do")
+    total = None
+    for start, xb, yb in inp.batches():
+        _, trace = pgd(inp.model, xb, yb, eps=inp.eps, alpha=inp.eps / 4, steps=20, norm=inp.norm, loss="cw",
+                       early_stop=False, return_trace=True, seed=derive_seed(inp.seed, "sanity", name, start))
+        # The trace is a mean over the batch: weigh it by the batch size for the overall mean.
+        weighted = trace.double().cpu() * len(yb)
+        total = weighted if total is None else total + weighted
+    trace = total / inp.n
+    first, last = trace[0].item(), trace[-1].item()
+    # A relative margin, so that float rounding of an unchanged loss never counts as a rise.
+    ok = math.isfinite(last) and last > first + 1e-6 * max(1.0, abs(first))
+    return _verdict(
+        name, ok,
+        f"loss rises: the mean CW loss of PGD-20 at eps={_eps_text(inp.eps)} went from {first:.4g} to {last:.4g} "
+        f"(expected a rise)",
+        last - first,
+    )
+
+
+def check_autocast_agreement(inp: CheckInput) -> dict:
+    """Input gradients under autocast must agree with fp32 ones and not vanish more often.
+
+    Cross-entropy input gradients are computed in fp32 and under ``torch.autocast`` (bf16
+    on the CPU, fp16 on CUDA). Warns when the median per-example cosine similarity is
+    below 0.5, or when the fraction of all-zero gradients under autocast exceeds the fp32
+    fraction by more than 1% of the points. A model trained or attacked under autocast
+    whose gradients underflow looks robust to its own attacks.
+    """
+    name = "autocast_agreement"
+    if inp.n == 0:
+        return _skipped(name, "no points to check")
+    dtype = _autocast_dtype(inp.device)
+    if dtype is None:
+        return _skipped(name, f"no autocast dtype is known for device {inp.device.type}")
+    common = dict(device=inp.device, batch_size=inp.batch_size)
+    reference = input_gradients(inp.model, inp.x, inp.y, "ce", **common)
+    low = input_gradients(inp.model, inp.x, inp.y, "ce", autocast_dtype=dtype, **common)
+    cosine, zero_ref, zero_low = gradient_agreement(reference, low)
+    tolerance = inp.tolerance
+    ok = cosine >= MIN_COSINE and zero_low - zero_ref <= tolerance + 1e-12
+    label = str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16")
+    return _verdict(
+        name, ok,
+        f"autocast agreement: median cosine {cosine:.3f} between fp32 and {label} input gradients (expected at "
+        f"least {MIN_COSINE}), all-zero gradients {_pct(zero_low)} vs {_pct(zero_ref)} in fp32 (expected at most "
+        f"{100 * tolerance:.1f} points more)",
+        cosine,
+    )
+
+
+def check_deterministic(inp: CheckInput) -> dict:
+    """Two forward passes on the same inputs must give the same scores.
+
+    Tolerance: 1e-6 times the largest absolute score (room for non-deterministic GPU
+    reductions). A randomised model must be attacked with Expectation over
+    Transformation, which the cascade's attacks do not do.
+    """
+    name = "deterministic"
+    if inp.n == 0:
+        return _skipped(name, "no points to check")
+    largest_diff, largest_score = 0.0, 0.0
+    with torch.no_grad():
+        for _, xb, _ in inp.batches():
+            first, second = inp.model(xb).float(), inp.model(xb).float()
+            diff = (first - second).abs()
+            diff = torch.where(torch.isnan(first) & torch.isnan(second), torch.zeros_like(diff), diff)
+            largest_diff = max(largest_diff, float(torch.nan_to_num(diff, nan=math.inf).max()))
+            finite = first[torch.isfinite(first)]
+            if finite.numel():
+                largest_score = max(largest_score, float(finite.abs().max()))
+    threshold = DETERMINISM_RTOL * largest_score
+    ok = largest_diff <= threshold
+    advice = "" if ok else "; a randomised model needs an EOT attack, which the suites do not run"
+    return _verdict(
+        name, ok,
+        f"deterministic: two forward passes differ by at most {largest_diff:.3g} in the scores "
+        f"(expected at most {threshold:.3g}{advice})",
+        largest_diff,
+    )
+
+
+# In report order; a check's name is its function's name without "check_".
+CHECKS = [
+    check_unbounded,
+    check_more_iterations,
+    check_black_box_vs_white_box,
+    check_zero_gradients,
+    check_loss_rises,
+    check_autocast_agreement,
+    check_deterministic,
+]
+
+
+def check_name(check) -> str:
+    """The verdict name of a check function: ``check_loss_rises`` -> ``"loss_rises"``."""
+    return check.__name__.removeprefix("check_")
+
+
+def run_checks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, entries: list, *, eps: float,
+               norm: str, seed: int, device, batch_size: int, quiet: bool = True) -> list[dict]:
+    """Run every gradient-masking sanity check of ``CHECKS``.
+
+    Args:
+        model: maps images [N, C, H, W] in [0, 1] to class scores [N, k]. Run in eval mode
+            with frozen parameters; its mode, ``requires_grad`` flags and weights are as
+            before on return.
+        x: images [N, C, H, W] in [0, 1] (CPU); y: labels [N]. Only the first
+            ``CHECK_POINTS`` are used.
+        entries: the cascade's per-attack dicts, in cascade order (see ``evaluate``).
+        eps: the threat model's radius (pixel units); norm: ``"linf"`` or ``"l2"``.
+        seed: the evaluation's seed; every check derives its own from it.
+        device: where the model lives; batch_size: examples per attack call.
+        quiet: accepted for the caller's convenience; the checks never print.
+
+    Returns:
+        One dict per check, in ``CHECKS`` order: ``name`` (str), ``ok`` (bool), ``message``
+        (one sentence with the measured number and the threshold) and ``value`` (the
+        measured number as a float, or None when the check was skipped). A check that
+        raises is reported as not ok with the error in its message, so that a finished
+        cascade is never lost to a check.
+    """
+    del quiet  # the checks print nothing either way
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    inp = CheckInput(model=model, x=x[:CHECK_POINTS].detach().cpu(), y=y[:CHECK_POINTS].detach().cpu(),
+                     entries=list(entries), eps=float(eps), norm=norm, seed=int(seed), device=device,
+                     batch_size=max(1, int(batch_size)))
+    verdicts = []
+    with evaluating(model):
+        for check in CHECKS:
+            name = check_name(check)
+            try:
+                verdicts.append(check(inp))
+            except Exception as error:  # noqa: BLE001 - reported, never hidden
+                message = f"{name.replace('_', ' ')}: could not run ({type(error).__name__}: {error})"
+                verdicts.append(_verdict(name, False, " ".join(message.split()), None))
+    return verdicts
+
+
+def format_verdicts(verdicts: list[dict]) -> list[str]:
+    """One line per verdict: ``"WARN <message>"`` when not ok, ``"ok   <message>"`` otherwise."""
+    return [f"{'ok  ' if v['ok'] else 'WARN'} {v['message']}" for v in verdicts]

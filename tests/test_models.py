@@ -1,0 +1,182 @@
+"""Model bodies, normalisation and the prototype head."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from repulsor.errors import UserError
+from repulsor.models import (DISTANCES, MODELS, Network, Normalize, PrototypeClassifier, build_body,
+                             build_model)
+
+# (name, input shape C,H,W, extra keyword arguments): tiny widths keep each case well under
+# a second on one thread.
+BODIES = [
+    ("resnet18", (3, 32, 32), {"width": 0.125}),
+    ("preact_resnet18", (3, 32, 32), {"width": 0.125}),
+    ("wrn", (3, 32, 32), {"width": 0.25, "depth": 10, "widen_factor": 1}),
+    ("small_cnn", (1, 28, 28), {"width": 0.25}),
+    ("mlp", (1, 8, 8), {"width": 0.125}),
+]
+
+
+def test_registry_covers_every_body():
+    assert sorted(MODELS) == sorted(name for name, _, _ in BODIES)
+
+
+@pytest.mark.parametrize("name,shape,kwargs", BODIES, ids=[b[0] for b in BODIES])
+def test_body_shape_finite_and_every_parameter_learns(name, shape, kwargs):
+    torch.manual_seed(0)
+    body = build_body(name, in_channels=shape[0], out_dim=7, input_size=shape[1:], **kwargs)
+    x = torch.randn(4, *shape)
+    out = body(x)
+    assert out.shape == (4, 7)
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    for pname, p in body.named_parameters():
+        assert p.grad is not None, f"{name}.{pname} got no gradient"
+        assert p.grad.abs().sum() > 0, f"{name}.{pname} has an all-zero gradient"
+
+
+@pytest.mark.parametrize("name,shape,kwargs", BODIES, ids=[b[0] for b in BODIES])
+def test_body_channels_last_and_bf16_autocast(name, shape, kwargs):
+    torch.manual_seed(0)
+    body = build_body(name, in_channels=shape[0], out_dim=5, input_size=shape[1:], **kwargs).eval()
+    x = torch.rand(2, *shape)
+    with torch.no_grad():
+        ref = body(x)
+        body_cl = body.to(memory_format=torch.channels_last)
+        out_cl = body_cl(x.contiguous(memory_format=torch.channels_last))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_bf = body_cl(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out_cl, ref, rtol=1e-4, atol=1e-4)
+    assert out_bf.shape == (2, 5) and torch.isfinite(out_bf.float()).all()
+
+
+@pytest.mark.parametrize("hw", [28, 8])
+def test_resnets_take_small_inputs(hw):
+    for name in ("resnet18", "preact_resnet18"):
+        body = build_body(name, in_channels=1, out_dim=3, width=0.0625)
+        assert body(torch.rand(2, 1, hw, hw)).shape == (2, 3)
+
+
+def test_full_size_parameter_counts():
+    # The published sizes: ResNet-18 11.2M, WRN-34-10 46.2M; a wrong stage width shows here.
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert round(count(build_body("resnet18", in_channels=3, out_dim=10)) / 1e6, 1) == 11.2
+    assert round(count(build_body("wrn", in_channels=3, out_dim=10)) / 1e6, 1) == 46.2
+
+
+def test_build_body_rejects_bad_arguments():
+    with pytest.raises(UserError, match="resnet18"):
+        build_body("resnet19", in_channels=3, out_dim=10)
+    with pytest.raises(UserError, match="width"):
+        build_body("resnet18", in_channels=3, out_dim=10, width=0)
+    with pytest.raises(UserError, match="depth"):
+        build_body("wrn", in_channels=3, out_dim=10, depth=12)
+    with pytest.raises(UserError, match="out_dim"):
+        build_body("mlp", in_channels=1, out_dim=0)
+
+
+def test_normalize_is_applied():
+    torch.manual_seed(0)
+    body = build_body("mlp", in_channels=3, out_dim=4, width=0.125, input_size=(8, 8))
+    plain = Network(Normalize((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), body)
+    normed = Network(Normalize((0.5, 0.4, 0.3), (0.2, 0.25, 0.3)), body)
+    x = torch.rand(3, 3, 8, 8)
+    assert not torch.allclose(plain(x), normed(x))
+    expected = (x - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    torch.testing.assert_close(normed.normalize(x), expected)
+    assert normed.normalize.mean.shape == (1, 3, 1, 1)
+    assert [n for n, _ in normed.normalize.named_parameters()] == []
+    with pytest.raises(UserError, match="std"):
+        Normalize((0.5,), (0.0,))
+
+
+def _classifier(distance, k=5, D=6):
+    torch.manual_seed(0)
+    body = build_body("mlp", in_channels=1, out_dim=D, width=0.125, input_size=(8, 8))
+    P = torch.randn(k, D)
+    return PrototypeClassifier(Network(Normalize((0.5,), (0.5,)), body), P, distance), P
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_prototype_scores_match_direct_computation(distance):
+    model, P = _classifier(distance)
+    x = torch.rand(16, 1, 8, 8)
+    z = model.embed(x)
+    assert z.shape == (16, 6)
+    s = model(x)
+    assert s.shape == (16, 5) and s.dtype == torch.float32
+    diff = z[:, None, :] - P[None, :, :]
+    direct = {
+        "cosine": F.cosine_similarity(z[:, None, :], P[None, :, :], dim=2),
+        "l2": -diff.norm(dim=2),
+        "linf": -diff.abs().amax(dim=2),
+        "sqeuclid": -(diff ** 2).sum(2),
+    }[distance]
+    torch.testing.assert_close(s, direct, rtol=1e-4, atol=1e-4)
+    assert torch.equal(s.argmax(1), direct.argmax(1))
+    if distance != "cosine":
+        nearest = {"l2": diff.norm(dim=2), "sqeuclid": diff.norm(dim=2),
+                   "linf": diff.abs().amax(dim=2)}[distance].argmin(1)
+        assert torch.equal(s.argmax(1), nearest)
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_prototype_scores_have_input_gradients(distance):
+    model, _ = _classifier(distance)
+    x = torch.rand(4, 1, 8, 8, requires_grad=True)
+    (grad,) = torch.autograd.grad(model(x)[:, 0].sum(), x)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_prototypes_are_a_fixed_buffer():
+    model, P = _classifier("cosine")
+    assert "prototypes" in dict(model.named_buffers())
+    assert all("prototypes" not in n for n, _ in model.named_parameters())
+    assert "prototypes" in model.state_dict()
+    torch.testing.assert_close(model.prototypes, P)
+    with pytest.raises(UserError, match="distance"):
+        PrototypeClassifier(model.network, P, "manhattan")
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_prototype_classifier_bf16_autocast_gives_float32_scores(distance):
+    model, _ = _classifier(distance)
+    model.eval()
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        z = model.embed(x)
+        s = model(x)
+    assert z.shape == (4, 6)
+    assert s.dtype == torch.float32 and s.shape == (4, 5) and torch.isfinite(s).all()
+
+
+INFO = SimpleNamespace(name="tiny", num_classes=4, shape=(3, 16, 16), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+def test_build_model_linear_and_prototype_heads():
+    cfg = SimpleNamespace(name="resnet18", width=0.0625, depth=None, widen_factor=None)
+    x = torch.rand(2, 3, 16, 16)
+    plain = build_model(cfg, INFO)
+    assert isinstance(plain, Network) and plain(x).shape == (2, 4)
+    P = torch.randn(4, 12)
+    proto = build_model(cfg, INFO, prototypes=P, distance="linf")
+    assert isinstance(proto, PrototypeClassifier)
+    assert proto.embed(x).shape == (2, 12) and proto(x).shape == (2, 4)
+    # Only ``name`` is required of the config object.
+    assert build_model(SimpleNamespace(name="mlp"), INFO)(x).shape == (2, 4)
+    wide = build_model(SimpleNamespace(name="wrn", width=0.25, depth=10, widen_factor=1), INFO)
+    assert wide(x).shape == (2, 4)
+
+
+def test_build_model_rejects_mismatches():
+    cfg = SimpleNamespace(name="mlp", width=0.125)
+    with pytest.raises(UserError, match="k=3"):
+        build_model(cfg, INFO, prototypes=torch.randn(3, 12), distance="l2")
+    with pytest.raises(UserError, match="distance"):
+        build_model(cfg, INFO, prototypes=torch.randn(4, 12), distance=None)
+    with pytest.raises(UserError, match="needs prototypes"):
+        build_model(cfg, INFO, distance="cosine")

@@ -17,7 +17,7 @@ from repulsor.checkpoint import load_tensors
 # Small batches make an epoch long enough (hundreds of steps) to be interrupted inside it.
 SETTINGS = [
     "data.name=digits", "model.name=mlp", "model.width=0.5", "prototypes.dim=16", "prototypes.epochs=20",
-    "train.method=prototype", "train.epochs=3", "train.batch_size=4", "train.lr=0.02", "train.precision=fp32",
+    "train.method=prototype", "train.epochs=12", "train.batch_size=4", "train.lr=0.02", "train.precision=fp32",
     "train.eps=0.1", "train.val_n=50", "train.val_attack_steps=2", "eval.after_train=false",
 ]
 
@@ -76,13 +76,25 @@ def reference(tmp_path_factory):
 def test_kill_9_mid_epoch_then_resume_is_exact(reference, tmp_path):
     out = tmp_path / "run"
     process = subprocess.Popen(command(*train_args(out)), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    # Wait until epoch 1 is checkpointed, then kill inside epoch 2.
-    wait_for(lambda: (out / "metrics.jsonl").exists() and len(metrics(out)) >= 1, process)
-    time.sleep(0.3)
+    # Wait until epoch 1 is checkpointed, then kill inside a later epoch.
+    wait_for(lambda: (out / "checkpoints" / "last.safetensors").exists(), process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert len(metrics(out)) < 3, "the run finished before it could be killed"
+    assert len(metrics(out)) < 12, "the run finished before it could be killed"
     assert not (out / "model.safetensors").exists()
+    subprocess.run(command("train", "--resume", str(out), "--quiet"), check=True, env=env(), capture_output=True,
+                   timeout=600)
+    assert_same_run(reference, out)
+
+
+@pytest.mark.slow
+def test_kill_before_first_checkpoint_restarts_cleanly(reference, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(command(*train_args(out)), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: (out / "config.toml").exists(), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "checkpoints" / "last.safetensors").exists()
     subprocess.run(command("train", "--resume", str(out), "--quiet"), check=True, env=env(), capture_output=True,
                    timeout=600)
     assert_same_run(reference, out)
@@ -92,8 +104,8 @@ def test_kill_9_mid_epoch_then_resume_is_exact(reference, tmp_path):
 def test_sigterm_saves_mid_epoch_checkpoint_and_resume_is_exact(reference, tmp_path):
     out = tmp_path / "run"
     process = subprocess.Popen(command(*train_args(out)), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for(lambda: (out / "metrics.jsonl").exists() and len(metrics(out)) >= 1, process)
-    time.sleep(0.2)
+    wait_for(lambda: (out / "checkpoints" / "last.safetensors").exists(), process)
+    time.sleep(0.1)  # into epoch 2 (an epoch is about 360 steps, several tenths of a second)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 2, stderr

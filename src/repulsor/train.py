@@ -102,8 +102,8 @@ def head_distance(cfg: Config, method: Method) -> str | None:
 
 def _prepare_run_dir(out: Path, cfg: Config, resume: bool, group: ProcessGroup) -> None:
     if resume:
-        if not (out / LAST).exists():
-            raise UserError(f"cannot resume {out}: it holds no checkpoint ({LAST}); start it with --out {out}")
+        if not (out / "config.toml").exists():
+            raise UserError(f"cannot resume {out}: it holds no run (no config.toml); start one with --out {out}")
         return
     if (out / LAST).exists() or (out / MODEL).exists():
         raise UserError(f"{out} already holds a run; resume it with --resume {out} or choose another --out")
@@ -246,7 +246,7 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
         x_val, y_val = x_val[: t.val_n], y_val[: t.val_n]
 
     prototypes = resolve_prototypes(cfg, method, info.num_classes)
-    if prototypes is not None and group.is_main and not resume:
+    if prototypes is not None and group.is_main and not (out / "prototypes.safetensors").exists():
         save_prototypes(out / "prototypes.safetensors", prototypes, {
             "k": info.num_classes, "D": prototypes.shape[1], "metric": cfg.prototypes.metric,
             "epochs": cfg.prototypes.epochs, "lr": cfg.prototypes.lr, "seed": cfg.prototypes.seed})
@@ -259,7 +259,12 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     state = State()
-    if resume:
+    if resume and not (out / LAST).exists():
+        # Killed before the first checkpoint: nothing to restore, start the run again.
+        if group.is_main:
+            _rewrite_metrics(out, 0)
+        _log(out, "resumed before the first checkpoint: starting from epoch 1", group)
+    elif resume:
         tensors, meta = ckpt.load_tensors(out / LAST)
         ckpt.load_model_state(model, tensors, out / LAST)
         ckpt.load_optimizer_state(optimizer, tensors, meta["optimizer"])

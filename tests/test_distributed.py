@@ -2,6 +2,7 @@
 same global batch. Tolerance: float sums are reduced in a different order, so weights agree
 to 1e-4 relative (observed differences are around 1e-6)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -40,3 +41,25 @@ def test_two_processes_match_one(tmp_path):
         assert torch.allclose(one[name], two[name], rtol=1e-4, atol=1e-5), name
     # Rank 0 alone wrote the results.
     assert (tmp_path / "p2" / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_sharded_evaluation_matches_single_process(tmp_path):
+    """`repulsor evaluate` under torchrun splits the points over ranks and reports the same numbers."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = tmp_path / "run"
+    subprocess.run(train_cmd(run, 1), env=env, check=True, capture_output=True, timeout=600)
+    base = [sys.executable, "-m", "repulsor", "evaluate", str(run), "--n", "100", "--quiet"]
+    results = []
+    for processes in (1, 2):
+        cmd = base if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                           f"--nproc_per_node={processes}", *base[1:]]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        results.append(json.loads((run / "results.json").read_text())["suites"]["quick"])
+    one, two = results
+    assert two["shards"] == 2 and two["n"] == one["n"] == 100
+    assert two["clean_accuracy"] == one["clean_accuracy"]
+    # Random starts are seeded per batch, so a shard's starts differ from the single run's:
+    # robust accuracy agrees up to the randomness of PGD's start (a few points at most).
+    assert abs(two["robust_accuracy"] - one["robust_accuracy"]) <= 0.05

@@ -10,7 +10,7 @@ import repulsor
 from repulsor.config import from_dict
 from repulsor.data import DATASETS
 from repulsor.errors import UserError
-from repulsor.evaluate import load_model, load_test_split
+from repulsor.evaluate import load_test_split
 from repulsor.methods import METHODS, TrainContext, mmc_centres, prototype_objective
 from repulsor.models import build_model
 from repulsor.train import lr_at, resolve_prototypes, head_distance, train

@@ -9,6 +9,7 @@ metadata can never disagree. Nothing here uses pickle.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -43,7 +44,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.unlink(tmp)
         except OSError:
             pass
-        raise UserError(f"cannot write {path}: {error.strerror}; free some space or choose another folder") from None
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            how = "free some space or choose another folder"
+        elif path.is_dir():
+            how = "it is a folder: give a file name"
+        else:
+            how = "choose another folder"
+        raise UserError(f"cannot write {path}: {error.strerror or error}; {how}") from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -87,7 +94,8 @@ def load_tensors(path: str | Path, what: str = "checkpoint") -> tuple[dict[str, 
         header = json.loads(raw[8 : 8 + header_len])
         meta = json.loads(header.get("__metadata__", {}).get(_META_KEY, "{}"))
     except (SafetensorError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{what} {path} is corrupt or not a repulsor safetensors file ({error})") from None
+        detail = " ".join(str(error).split())  # one line: the CLI prints errors on one line
+        raise UserError(f"{what} {path} is corrupt or not a repulsor safetensors file ({detail})") from None
     return tensors, meta
 
 
@@ -110,7 +118,8 @@ def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], p
             f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
             else f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, the model needs {tuple(expected[wrong[0]].shape)}"
         )
-        raise UserError(f"checkpoint {path} does not match the model in its config ({detail})")
+        raise UserError(f"checkpoint {path} does not match the model in its config ({detail}); it belongs to"
+                        " another run or the config was edited: restore the run's own files or train again")
     module.load_state_dict(state)
 
 

@@ -87,15 +87,49 @@ def build_parser() -> argparse.ArgumentParser:
     proto.add_argument("--lr", type=float, default=0.01)
     proto.add_argument("--seed", type=int, default=0)
     proto.add_argument("--out", help="safetensors file to write")
+
+    cmp = sub.add_parser("compare", formatter_class=_formatter,
+                         help="train and evaluate several methods under one protocol; write the paper's tables",
+                         epilog="examples:\n"
+                                "  repulsor compare configs/compare-digits-tiny.toml --out runs/compare-tiny\n"
+                                "  repulsor compare configs/compare-mnist-cpu.toml --out runs/cmp-mnist --only ce pgd_at\n"
+                                "run the same command again to resume: finished runs and suites are not redone.\n"
+                                "writes OUT/comparison.json, OUT/tables.md, OUT/robustness_curves.png, OUT/epochs.png")
+    cmp.add_argument("config", help="compare TOML file ([compare] methods = [...], shared sections, [method.NAME.train] overrides)")
+    cmp.add_argument("--out", required=True, help="comparison folder; each method trains into OUT/METHOD")
+    cmp.add_argument("--only", nargs="+", metavar="METHOD", help="train and evaluate only these runs now (methods or prototype-D<dim>)")
+    _add_common(cmp)
+
+    report = sub.add_parser("report", formatter_class=_formatter,
+                            help="write report.html (self-contained) and report.md for runs and comparison folders",
+                            epilog="examples:\n  repulsor report runs/demo --out reports/demo\n"
+                                   "  repulsor report runs/compare-mnist runs/mnist --out reports/mnist --n 200")
+    report.add_argument("paths", nargs="+", metavar="RUN_OR_COMPARE_DIR",
+                        help="run folders (config.toml) and comparison folders (comparison.json)")
+    report.add_argument("--out", required=True, help="report folder to write (report.html, report.md, figures/)")
+    report.add_argument("--n", type=int, default=200,
+                        help="first N test points attacked (PGD-20) for the figures (default: 200)")
+    report.add_argument("--data-dir", help="folder of the data set (default: the runs' configs)")
+    report.add_argument("--no-neighbours", action="store_true",
+                        help="skip the nearest-neighbour grid (it loads the training split)")
+    report.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    _add_common(report)
+
+    export = sub.add_parser("export", formatter_class=_formatter,
+                            help="write a standalone model (model.py + model.safetensors) that does not need repulsor",
+                            epilog="example:\n  repulsor export runs/demo --out exports/demo\n"
+                                   "  python -c \"import sys; sys.path.insert(0, 'exports/demo'); "
+                                   "from model import load_model; print(load_model())\"")
+    export.add_argument("run", help="run folder written by repulsor train")
+    export.add_argument("--out", required=True, help="folder to write model.py, model.safetensors and README.md into")
     return parser
 
 
 def _fraction(text: str) -> float:
+    from .config import parse_fraction
+
     try:
-        if "/" in text:
-            num, den = text.split("/", 1)
-            return float(num) / float(den)
-        return float(text)
+        return parse_fraction(text)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"cannot read {text!r} as a number; write 0.0314 or 8/255") from None
 
@@ -153,7 +187,8 @@ def cmd_evaluate(args) -> int:
     results = evaluate_run(args.run, suite=args.suite, n=args.n, eps=args.eps, norm=args.norm,
                            data_dir=args.data_dir, seed=args.seed, batch_size=args.batch_size,
                            device=args.device, quiet=args.quiet)
-    _print_results(results)
+    if results:  # empty on ranks other than 0 under torchrun
+        _print_results(results)
     return 0
 
 
@@ -171,7 +206,37 @@ def cmd_prototypes(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "prototypes": cmd_prototypes}
+def cmd_compare(args) -> int:
+    from .compare import compare, format_tables
+
+    report = compare(args.config, args.out, quiet=args.quiet, only=args.only)
+    print(format_tables(report))
+    print(f"comparison folder: {args.out} (comparison.json, tables.md, robustness_curves.png, epochs.png)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    result = build_report(args.paths, args.out, n=args.n, data_dir=args.data_dir, device=args.device,
+                          quiet=args.quiet, neighbours=not args.no_neighbours)
+    print(f"wrote {result['html']} and {result['md']} ({result['seconds']:.1f}s)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_run
+
+    result = export_run(args.run, args.out)
+    for key in ("model_py", "weights", "readme"):
+        print(f"wrote {result[key]}")
+    print(f"load it without repulsor: import sys; sys.path.insert(0, {args.out!r}); "
+          "from model import load_model; model = load_model()")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "prototypes": cmd_prototypes,
+            "compare": cmd_compare, "report": cmd_report, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ type 0.03137254901960784; an eps above 1 is refused because images live in [0, 1
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -162,15 +163,22 @@ RANGES = {
 _PIXEL_KEYS = {"eps", "alpha"}
 
 
+def parse_fraction(text: str) -> float:
+    """Read ``"8/255"`` or ``"0.5"`` as a float; raises ValueError or ZeroDivisionError."""
+    if "/" in text:
+        num, den = text.split("/", 1)
+        return float(num) / float(den)
+    return float(text)
+
+
 def _parse_fraction(where: str, text: str) -> float:
-    """Read ``"8/255"`` or ``"0.5"`` as a float."""
     try:
-        if "/" in text:
-            num, den = text.split("/", 1)
-            return float(num) / float(den)
-        return float(text)
+        value = parse_fraction(text)
     except (ValueError, ZeroDivisionError):
         raise UserError(f"{where}: cannot read {text!r} as a number (write 0.0314 or \"8/255\")") from None
+    if not math.isfinite(value):
+        raise UserError(f"{where} must be a finite number, got {text!r}")
+    return value
 
 
 def _coerce(section: str, key: str, value, expected):
@@ -195,6 +203,8 @@ def _coerce(section: str, key: str, value, expected):
             return _parse_fraction(where, value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):  # nan passes every range check and inf breaks training
+            raise UserError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if expected is str:
         if not isinstance(value, str):
@@ -264,6 +274,15 @@ def _check_consistency(config: Config) -> None:
         raise UserError(
             f"prototypes.dim = {config.prototypes.dim} is smaller than the {info.num_classes} classes of"
             f" {config.data.name}: use at least as many output dimensions as classes"
+        )
+    from .evaluate import SUITES  # late import, as above; a typo must fail before training, not after it
+
+    if config.eval.suite not in SUITES:
+        raise UserError(f"eval.suite = {config.eval.suite!r} is not one of {', '.join(SUITES)}")
+    if config.model.name == "small_cnn" and min(info.shape[1:]) < 16:
+        raise UserError(
+            f"model.name = 'small_cnn' needs images of at least 16x16 pixels, but {config.data.name} images are"
+            f" {info.shape[1]}x{info.shape[2]}: use model.name = \"mlp\" (or resnet18) for {config.data.name}"
         )
     if config.train.schedule == "cyclic" and config.train.lr_min > config.train.lr:
         raise UserError(f"train.lr_min = {config.train.lr_min:g} is above train.lr = {config.train.lr:g}")

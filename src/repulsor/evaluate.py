@@ -21,7 +21,7 @@ from .attacks import evaluating, geometry, get_attack
 from .config import Config, load_config
 from .data import DATASETS, load_dataset
 from .errors import UserError
-from .runtime import code_version, derive_seed, resolve_device
+from .runtime import code_version, derive_seed, init_process_group, resolve_device
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite:
         specs = [s for s in specs if not s.needs_prototypes]
     geometry(norm)
     if not 0 <= eps <= 1:
-        raise UserError(f"eps = {eps:g} is outside [0, 1]: write 8/255, not 8")
+        hint = f"for {eps:g} grey levels write {eps:g}/255, not {eps:g}" if eps > 1 else "give a size in [0, 1], e.g. 8/255"
+        raise UserError(f"eps = {eps:g} is outside [0, 1] (images are in [0, 1]): {hint}")
     if x.dim() != 4 or len(x) != len(y):
         raise UserError(f"expected images [N, C, H, W] and labels [N]; got {tuple(x.shape)} and {tuple(y.shape)}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -228,7 +229,11 @@ def load_model(run_dir: str | Path, *, device: str | torch.device = "cpu") -> to
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise UserError(f"run folder {run_dir} does not exist")
+        what = "is a file, not a folder" if run_dir.exists() else "does not exist"
+        raise UserError(f"run folder {run_dir} {what}; pass a folder written by repulsor train --out")
+    if not (run_dir / "config.toml").is_file():
+        raise UserError(f"{run_dir} is not a run folder (it holds no config.toml); pass a folder written by"
+                        " repulsor train --out")
     if not (run_dir / MODEL).exists():
         raise UserError(f"{run_dir} holds no trained model ({MODEL}); finish training with: repulsor train --resume {run_dir}")
     cfg = load_config(run_dir / "config.toml")
@@ -259,15 +264,29 @@ def evaluate_run(run_dir: str | Path, *, suite: str | None = None, n: int | None
     model = load_model(run_dir)
     cfg = load_config(run_dir / "config.toml")
     e = cfg.eval
-    suite, n, eps = suite or e.suite, n or e.n, e.eps if eps is None else eps
-    norm, seed, batch_size = norm or e.norm, e.seed if seed is None else seed, batch_size or e.batch_size
+    # "is None", not "or": --n 0 must be refused, not silently replaced by the default.
+    suite, n, eps = suite or e.suite, e.n if n is None else n, e.eps if eps is None else eps
+    norm, seed = norm or e.norm, e.seed if seed is None else seed
+    batch_size = e.batch_size if batch_size is None else batch_size
+    for name, value in (("--n", n), ("--batch-size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{name} {value!r} is not allowed: it must be a whole number >= 1")
+    globals()["suite"](suite)  # an unknown suite fails before any work
     dev = resolve_device(device)
     model = model.to(dev)
     x, y, folder = load_test_split(cfg, n, data_dir)
-    state_path = run_dir / "eval" / f"{suite}-state.safetensors"
-    result = evaluate(model, x, y, suite=suite, eps=eps, norm=norm, batch_size=batch_size, seed=seed, device=dev,
-                      quiet=quiet, state_path=state_path)
+    group = init_process_group(dev)
+    # Under torchrun every rank attacks its own shard of the points; counts are summed.
+    shard = slice(group.rank, None, group.world_size)
+    state_path = run_dir / "eval" / f"{suite}-state{'-rank%d' % group.rank if group.distributed else ''}.safetensors"
+    result = evaluate(model, x[shard], y[shard], suite=suite, eps=eps, norm=norm, batch_size=batch_size, seed=seed,
+                      device=dev, quiet=quiet or not group.is_main, state_path=state_path)
     result.pop("x_adv")
+    if group.distributed:
+        result = _combine_shards(result, group, dev, len(y))
+    state_path.unlink(missing_ok=True)
+    if not group.is_main:
+        return {}
     results_path = run_dir / "results.json"
     merged = ckpt.read_json(results_path, "results file") if results_path.exists() else {}
     merged.update({
@@ -281,5 +300,21 @@ def evaluate_run(run_dir: str | Path, *, suite: str | None = None, n: int | None
     merged["attacks"] = [dict(entry, suite=name) for name, res in suites.items() for entry in res["attacks"]]
     merged["worst_case"] = {name: res["robust_accuracy"] for name, res in suites.items()}
     ckpt.atomic_write_json(results_path, merged)
-    state_path.unlink(missing_ok=True)
     return merged
+
+
+def _combine_shards(result: dict, group, device, n_total: int) -> dict:
+    """Sum per-shard counts over all ranks; accuracies are then over all ``n_total`` points."""
+    n_local = result["n"]
+    counts = [result["clean_accuracy"] * n_local, result["robust_accuracy"] * n_local]
+    for entry in result["attacks"]:
+        counts += [entry["accuracy"] * n_local, entry["n_attacked"], entry["seconds"]]
+    summed = group.all_reduce_sum(counts, device)
+    combined = dict(result, n=n_total, clean_accuracy=round(summed[0]) / n_total,
+                    robust_accuracy=round(summed[1]) / n_total, shards=group.world_size)
+    combined["attacks"] = []
+    for i, entry in enumerate(result["attacks"]):
+        acc, attacked, seconds = summed[2 + 3 * i : 5 + 3 * i]
+        combined["attacks"].append(dict(entry, n=n_total, accuracy=round(acc) / n_total, n_attacked=round(attacked),
+                                        seconds=round(seconds / group.world_size, 3)))
+    return combined

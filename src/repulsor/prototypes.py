@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import atomic_write_bytes
 from .errors import UserError
 
 METRICS = ("cosine", "l2", "linf")
@@ -190,23 +189,13 @@ def save_prototypes(path, P: torch.Tensor, meta: dict) -> None:
         raise UserError(f"save_prototypes: prototypes must be a [k, D] tensor, got {type(P).__name__}"
                         f"{' of shape ' + str(tuple(P.shape)) if torch.is_tensor(P) else ''}")
     if not path.parent.is_dir():
-        raise UserError(f"cannot write prototypes to {path}: folder {path.parent} does not exist")
+        what = "is a file, not a folder" if path.parent.exists() else "does not exist"
+        raise UserError(f"cannot write prototypes to {path}: folder {path.parent} {what}")
     metadata = {str(key): str(value) for key, value in dict(meta or {}).items()}
     metadata["k"], metadata["D"] = str(P.shape[0]), str(P.shape[1])
     data = save({"prototypes": P.detach().to(device=_CPU, dtype=torch.float32).contiguous()},
                 metadata=metadata)
-    # Temporary file in the same folder, so os.replace is an atomic rename on one filesystem.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, data)
 
 
 def load_prototypes(path) -> tuple[torch.Tensor, dict]:

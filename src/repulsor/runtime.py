@@ -24,7 +24,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but this machine has no CUDA GPU; use --set train.device=cpu")
+        raise UserError(f"device {name!r} asked for, but this machine has no CUDA GPU; use the CPU"
+                        " (train: --set train.device=cpu; evaluate: --device cpu)")
     return device
 
 

@@ -100,19 +100,45 @@ def head_distance(cfg: Config, method: Method) -> str | None:
     return (method.distance or cfg.prototypes.distance) if method.uses_prototypes else None
 
 
-def _prepare_run_dir(out: Path, cfg: Config, resume: bool, group: ProcessGroup) -> None:
+def _check_run_dir(out: Path, resume: bool) -> None:
+    """Refuse an unusable run folder before any work is done and before anything is written."""
     if resume:
-        if not (out / "config.toml").exists():
+        if not out.is_dir():
+            what = "it is a file, not a folder" if out.exists() else "the folder does not exist"
+            raise UserError(f"cannot resume {out}: {what}; give a run folder written by repulsor train --out")
+        if not (out / "config.toml").is_file():
             raise UserError(f"cannot resume {out}: it holds no run (no config.toml); start one with --out {out}")
         return
+    if out.exists() and not out.is_dir():
+        raise UserError(f"cannot create run folder {out}: a file of that name exists; choose another --out")
     if (out / LAST).exists() or (out / MODEL).exists():
         raise UserError(f"{out} already holds a run; resume it with --resume {out} or choose another --out")
+    parent = out.parent  # the nearest existing ancestor must be a folder
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot create run folder {out}: {parent} is a file, not a folder; choose another --out")
+
+
+def _prepare_run_dir(out: Path, cfg: Config, resume: bool, group: ProcessGroup) -> None:
+    _check_run_dir(out, resume)
+    if resume:
+        return
     if group.is_main:
+        created = not out.exists()
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise UserError(f"cannot create run folder {out}: {error.strerror}") from None
-        ckpt.atomic_write_text(out / "config.toml", to_toml(cfg))
+            raise UserError(f"cannot create run folder {out}: {error.strerror}; choose another --out") from None
+        try:
+            ckpt.atomic_write_text(out / "config.toml", to_toml(cfg))
+        except UserError:
+            if created:  # leave nothing behind (an empty folder we made)
+                try:
+                    out.rmdir()
+                except OSError:
+                    pass
+            raise
 
 
 def _load_data(cfg: Config):
@@ -200,10 +226,17 @@ def _save_checkpoint(path: Path, model, optimizer, scaler, state: State, cfg: Co
     ckpt.save_tensors(path, tensors, meta)
 
 
+def _append(path: Path, text: str) -> None:
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror}; free some space or choose another folder") from None
+
+
 def _log(out: Path, text: str, group: ProcessGroup) -> None:
     if group.is_main:
-        with open(out / "log.txt", "a", encoding="utf-8") as handle:
-            handle.write(text + "\n")
+        _append(out / "log.txt", text)
 
 
 def _rewrite_metrics(out: Path, keep_epochs: int) -> None:
@@ -231,22 +264,33 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
         ``metrics.jsonl`` and, when ``eval.after_train``, ``results.json``.
     """
     out = Path(out)
+    _check_run_dir(out, resume)
     if resume:
         cfg = load_config(out / "config.toml")
     device = resolve_device(cfg.train.device)
     group = init_process_group(device)
-    _prepare_run_dir(out, cfg, resume, group)
-    group.barrier()
     t = cfg.train
     torch.manual_seed(t.seed)  # initial weights; everything later uses derived generators
     method = METHODS[t.method]
     info = DATASETS[cfg.data.name]
+    # Everything the user can get wrong (data, batch size, prototype file) is checked before the
+    # run folder is created, so that a mistake leaves nothing behind.
     x_train, y_train, x_val, y_val = _load_data(cfg)
     if t.val_n:
         x_val, y_val = x_val[: t.val_n], y_val[: t.val_n]
-
+    batch = t.batch_size
+    if batch % group.world_size:
+        raise UserError(f"train.batch_size = {batch} must be divisible by the {group.world_size} processes")
+    steps_per_epoch = len(x_train) // batch
+    if steps_per_epoch == 0:
+        raise UserError(f"train.batch_size = {batch} is larger than the {len(x_train)} training images;"
+                        f" use at most {len(x_train)}")
     prototypes = resolve_prototypes(cfg, method, info.num_classes)
-    if prototypes is not None and group.is_main and not (out / "prototypes.safetensors").exists():
+
+    _prepare_run_dir(out, cfg, resume, group)
+    group.barrier()
+    # A fresh run always writes its own prototypes; a resumed run keeps the ones it trained with.
+    if prototypes is not None and group.is_main and not (resume and (out / "prototypes.safetensors").exists()):
         save_prototypes(out / "prototypes.safetensors", prototypes, {
             "k": info.num_classes, "D": prototypes.shape[1], "metric": cfg.prototypes.metric,
             "epochs": cfg.prototypes.epochs, "lr": cfg.prototypes.lr, "seed": cfg.prototypes.seed})
@@ -282,12 +326,6 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    batch = t.batch_size
-    if batch % group.world_size:
-        raise UserError(f"train.batch_size = {batch} must be divisible by the {group.world_size} processes")
-    steps_per_epoch = len(x_train) // batch
-    if steps_per_epoch == 0:
-        raise UserError(f"train.batch_size = {batch} is larger than the {len(x_train)} training images")
     aug = _augmentation(cfg)
     started = time.time()
     stopped_by = None
@@ -316,9 +354,14 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
                     loss, scores, passes = method.loss(ctx, x, y)
                 if group.broadcast_flag(not torch.isfinite(loss).item(), device):
                     bar.close()
-                    raise TrainingStopped(
-                        f"the training loss became {loss.item()} at epoch {epoch + 1} step {step + 1};"
-                        f" the last good checkpoint is kept in {out / LAST}; lower train.lr and start a new run")
+                    if state.epoch > 0 and (out / LAST).exists():
+                        kept = (f"the last good checkpoint (end of epoch {state.epoch}) is kept in {out / LAST};"
+                                f" lower train.lr (now {t.lr:g}) and start a new run with another --out")
+                    else:
+                        kept = (f"it happened before the first checkpoint, so no weights were kept;"
+                                f" lower train.lr (now {t.lr:g}) and start the run again")
+                    raise TrainingStopped(f"training stopped: the training loss became {loss.item()} at epoch"
+                                          f" {epoch + 1} step {step + 1}; {kept}")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if t.grad_clip:
@@ -400,8 +443,7 @@ def _end_epoch(cfg, out, model, optimizer, scaler, state: State, method, x_val, 
         record["stopped"] = reason
         state.finished = True
     if group.is_main:
-        with open(out / "metrics.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        _append(out / "metrics.jsonl", json.dumps(record))
         _save_checkpoint(out / LAST, model, optimizer, scaler, state, cfg)
         line = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
         _log(out, line, group)

@@ -12,17 +12,19 @@ import math
 import torch
 
 from .context import (
-    check_images,
+    check_attack_inputs,
     check_int,
     check_number,
     check_targets,
+    keep_worst_case,
     loss_and_grad,
     make_generator,
     random_start,
+    require_classes,
+    scores_no_grad,
+    wrong_classes_by_score,
 )
-from .geometry import geometry
-from .losses import check_scores, dlr_targeted, get_loss, require_classes
-from ..errors import UserError
+from .losses import dlr_targeted, get_loss
 
 MOMENTUM = 0.75  # the paper's alpha: weight of the new gradient step against the last move
 
@@ -75,18 +77,13 @@ def apgd(
     Returns:
         ``x_adv`` [N, C, H, W] on ``x.device``, or ``(x_adv, trace)`` with ``return_trace``.
     """
-    geom = geometry(norm)
-    check_images(x, y)
-    eps = check_number("eps", eps)
+    x, y, geom, eps = check_attack_inputs(x, y, eps, norm)
     steps = check_int("steps", steps, minimum=0)
     restarts = check_int("restarts", restarts, minimum=1)
-    rho = check_number("rho", rho, strict=True)
-    if rho > 1:
-        raise UserError(f"rho must be in (0, 1]; got {rho!r}")
+    rho = check_number("rho", rho, strict=True, maximum=1.0)
     targets = check_targets(targets, y)
     loss_fn = get_loss(loss)
     generator = make_generator(seed)
-    x = x.detach()
     n = x.shape[0]
     x_adv = x.clone()
     best_loss = torch.full((n,), float("-inf"), device=x.device)
@@ -135,26 +132,20 @@ def apgd_targeted(
     Returns:
         ``x_adv`` [N, C, H, W] on ``x.device``.
     """
-    geom = geometry(norm)
-    check_images(x, y)
-    eps = check_number("eps", eps)
+    x, y, geom, eps = check_attack_inputs(x, y, eps, norm)
     steps = check_int("steps", steps, minimum=0)
     n_targets = check_int("n_targets", n_targets, minimum=1)
     restarts = check_int("restarts", restarts, minimum=1)
     loss_fn = get_loss(loss)
     make_generator(seed)  # validates the seed before any work
-    x = x.detach()
 
-    with torch.no_grad():
-        clean = model(x).float()
-    check_scores(clean, x, y, None)
+    clean = scores_no_grad(model, x, y)
     k = clean.shape[1]
     if loss_fn is dlr_targeted:
         require_classes("targeted DLR loss", clean, 4, "use --loss ce_targeted or cw")
-    if k < 2:
-        raise UserError(f"a targeted attack needs at least 2 classes (got {k})")
+    require_classes("a targeted attack", clean, 2)
     # Rank the wrong classes by clean score; the true class goes last and is never used.
-    ranking = clean.scatter(1, y[:, None], float("-inf")).argsort(dim=1, descending=True)
+    ranking = wrong_classes_by_score(clean, y)
 
     x_adv = x.clone()
     best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
@@ -174,9 +165,8 @@ def apgd_targeted(
 def _apgd_restarts(model, loss_fn, geom, x, y, targets, eps, steps, restarts, rho, generator, x_adv, best_loss, fooled):
     """APGD restarts on the examples not yet ``fooled``, keeping the worst case per example.
 
-    Updates ``x_adv`` [N, ...], ``best_loss`` [N] and ``fooled`` [N] in place: a
-    misclassifying point replaces anything, otherwise a higher loss wins. Returns the loss
-    trace of the first restart [steps + 1].
+    Updates ``x_adv`` [N, ...], ``best_loss`` [N] and ``fooled`` [N] in place with
+    ``keep_worst_case``. Returns the loss trace of the first restart [steps + 1].
     """
     trace = torch.zeros(steps + 1, device=x.device)
     for restart in range(restarts):
@@ -191,9 +181,7 @@ def _apgd_restarts(model, loss_fn, geom, x, y, targets, eps, steps, restarts, rh
         )
         if restart == 0:
             trace = run_trace
-        better = run_fooled | (run_loss > best_loss[active])
-        chosen = active[better]
-        x_adv[chosen], best_loss[chosen], fooled[chosen] = run_x[better], run_loss[better], run_fooled[better]
+        keep_worst_case(active, run_x, run_loss, run_fooled, x_adv, best_loss, fooled)
     return trace
 
 

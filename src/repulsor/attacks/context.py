@@ -1,5 +1,5 @@
-"""What every attack shares: the evaluation context, input checks, seeded random starts,
-and the one loss-and-input-gradient call.
+"""What every attack shares: the evaluation context, input and score checks, seeded random
+starts, and the one loss-and-input-gradient call.
 
 Attacks never switch the model's mode and never compute parameter gradients; the caller
 wraps them in ``with evaluating(model):``. Randomness comes from a CPU ``torch.Generator``
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .geometry import geometry
 
 
 @contextmanager
@@ -47,9 +48,26 @@ def evaluating(model: nn.Module):
             param.requires_grad_(flag)
 
 
-def check_images(x, y) -> None:
-    """Check that ``x`` is a float batch [N, ...] in [0, 1] and ``y`` int labels [N]."""
-    if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() < 2:
+def check_attack_inputs(x, y, eps, norm: str, *, ndim: int | None = None):
+    """The checks every attack call starts with; returns ``(x, y, geometry(norm), eps)``.
+
+    ``x`` comes back detached, ``y`` as int64 on ``x.device`` (losses and ``one_hot`` need
+    int64 labels), ``eps`` as a float. Raises ``UserError`` for an unknown norm, malformed
+    images or labels (``check_images``) or an ``eps`` that is not a finite number >= 0.
+    """
+    geom = geometry(norm)
+    check_images(x, y, ndim=ndim)
+    eps = check_number("eps", eps)
+    return x.detach(), y.to(device=x.device, dtype=torch.int64), geom, eps
+
+
+def check_images(x, y, *, ndim: int | None = None) -> None:
+    """Check that ``x`` is a float batch [N, ...] in [0, 1] and ``y`` int labels [N].
+
+    ``ndim``: the exact number of dimensions ``x`` must have (4 for attacks that work on
+    image windows or per-image broadcasting); None accepts any batch with ``x.dim() >= 2``.
+    """
+    if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() < 2 or (ndim is not None and x.dim() != ndim):
         raise UserError(f"x must be a float tensor of images [N, C, H, W]; got {_describe(x)}")
     if not torch.is_tensor(y) or y.dtype not in (torch.int64, torch.int32) or y.shape != x.shape[:1]:
         raise UserError(f"y must be an integer label tensor of shape [{x.shape[0]}]; got {_describe(y)}")
@@ -77,11 +95,19 @@ def check_targets(targets, y) -> torch.Tensor | None:
     return targets
 
 
-def check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False) -> float:
-    """Check a finite real setting (``eps``, ``alpha``...) against its lower bound."""
+def check_number(
+    name: str, value, *, minimum: float = 0.0, strict: bool = False, maximum: float | None = None
+) -> float:
+    """Check a finite real setting (``eps``, ``alpha``...) against its bounds.
+
+    ``minimum`` is excluded when ``strict``; ``maximum``, when given, is included.
+    """
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
         raise UserError(f"{name} must be a finite number; got {value!r}")
-    if value < minimum or (strict and value == minimum):
+    too_low = value < minimum or (strict and value == minimum)
+    if maximum is not None and (too_low or value > maximum):
+        raise UserError(f"{name} must be in {'(' if strict else '['}{minimum:g}, {maximum:g}]; got {value!r}")
+    if too_low:
         relation = ">" if strict else ">="
         raise UserError(f"{name} must be {relation} {minimum:g}; got {value!r}")
     return float(value)
@@ -104,14 +130,75 @@ def make_generator(seed) -> torch.Generator:
     return generator
 
 
+def check_scores(scores, x, y, target) -> None:
+    """Raise ``UserError`` unless ``scores`` is [N, k] and labels and targets lie in [0, k)."""
+    if not torch.is_tensor(scores) or scores.dim() != 2 or scores.shape[0] != x.shape[0]:
+        got = list(scores.shape) if torch.is_tensor(scores) else type(scores).__name__
+        raise UserError(f"the model must return class scores of shape [N, k] = [{x.shape[0]}, k]; got {got}")
+    k = scores.shape[1]
+    for name, labels in (("label", y), ("target", target)):
+        if labels is not None and labels.numel() and (labels.min() < 0 or labels.max() >= k):
+            raise UserError(f"{name}s must lie in [0, {k - 1}] for a model with {k} classes")
+
+
+def require_classes(what: str, scores: torch.Tensor, needed: int, advice: str | None = None) -> None:
+    """Raise ``UserError`` when ``scores`` [N, k] has fewer than ``needed`` classes."""
+    k = scores.shape[1]
+    if k < needed:
+        raise UserError(f"{what} needs at least {needed} classes (got {k})" + (f"; {advice}" if advice else ""))
+
+
+def model_scores(model, x: torch.Tensor, y, target=None) -> torch.Tensor:
+    """The model's scores [N, k] at ``x`` in float32, after ``check_scores``.
+
+    Keeps autograd as the caller set it: losses call it inside ``loss_and_grad``; use
+    ``scores_no_grad`` for forward passes that need no gradient.
+    """
+    scores = model(x)
+    check_scores(scores, x, y, target)
+    return scores.float()
+
+
+def scores_no_grad(model, x: torch.Tensor, y, target=None) -> torch.Tensor:
+    """``model_scores`` under ``torch.no_grad()``: clean predictions, success checks, queries."""
+    with torch.no_grad():
+        return model_scores(model, x, y, target)
+
+
+def wrong_classes_by_score(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Class indices [N, k] per example, highest score first, the true class ``y`` last.
+
+    Column ``t`` is each example's (t + 1)-th most likely wrong class, for t < k - 1:
+    the target order of the targeted attacks (APGD-T, FAB-T).
+    """
+    return scores.scatter(1, y[:, None], float("-inf")).argsort(dim=1, descending=True)
+
+
 def random_start(geom, x: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
     """A random start in the eps-ball for every example of ``x`` [N, ...].
 
     Drawn on the CPU then moved to ``x.device``, so the same seed gives the same start on
-    every device. Always drawn for the whole batch, so the random stream (and each
-    example's start) does not depend on which examples are still being attacked.
+    every device. ``eps`` is a number or a per-example tensor [N] on any device. PGD and
+    APGD draw it for the whole batch, so the random stream (and each example's start) does
+    not depend on which examples are still being attacked; FAB draws it for the points it
+    restarts only.
     """
+    eps = eps.cpu() if torch.is_tensor(eps) else eps
     return geom.random_start(x.detach().cpu(), eps, generator).to(x.device)
+
+
+def keep_worst_case(active, run_x, run_loss, run_fooled, x_adv, best_loss, fooled) -> None:
+    """Merge one run into each example's worst case so far, in place.
+
+    ``x_adv`` [N, ...], ``best_loss`` [N] and ``fooled`` [N] hold the worst case per example;
+    the run covers the examples ``active`` [m] (indices into N) with ``run_x`` [m, ...],
+    ``run_loss`` [m] and ``run_fooled`` [m]. A misclassifying point beats a correctly
+    classified one; between two of the same kind, the higher loss wins.
+    """
+    was_fooled = fooled[active]
+    better = (run_fooled & ~was_fooled) | ((run_fooled == was_fooled) & (run_loss > best_loss[active]))
+    chosen = active[better]
+    x_adv[chosen], best_loss[chosen], fooled[chosen] = run_x[better], run_loss[better], run_fooled[better]
 
 
 def loss_and_grad(model, loss_fn, x_adv: torch.Tensor, y: torch.Tensor, target, need_grad: bool = True):
@@ -128,15 +215,24 @@ def loss_and_grad(model, loss_fn, x_adv: torch.Tensor, y: torch.Tensor, target, 
     x_adv = x_adv.detach().requires_grad_(True)
     with torch.enable_grad():
         loss, scores = loss_fn(model, x_adv, y, target)
-        if not loss.requires_grad:
-            raise UserError(
-                "the model's scores do not depend on its input through autograd "
-                "(is there a torch.no_grad() or .detach() inside forward?)"
-            )
-        (grad,) = torch.autograd.grad(loss.sum(), x_adv, allow_unused=True)
-    if grad is None:
-        grad = torch.zeros_like(x_adv)
+        grad = input_grad(loss, x_adv)
     return loss.detach(), scores.detach(), grad.detach()
+
+
+def input_grad(value: torch.Tensor, x_adv: torch.Tensor, *, retain_graph: bool = False) -> torch.Tensor:
+    """Gradient of ``value.sum()`` with respect to the input ``x_adv`` only, shape of ``x_adv``.
+
+    ``x_adv`` must require gradients and ``value`` must have been computed from it with
+    autograd enabled. Zeros where the input does not reach ``value``; ``retain_graph`` keeps
+    the graph for one more call (a Jacobian, one class at a time).
+    """
+    if not value.requires_grad:
+        raise UserError(
+            "the model's scores do not depend on its input through autograd "
+            "(is there a torch.no_grad() or .detach() inside forward?)"
+        )
+    (grad,) = torch.autograd.grad(value.sum(), x_adv, retain_graph=retain_graph, allow_unused=True)
+    return torch.zeros_like(x_adv) if grad is None else grad
 
 
 def _describe(value) -> str:

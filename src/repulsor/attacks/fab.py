@@ -21,60 +21,23 @@ import math
 import torch
 
 from ..errors import UserError
+from .context import (
+    check_attack_inputs,
+    check_int,
+    check_number,
+    check_targets,
+    input_grad,
+    make_generator,
+    model_scores,
+    random_start,
+    require_classes,
+    scores_no_grad,
+    wrong_classes_by_score,
+)
 from .geometry import geometry
+from .losses import score_of
 
 _TINY = 1e-12
-
-
-# --------------------------------------------------------------------------- checks
-
-
-def _check_common(x, y, eps, norm, seed) -> None:
-    """Validate the arguments shared by every attack call (one clear line on failure)."""
-    geometry(norm)  # raises UserError for an unknown norm
-    if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
-        raise UserError("x must be a float tensor of images with shape [N, C, H, W]")
-    if not torch.is_tensor(y) or y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
-        raise UserError(f"y must be an integer tensor of shape [N] = [{x.shape[0]}], one label per image")
-    if x.numel() and (not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1):
-        raise UserError("x must hold images with values in [0, 1] (normalisation belongs inside the model)")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise UserError(f"eps must be a finite number >= 0, got {eps!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise UserError(f"seed must be an int, got {seed!r}")
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UserError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def _check_fab_settings(steps, restarts, alpha_max, eta, beta) -> None:
-    _check_int("steps", steps, 0)
-    _check_int("restarts", restarts, 1)
-    for name, value, ok, rule in (
-        ("alpha_max", alpha_max, lambda v: 0 <= v <= 1, "in [0, 1]"),
-        ("eta", eta, lambda v: v >= 1, ">= 1"),
-        ("beta", beta, lambda v: 0 < v <= 1, "in (0, 1]"),
-    ):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-            raise UserError(f"{name} must be a number {rule}, got {value!r}")
-
-
-def _scores(model, x: torch.Tensor) -> torch.Tensor:
-    """Class scores [N, k] of ``model`` at ``x``, with a clear error for a malformed model."""
-    out = model(x)
-    if not torch.is_tensor(out) or out.dim() != 2 or out.shape[0] != x.shape[0]:
-        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-        raise UserError(f"the model must map images [N, C, H, W] to class scores [N, k]; it returned {shape}")
-    return out
-
-
-def _check_labels(y: torch.Tensor, k: int) -> None:
-    if k < 2:
-        raise UserError(f"the model returns {k} class score(s); attacks need at least 2 classes")
-    if y.numel() and (y.min() < 0 or y.max() >= k):
-        raise UserError(f"labels y must lie in [0, {k - 1}] for a model with {k} classes")
 
 
 # ------------------------------------------------------ projection onto hyperplane ∩ box
@@ -134,15 +97,6 @@ def project_hyperplane_box(p: torch.Tensor, w: torch.Tensor, c: torch.Tensor, no
 # ------------------------------------------------------------------------ one FAB run
 
 
-def _input_grad(value: torch.Tensor, xr: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
-    """Gradient of ``value`` w.r.t. the input only; zeros where the model gives none
-    (a score that does not depend on the input, or a model that detaches it)."""
-    if not value.requires_grad:
-        return torch.zeros_like(xr)
-    (grad,) = torch.autograd.grad(value, xr, retain_graph=retain_graph, allow_unused=True)
-    return torch.zeros_like(xr) if grad is None else grad
-
-
 def _linearise(model, xc: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, norm: str):
     """Value ``g`` [m] and input gradient ``w`` [m, D] of the score difference f_s - f_y.
 
@@ -151,18 +105,16 @@ def _linearise(model, xc: torch.Tensor, y: torch.Tensor, target: torch.Tensor | 
     """
     xr = xc.detach().requires_grad_(True)
     with torch.enable_grad():
-        scores = _scores(model, xr)
+        scores = model_scores(model, xr, y, target)
         if target is not None:
-            diff = scores.gather(1, target.unsqueeze(1)).squeeze(1) - scores.gather(1, y.unsqueeze(1)).squeeze(1)
-            return diff.detach(), _input_grad(diff.sum(), xr).flatten(1)
+            diff = score_of(scores, target) - score_of(scores, y)
+            return diff.detach(), input_grad(diff, xr).flatten(1)
         k = scores.shape[1]
-        grads = []
-        for j in range(k):
-            grads.append(_input_grad(scores[:, j].sum(), xr, retain_graph=j < k - 1).flatten(1))
+        grads = [input_grad(scores[:, j], xr, retain_graph=j < k - 1).flatten(1) for j in range(k)]
     jac = torch.stack(grads, dim=1)  # [m, k, D]
     scores = scores.detach()
     rows = torch.arange(xc.shape[0], device=xc.device)
-    g_all = scores - scores[rows, y].unsqueeze(1)
+    g_all = scores - score_of(scores, y).unsqueeze(1)
     w_all = jac - jac[rows, y].unsqueeze(1)
     dual = w_all.abs().sum(dim=2) if norm == "linf" else w_all.norm(dim=2)
     dist = g_all.abs() / (dual + _TINY)
@@ -192,8 +144,7 @@ def _fab_run(model, x, y, target, *, eps, norm, steps, restarts, alpha_max, eta,
         if restart == 0:
             xc = xo.clone()
         else:
-            radius = torch.clamp(best_norm[idx], max=eps) / 2
-            xc = geo.random_start(xo.cpu(), radius.cpu(), generator).to(x.device)
+            xc = random_start(geo, xo, torch.clamp(best_norm[idx], max=eps) / 2, generator)
         xo_flat = xo.flatten(1)
         bn = best_norm[idx]
         bx = best[idx]
@@ -209,8 +160,7 @@ def _fab_run(model, x, y, target, *, eps, norm, steps, restarts, alpha_max, eta,
             ).clamp(0, alpha_max).unsqueeze(1)
             x_new = ((1 - alpha) * (xc_flat + eta * d_cur) + alpha * (xo_flat + eta * d_orig)).clamp(0, 1)
             x_new = x_new.view_as(xc)
-            with torch.no_grad():
-                adv = _scores(model, x_new).argmax(dim=1) != yo
+            adv = scores_no_grad(model, x_new, yo).argmax(dim=1) != yo
             dist = geo.norm(x_new - xo)
             better = adv & (dist < bn)
             bn = torch.where(better, dist, bn)
@@ -230,25 +180,56 @@ def _finish(model, x, y, best, best_norm, eps, norm, result):
     if ok.numel() == 0:
         return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     candidate = geo.project(best[ok], x[ok], eps)
-    with torch.no_grad():
-        fooled = _scores(model, candidate).argmax(dim=1) != y[ok]
+    fooled = scores_no_grad(model, candidate, y[ok]).argmax(dim=1) != y[ok]
     result[ok[fooled]] = candidate[fooled]
     success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     success[ok[fooled]] = True
     return success
 
 
-def _prepare(model, x, y, eps, norm, seed, steps, restarts, alpha_max, eta, beta):
-    _check_common(x, y, eps, norm, seed)
-    _check_fab_settings(steps, restarts, alpha_max, eta, beta)
-    x = x.detach()
-    y = y.to(device=x.device, dtype=torch.long)
+def _fab_attack(model, x, y, *, target, n_targets, eps, norm, steps, restarts, alpha_max, eta, beta, seed):
+    """``fab`` (``n_targets`` None) and ``fab_targeted`` (``target`` None): check every
+    argument (one clear line on failure), then run FAB once per round on the points still
+    correctly classified and not yet broken inside the eps-ball.
+
+    The rounds: one toward ``target`` (untargeted when None) for ``fab``; for
+    ``fab_targeted``, one per wrong class, the most likely first, at most ``n_targets``.
+    """
+    if n_targets is not None:
+        check_int("n_targets", n_targets, minimum=1)
+    x, y, _, eps = check_attack_inputs(x, y, eps, norm, ndim=4)
+    steps = check_int("steps", steps, minimum=0)
+    restarts = check_int("restarts", restarts, minimum=1)
+    alpha_max = check_number("alpha_max", alpha_max, maximum=1.0)
+    eta = check_number("eta", eta, minimum=1.0)
+    beta = check_number("beta", beta, strict=True, maximum=1.0)
+    generator = make_generator(seed)
+    target = check_targets(target, y)
+    result = x.clone()
     if x.shape[0] == 0:
-        return x, y, None
-    with torch.no_grad():
-        clean = _scores(model, x)
-    _check_labels(y, clean.shape[1])
-    return x, y, clean
+        return result
+    clean = scores_no_grad(model, x, y, target)
+    require_classes("FAB", clean, 2)
+    if eps == 0:
+        return result
+    if n_targets is None:
+        rounds = [target]
+    else:
+        rounds = wrong_classes_by_score(clean, y)[:, : min(n_targets, clean.shape[1] - 1)].T
+    robust = clean.argmax(dim=1) == y
+    for round_target in rounds:
+        idx = robust.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        best, best_norm = _fab_run(
+            model, x[idx], y[idx], None if round_target is None else round_target[idx], eps=eps, norm=norm,
+            steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta, generator=generator,
+        )
+        sub = result[idx]
+        success = _finish(model, x[idx], y[idx], best, best_norm, eps, norm, sub)
+        result[idx] = sub
+        robust[idx[success]] = False
+    return result
 
 
 def fab(
@@ -283,7 +264,8 @@ def fab(
         restarts: runs per example (default 1); the first starts at ``x``, later ones at a
             random point of radius min(best norm, eps) / 2, only on points not yet broken.
         target: None (default) for untargeted FAB (closest linearised boundary among all
-            classes, needs the full Jacobian), or an int64 [N] tensor of target classes.
+            classes, needs the full Jacobian), or an int64 [N] tensor of target classes,
+            each different from the true label.
         alpha_max: largest weight of the step taken from the clean image (default 0.1).
         eta: extrapolation factor beyond the linearised boundary (default 1.05, >= 1).
         beta: backward-step factor toward ``x`` after a success (default 0.9, in (0, 1]).
@@ -294,29 +276,10 @@ def fab(
         adversarial perturbation found has norm <= eps, that point (projected onto the
         eps-ball ∩ [0, 1]); ``x`` itself for every other example.
     """
-    x, y, clean = _prepare(model, x, y, eps, norm, seed, steps, restarts, alpha_max, eta, beta)
-    result = x.clone()
-    if clean is None or eps == 0:
-        return result
-    k = clean.shape[1]
-    if target is not None:
-        if not torch.is_tensor(target) or target.shape != y.shape or target.is_floating_point():
-            raise UserError(f"target must be None or an integer tensor of shape [N] = [{x.shape[0]}]")
-        target = target.to(device=x.device, dtype=torch.long)
-        if target.min() < 0 or target.max() >= k:
-            raise UserError(f"target classes must lie in [0, {k - 1}] for a model with {k} classes")
-    generator = torch.Generator().manual_seed(seed)
-    idx = ((clean.argmax(dim=1) == y) & (target != y if target is not None else True)).nonzero().squeeze(1)
-    if idx.numel() == 0:
-        return result
-    best, best_norm = _fab_run(
-        model, x[idx], y[idx], None if target is None else target[idx], eps=eps, norm=norm, steps=steps,
-        restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta, generator=generator,
+    return _fab_attack(
+        model, x, y, target=target, n_targets=None, eps=eps, norm=norm, seed=seed,
+        steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta,
     )
-    sub = result[idx]
-    _finish(model, x[idx], y[idx], best, best_norm, eps, norm, sub)
-    result[idx] = sub
-    return result
 
 
 def fab_targeted(
@@ -365,28 +328,7 @@ def fab_targeted(
         ``x_adv`` [N, C, H, W]: the smallest adversarial point found for each broken
         example (projected onto the eps-ball ∩ [0, 1]); ``x`` itself for the others.
     """
-    _check_int("n_targets", n_targets, 1)
-    x, y, clean = _prepare(model, x, y, eps, norm, seed, steps, restarts, alpha_max, eta, beta)
-    result = x.clone()
-    if clean is None or eps == 0:
-        return result
-    k = clean.shape[1]
-    generator = torch.Generator().manual_seed(seed)
-    # Wrong classes ordered by clean score, most likely first.
-    masked = clean.clone()
-    masked[torch.arange(x.shape[0], device=x.device), y] = -math.inf
-    ranked = masked.argsort(dim=1, descending=True)
-    robust = clean.argmax(dim=1) == y
-    for t in range(min(n_targets, k - 1)):
-        idx = robust.nonzero().squeeze(1)
-        if idx.numel() == 0:
-            break
-        best, best_norm = _fab_run(
-            model, x[idx], y[idx], ranked[idx, t], eps=eps, norm=norm, steps=steps, restarts=restarts,
-            alpha_max=alpha_max, eta=eta, beta=beta, generator=generator,
-        )
-        sub = result[idx]
-        success = _finish(model, x[idx], y[idx], best, best_norm, eps, norm, sub)
-        result[idx] = sub
-        robust[idx[success]] = False
-    return result
+    return _fab_attack(
+        model, x, y, target=None, n_targets=n_targets, eps=eps, norm=norm, seed=seed,
+        steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta,
+    )

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from .context import check_scores, model_scores, require_classes
 
 _TINY = 1e-12
 
@@ -30,7 +31,7 @@ _TINY = 1e-12
 
 def ce(model, x, y, target=None):
     """Cross-entropy of the true class; with ``target``, minus the cross-entropy toward it."""
-    scores = _scores(model, x, y, target)
+    scores = model_scores(model, x, y, target)
     if target is not None:
         return -F.cross_entropy(scores, target, reduction="none"), scores
     return F.cross_entropy(scores, y, reduction="none"), scores
@@ -47,10 +48,10 @@ def cw(model, x, y, target=None):
 
     With ``target``: ``s_t - max_{j != t} s_j`` (positive = classified as the target).
     """
-    scores = _scores(model, x, y, target)
+    scores = model_scores(model, x, y, target)
     if target is not None:
-        return _score_of(scores, target) - _best_other(scores, target), scores
-    return _best_other(scores, y) - _score_of(scores, y), scores
+        return score_of(scores, target) - _best_other(scores, target), scores
+    return _best_other(scores, y) - score_of(scores, y), scores
 
 
 def dlr(model, x, y, target=None):
@@ -62,10 +63,10 @@ def dlr(model, x, y, target=None):
     """
     if target is not None:
         return dlr_targeted(model, x, y, target)
-    scores = _scores(model, x, y, target)
+    scores = model_scores(model, x, y, target)
     require_classes("DLR loss", scores, 3, "use --loss cw")
     top = scores.sort(dim=1, descending=True).values
-    margin = _score_of(scores, y) - _best_other(scores, y)
+    margin = score_of(scores, y) - _best_other(scores, y)
     return -margin / (top[:, 0] - top[:, 2] + _TINY), scores
 
 
@@ -75,10 +76,10 @@ def dlr_targeted(model, x, y, target=None):
     Needs ``target`` and k >= 4 classes.
     """
     _require_target("dlr_targeted", target)
-    scores = _scores(model, x, y, target)
+    scores = model_scores(model, x, y, target)
     require_classes("targeted DLR loss", scores, 4, "use --loss ce_targeted or cw")
     top = scores.sort(dim=1, descending=True).values
-    margin = _score_of(scores, y) - _score_of(scores, target)
+    margin = score_of(scores, y) - score_of(scores, target)
     return -margin / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + _TINY), scores
 
 
@@ -94,9 +95,9 @@ def proto_margin(model, x, y, target=None):
     ``d(z, p_y) - d(z, p_target)``. Returns the model's scores ``model.scores(z)``.
     """
     z, scores, dist = _embed(model, "proto_margin", x, y, target)
-    d_true = _score_of(dist, y)
+    d_true = score_of(dist, y)
     if target is not None:
-        return d_true - _score_of(dist, target), scores
+        return d_true - score_of(dist, target), scores
     nearest_other = -_best_other(-dist, y)
     return d_true - nearest_other, scores
 
@@ -143,25 +144,7 @@ def get_loss(name):
 # --------------------------------------------------------------------- helpers
 
 
-def _scores(model, x, y, target) -> torch.Tensor:
-    """The model's scores at ``x`` in float32, after checking their shape and the labels."""
-    scores = model(x)
-    check_scores(scores, x, y, target)
-    return scores.float()
-
-
-def check_scores(scores, x, y, target) -> None:
-    """Raise ``UserError`` unless ``scores`` is [N, k] and labels and targets lie in [0, k)."""
-    if not torch.is_tensor(scores) or scores.dim() != 2 or scores.shape[0] != x.shape[0]:
-        got = list(scores.shape) if torch.is_tensor(scores) else type(scores).__name__
-        raise UserError(f"the model must return class scores of shape [N, k] = [{x.shape[0]}, k]; got {got}")
-    k = scores.shape[1]
-    for name, labels in (("label", y), ("target", target)):
-        if labels is not None and labels.numel() and (labels.min() < 0 or labels.max() >= k):
-            raise UserError(f"{name}s must lie in [0, {k - 1}] for a model with {k} classes")
-
-
-def _score_of(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def score_of(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``scores[i, labels[i]]`` for every row, shape [N]."""
     return scores.gather(1, labels[:, None]).squeeze(1)
 
@@ -175,13 +158,6 @@ def _best_other(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def _require_target(name: str, target) -> None:
     if target is None:
         raise UserError(f"loss {name!r} is targeted: pass targets, or use apgd_targeted")
-
-
-def require_classes(what: str, scores: torch.Tensor, needed: int, advice: str) -> None:
-    """Raise ``UserError`` when ``scores`` [N, k] has fewer than ``needed`` classes."""
-    k = scores.shape[1]
-    if k < needed:
-        raise UserError(f"{what} needs at least {needed} classes (got {k}); {advice}")
 
 
 _DISTANCES = ("cosine", "l2", "linf", "sqeuclid")

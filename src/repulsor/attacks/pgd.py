@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 
 from .context import (
-    check_images,
+    check_attack_inputs,
     check_int,
     check_number,
     check_targets,
+    keep_worst_case,
     loss_and_grad,
     make_generator,
     random_start as draw_start,
 )
-from .geometry import geometry
 from .losses import get_loss
 from ..errors import UserError
 
@@ -70,9 +70,7 @@ def pgd(
     Returns:
         ``x_adv`` [N, C, H, W] on ``x.device``, or ``(x_adv, trace)`` with ``return_trace``.
     """
-    geom = geometry(norm)
-    check_images(x, y)
-    eps = check_number("eps", eps)
+    x, y, geom, eps = check_attack_inputs(x, y, eps, norm)
     alpha = check_number("alpha", alpha, strict=True)
     steps = check_int("steps", steps, minimum=0)
     restarts = check_int("restarts", restarts, minimum=1)
@@ -81,8 +79,6 @@ def pgd(
     if restarts > 1 and not random_start:
         raise UserError("restarts > 1 without random_start repeat the same run; set random_start=True")
     generator = make_generator(seed)
-    x = x.detach()
-
     n = x.shape[0]
     x_adv = x.clone()
     best_loss = torch.full((n,), float("-inf"), device=x.device)
@@ -101,11 +97,7 @@ def pgd(
         if restart == 0:
             trace = run_trace
         # Worst case per example: a misclassifying run beats a robust one, then higher loss wins.
-        better = (run_fooled & ~fooled[active]) | ((run_fooled == fooled[active]) & (run_loss > best_loss[active]))
-        chosen = active[better]
-        x_adv[chosen] = run_x[better]
-        best_loss[chosen] = run_loss[better]
-        fooled[chosen] = run_fooled[better]
+        keep_worst_case(active, run_x, run_loss, run_fooled, x_adv, best_loss, fooled)
     return (x_adv, trace) if return_trace else x_adv
 
 
@@ -179,7 +171,7 @@ def fgsm(
     if alpha is None:
         alpha = 1.25 * eps if random_start else eps
     if eps == 0:  # the ball is a point; validate the rest as pgd would, then return x
-        geometry(norm), get_loss(loss), check_images(x, y)
+        check_attack_inputs(x, y, eps, norm), get_loss(loss)
         return x.detach().clone()
     return pgd(
         model, x, y, eps=eps, alpha=alpha, steps=1, norm=norm, loss=loss,

@@ -7,6 +7,8 @@ breaks gradients does not stop it. It minimises the margin ``s_y - max_{j != y} 
 random search: each iteration proposes a change confined to a random square window and
 keeps it only if the margin decreases. The window covers a fraction ``p`` of the image,
 halved on a fixed schedule. AutoAttack's standard cascade runs it with 5000 queries.
+The margin is minus the ``cw`` loss of :mod:`repulsor.attacks.losses`, which the code
+maximises, as the other attacks do with their losses.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import math
 
 import torch
 
-from ..errors import UserError
-from .fab import _check_common, _check_int, _check_labels, _scores
+from .context import check_attack_inputs, check_int, check_number, keep_worst_case, make_generator, require_classes
 from .geometry import geometry
+from .losses import cw
 
 _TINY = 1e-12
 # Iterations (on a 10,000-query scale) after which p halves, as in the paper.
@@ -38,14 +40,6 @@ def _side(p: float, height: int, width: int, norm: str) -> int:
         side = max(side, 3)
         side += 1 - side % 2  # odd, so the window has a centre pixel
     return max(1, min(side, min(height, width) - 1 if min(height, width) > 1 else 1))
-
-
-def _margin(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Margin ``s_y - max_{j != y} s_j`` [n] and predicted labels [n] at ``x``."""
-    scores = _scores(model, x)
-    true = scores.gather(1, y.unsqueeze(1)).squeeze(1)
-    other = scores.scatter(1, y.unsqueeze(1), -math.inf).amax(dim=1)
-    return true - other, scores.argmax(dim=1)
 
 
 def _pyramid(rows: int, cols: int, dtype) -> torch.Tensor:
@@ -173,11 +167,13 @@ def _propose_l2(x, x_best, eps, side, generator):
 def _square_run(model, x, y, *, eps, norm, budget, queries, p_init, generator):
     """One Square Attack run with at most ``budget`` queries per example.
 
-    Returns ``(x_best, margin, fooled)``; margins are of ``x_best``.
+    Returns ``(x_best, loss, fooled)``; ``loss`` is the CW loss at ``x_best``, minus the margin.
+    Every ``cw`` call is one forward pass (one query); the caller runs this under ``torch.no_grad()``.
     """
     geo = geometry(norm)
     x_best = geo.project(_init(x, eps, norm, generator), x, eps)
-    margin, pred = _margin(model, x_best, y)
+    loss, scores = cw(model, x_best, y)
+    pred = scores.argmax(dim=1)
     propose = _propose_linf if norm == "linf" else _propose_l2
     _, _, h, w = x.shape
     for iteration in range(budget - 1):
@@ -186,13 +182,13 @@ def _square_run(model, x, y, *, eps, norm, budget, queries, p_init, generator):
             break
         side = _side(_p_at(p_init, iteration, queries), h, w, norm)
         candidate = geo.project(propose(x[idx], x_best[idx], eps, side, generator), x[idx], eps)
-        new_margin, new_pred = _margin(model, candidate, y[idx])
-        better = new_margin < margin[idx]
+        new_loss, new_scores = cw(model, candidate, y[idx])
+        better = new_loss > loss[idx]  # a lower margin
         keep = idx[better]
         x_best[keep] = candidate[better]
-        margin[keep] = new_margin[better]
-        pred[keep] = new_pred[better]
-    return x_best, margin, pred != y
+        loss[keep] = new_loss[better]
+        pred[keep] = new_scores.argmax(dim=1)[better]
+    return x_best, loss, pred != y
 
 
 def square(
@@ -244,37 +240,28 @@ def square(
         examples, the point with the lowest margin found (misclassified where the attack
         succeeded); ``x`` itself for examples misclassified from the start.
     """
-    _check_common(x, y, eps, norm, seed)
-    _check_int("queries", queries, 1)
-    _check_int("restarts", restarts, 1)
-    if isinstance(p_init, bool) or not isinstance(p_init, (int, float)) or not 0 < p_init <= 1:
-        raise UserError(f"p_init must be a number in (0, 1], got {p_init!r}")
-    x = x.detach()
-    y = y.to(device=x.device, dtype=torch.long)
+    x, y, geo, eps = check_attack_inputs(x, y, eps, norm, ndim=4)
+    queries = check_int("queries", queries, minimum=1)
+    restarts = check_int("restarts", restarts, minimum=1)
+    p_init = check_number("p_init", p_init, strict=True, maximum=1.0)
+    generator = make_generator(seed)
     result = x.clone()
     if x.shape[0] == 0:
         return result
-    geo = geometry(norm)
-    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        scores = _scores(model, x)
-        _check_labels(y, scores.shape[1])
+        best_loss, scores = cw(model, x, y)
+        require_classes("Square Attack", scores, 2)
         if eps == 0:
             return result
-        true = scores.gather(1, y.unsqueeze(1)).squeeze(1)
-        best_margin = true - scores.scatter(1, y.unsqueeze(1), -math.inf).amax(dim=1)
-        robust = scores.argmax(dim=1) == y
+        fooled = scores.argmax(dim=1) != y
         for restart in range(restarts):
-            idx = robust.nonzero().squeeze(1)
+            idx = (~fooled).nonzero().squeeze(1)
             budget = queries - 1 if restart == 0 else queries
             if idx.numel() == 0 or budget < 1:
                 break
-            x_best, margin, fooled = _square_run(
+            run_x, run_loss, run_fooled = _square_run(
                 model, x[idx], y[idx], eps=eps, norm=norm, budget=budget, queries=queries,
                 p_init=p_init, generator=generator,
             )
-            better = fooled | (margin < best_margin[idx])
-            result[idx[better]] = x_best[better]
-            best_margin[idx[better]] = margin[better]
-            robust[idx[fooled]] = False
+            keep_worst_case(idx, run_x, run_loss, run_fooled, result, best_loss, fooled)
     return geo.project(result, x, eps)

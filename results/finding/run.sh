@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Reproduces the evaluation finding in the README (issue 3): prototype and cross-entropy models
+# on MNIST (small CNN) and CIFAR-10 (CPU preset), attacked by every suite.
+# Run from the repository root; the data folders are those of the development machines.
+set -euo pipefail
+MNIST=../shared/data/mnist
+repulsor train --config configs/mnist-prototype.toml --data-dir $MNIST --out runs/mnist-prototype --quiet || true
+repulsor train --config configs/mnist-ce.toml --data-dir $MNIST --out runs/mnist-ce --quiet || true
+for run in runs/mnist-prototype runs/mnist-ce; do
+  for suite in quick paper standard adaptive; do
+    repulsor evaluate $run --suite $suite --n 500 --quiet
+  done
+done
+repulsor train --config configs/cifar10-cpu.toml --out runs/cifar10-prototype --quiet || true
+repulsor train --config configs/cifar10-cpu.toml --set train.method=ce --set train.lr=0.1 --out runs/cifar10-ce --quiet || true
+for run in runs/cifar10-prototype runs/cifar10-ce; do
+  for suite in quick paper standard adaptive; do
+    repulsor evaluate $run --suite $suite --n 500 --quiet
+  done
+done

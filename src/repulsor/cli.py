@@ -78,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     _add_common(ev)
 
+    an = sub.add_parser("analyse", formatter_class=_formatter,
+                        help="the paper's analyses: robustness curve, adversarial confusion, neighbours, overlap",
+                        epilog="examples:\n  repulsor analyse runs/mnist-prototype\n"
+                               "  repulsor analyse runs/mnist-prototype --other runs/mnist-ce --n 500")
+    an.add_argument("run", help="run folder written by repulsor train")
+    an.add_argument("--other", help="a second run on the same data: overlap of misclassified adversarial examples")
+    an.add_argument("--n", type=int, default=500, help="first N test points (default 500)")
+    an.add_argument("--data-dir", help="folder of the data (default: the run's)")
+    _add_common(an)
+
     proto = sub.add_parser("prototypes", formatter_class=_formatter, help="generate repulsive prototypes and print their separation",
                            epilog="example:\n  repulsor prototypes --classes 10 --dim 100 --metric linf --epochs 100 --lr 0.01 --seed 0 --out P.safetensors")
     proto.add_argument("--classes", type=int, required=True, help="number of classes k")
@@ -134,7 +144,8 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"cannot read {text!r} as a number; write 0.0314 or 8/255") from None
 
 
-def _print_results(results: dict) -> None:
+def _print_results(results: dict, suite: str | None = None) -> None:
+    """Print every attack evaluated so far, and the sanity verdicts of ``suite``."""
     print(f"data: {results['dataset']} {results['split']}, first {results['n']} points")
     print(f"clean accuracy: {results['clean_accuracy']:.4f}")
     for entry in results["attacks"]:
@@ -142,8 +153,9 @@ def _print_results(results: dict) -> None:
               f"  accuracy after: {entry['accuracy']:.4f}  ({entry['seconds']:.1f}s)")
     for name, acc in results["worst_case"].items():
         print(f"worst case over suite {name}: {acc:.4f}")
-    for verdict in (v for s in results.get("suites", {}).values() for v in s.get("sanity", [])):
-        print(("WARN " if not verdict["ok"] else "ok   ") + verdict["message"])
+    if suite in results.get("suites", {}):
+        for verdict in results["suites"][suite].get("sanity", []):
+            print(("WARN " if not verdict["ok"] else "ok   ") + verdict["message"])
 
 
 def cmd_demo(args) -> int:
@@ -152,7 +164,7 @@ def cmd_demo(args) -> int:
 
     out = train(from_dict(DEMO_CONFIG), args.out, quiet=args.quiet)
     results = json.loads((Path(out) / "results.json").read_text())
-    _print_results(results)
+    _print_results(results, results.get("last_suite"))
     print(f"run folder: {out}")
     return 0
 
@@ -176,7 +188,8 @@ def cmd_train(args) -> int:
         return 0  # under torchrun only rank 0 reports
     results_path = Path(out) / "results.json"
     if results_path.exists():
-        _print_results(json.loads(results_path.read_text()))
+        results = json.loads(results_path.read_text())
+        _print_results(results, results.get("last_suite"))
     print(f"run folder: {out}")
     return 0
 
@@ -188,7 +201,18 @@ def cmd_evaluate(args) -> int:
                            data_dir=args.data_dir, seed=args.seed, batch_size=args.batch_size,
                            device=args.device, quiet=args.quiet)
     if results:  # empty on ranks other than 0 under torchrun
-        _print_results(results)
+        _print_results(results, results.get("last_suite"))
+    return 0
+
+
+def cmd_analyse(args) -> int:
+    from .analysis import analyse_run
+
+    if args.n < 1:
+        raise UserError(f"--n {args.n}: give at least one test point")
+    summary = analyse_run(args.run, n=args.n, other_run=args.other, data_dir=args.data_dir, quiet=args.quiet)
+    for name, path in summary["paths"].items():
+        print(f"{name:>18}: {path}")
     return 0
 
 
@@ -236,7 +260,7 @@ def cmd_export(args) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "prototypes": cmd_prototypes,
-            "compare": cmd_compare, "report": cmd_report, "export": cmd_export}
+            "compare": cmd_compare, "report": cmd_report, "export": cmd_export, "analyse": cmd_analyse}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -294,11 +294,15 @@ def evaluate_run(run_dir: str | Path, *, suite: str | None = None, n: int | None
         "clean_accuracy": result["clean_accuracy"], "code_version": code_version(),
     })
     suites = merged.get("suites", {})
-    suites[suite] = {k: v for k, v in result.items()}
+    # A suite at the run's own threat model is stored under its name; at another one, the
+    # threat model is part of the key, so evaluations at several eps sit side by side.
+    key = suite if (eps, norm) == (e.eps, e.norm) else f"{suite}@{norm}:{eps:.4g}"
+    suites[key] = dict(result)
     merged["suites"] = suites
     # The flat contract: every attack of every suite evaluated so far, each with its suite.
     merged["attacks"] = [dict(entry, suite=name) for name, res in suites.items() for entry in res["attacks"]]
     merged["worst_case"] = {name: res["robust_accuracy"] for name, res in suites.items()}
+    merged["last_suite"] = key
     ckpt.atomic_write_json(results_path, merged)
     return merged
 

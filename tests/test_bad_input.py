@@ -147,7 +147,7 @@ def ws(tmp_path_factory) -> Workspace:
 
     text("unknown_key", "[train]\nbogus = 1\n")
     text("unknown_section", "[nonsense]\na = 1\n")
-    text("wrong_type", '[train]\nepochs = "ten"\n')
+    text("wrong_type", '[train]\nlr = "fast"\n')
     text("invalid_toml", "[train\nepochs = 1\n")
     text("not_utf8", b"\xff\xfe[train]\n")
     p["config_folder"] = root / "config_folder"
@@ -249,7 +249,7 @@ CASES = [
     # ---- configs
     Case("config-unknown-key", train_cfg("unknown_key"), ("train.bogus", "valid keys")),
     Case("config-unknown-section", train_cfg("unknown_section"), "[nonsense]"),
-    Case("config-wrong-type", train_cfg("wrong_type"), ("train.epochs", "integer", "'ten'")),
+    Case("config-wrong-type", train_cfg("wrong_type"), ("train.lr", "must be a number", "'fast'")),
     Case("set-wrong-type", train_set("set-wrong-type", "train.nesterov=3"), ("train.nesterov", "true or false")),
     Case("eps-negative", train_set("eps-negative", "train.eps=-0.1"), ("train.eps = -0.1", ">= 0")),
     Case("eps-above-1", train_set("eps-above-1", "train.eps=1.5"), ("train.eps = 1.5", "larger than 1")),

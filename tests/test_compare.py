@@ -3,6 +3,7 @@ outputs (comparison.json, tables.md, plots), the transfer attack and config erro
 
 import copy
 import csv
+import importlib
 import json
 import time
 import tomllib
@@ -15,13 +16,13 @@ import torch
 
 from repulsor import checkpoint as ckpt
 from repulsor import compare as compare_mod
-from repulsor import train as train_mod
 from repulsor.cli import main
 from repulsor.compare import compare, fmt_pct, format_tables, load_compare_config, transfer_accuracy
 from repulsor.config import from_dict
 from repulsor.errors import UserError
 from repulsor.evaluate import evaluate, load_model, load_test_split
 
+train_mod = importlib.import_module("repulsor.train")  # the package re-exports the function as repulsor.train
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = CONFIGS / "compare-digits-tiny.toml"
 METHODS = ["ce", "prototype", "pgd_at", "mmc"]
@@ -211,7 +212,7 @@ def test_a_missing_suite_is_rerun_alone(finished, monkeypatch):
 
 
 def test_interrupted_training_is_resumed_from_its_checkpoint(tmp_path, monkeypatch):
-    raw = tiny_raw(methods=["ce", "mmc"], curve_n=0, suites=["quick"])
+    raw = tiny_raw(methods=["ce", "mmc"], curve_n=0, suites=["quick", "standard"], suite_n={"standard": 10})
     out = tmp_path / "out"
     real_end_epoch = train_mod._end_epoch
     calls = []
@@ -237,6 +238,27 @@ def test_interrupted_training_is_resumed_from_its_checkpoint(tmp_path, monkeypat
     assert "resumed at epoch 2" in (out / "mmc" / "log.txt").read_text()
     epochs = [json.loads(line)["epoch"] for line in (out / "mmc" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2] and report["runs"]["mmc"]["epochs"] == 2
+    # The standard suite on its own number of points: its worst case is the table's column.
+    for name in ("ce", "mmc"):
+        standard = json.loads((out / name / "results.json").read_text())["suites"]["standard"]
+        run = report["runs"][name]
+        assert standard["n"] == 10 and run["standard"] == standard["robust_accuracy"] and run["pgd20"] is None
+        assert run["suites"]["quick"]["n"] == 100 and "sanity" in run["suites"]["standard"]
+        row = next(line for line in (out / "tables.md").read_text().splitlines() if line.startswith(f"| {name} |"))
+        assert [c.strip() for c in row.strip("|").split("|")][4:8] == ["–", "–", fmt_pct(run["pgd20_ce"]),
+                                                                      fmt_pct(run["standard"])]
+
+
+def test_tables_list_failures_and_sanity_warnings(finished):
+    report = copy.deepcopy(finished.report)
+    report["runs"]["mmc"].update(status="failed", error="the training loss became nan at epoch 1 step 3")
+    report["runs"]["pgd_at"]["sanity_warnings"] = ["standard: unbounded attack left 50% of the points robust"]
+    report["runs"]["prototype"]["stopped"] = "early stopping: no better validation accuracy for 5 epochs"
+    tables = format_tables(report)
+    assert "| mmc (failed) |" in tables
+    assert "- mmc: training failed: the training loss became nan at epoch 1 step 3" in tables
+    assert "- pgd_at: sanity check failed in suite standard: unbounded attack left 50%" in tables
+    assert "- prototype: training stopped early: early stopping: no better" in tables
 
 
 def test_changed_config_does_not_reuse_a_run(finished, tmp_path):

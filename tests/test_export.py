@@ -167,7 +167,8 @@ def test_outside_module_gives_the_cli_numbers(runs, tmp_path, capsys):
     assert not type(outside).__module__.startswith("repulsor")
     assert cli.main(["evaluate", str(run), "--suite", "quick", "--n", "100", "--eps", "0.1", "--seed", "3",
                      "--quiet"]) == 0
-    cli_result = json.loads((run / "results.json").read_text())["suites"]["quick"]
+    suites = json.loads((run / "results.json").read_text())["suites"].values()
+    cli_result = next(s for s in suites if s["suite"] == "quick" and s["seed"] == 3 and s["eps"] == 0.1)
     cfg = repulsor.load_config(run / "config.toml")
     x, y, _ = load_test_split(cfg, 100)
     result = repulsor.evaluate(outside, x, y, suite="quick", eps=0.1, seed=3, batch_size=cfg.eval.batch_size)

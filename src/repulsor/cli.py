@@ -117,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("paths", nargs="+", metavar="RUN_OR_COMPARE_DIR",
                         help="run folders (config.toml) and comparison folders (comparison.json)")
     report.add_argument("--out", required=True, help="report folder to write (report.html, report.md, figures/)")
-    report.add_argument("--n", type=int, default=200,
-                        help="first N test points attacked (PGD-20) for the figures (default: 200)")
+    report.add_argument("--n", type=int,
+                        help="first N test points attacked (PGD-20) for the figures (default: 200 per run; "
+                             "300 / number of methods, at most 100, per method of a comparison)")
     report.add_argument("--data-dir", help="folder of the data set (default: the runs' configs)")
     report.add_argument("--no-neighbours", action="store_true",
                         help="skip the nearest-neighbour grid (it loads the training split)")

@@ -430,7 +430,7 @@ def _cached(path: Path, key: dict, compute):
     return value
 
 
-def _transfer(plan: ComparePlan, out: Path, models: dict, x, y, protocol: dict, *, device, quiet: bool, say) -> dict:
+def _transfer(out: Path, models: dict, x, y, protocol: dict, *, device, quiet: bool, say) -> dict:
     """Table 4: the ce model's quick-suite examples, evaluated on every trained model."""
     source_dir = out / TRANSFER_SOURCE
     if TRANSFER_SOURCE not in models:
@@ -502,6 +502,8 @@ def _run_report(plan: ComparePlan, run: RunPlan, run_dir: Path, status: tuple, p
         "pgd20_ce": _attack_accuracy(suites.get("quick"), "pgd-20"),
         "standard": suites["standard"]["robust_accuracy"] if "standard" in suites else None,
         "worst_case": {name: s["robust_accuracy"] for name, s in suites.items()},
+        "sanity_warnings": [f"{name}: {v['message']}" for name, s in suites.items() for v in s.get("sanity", [])
+                            if not v["ok"]],
         "suites": suites,
         "transfer_accuracy": None,
         "cost": {k: cost.get(k) for k in ("wall_seconds", "epochs", "forward_passes_per_example",
@@ -515,6 +517,13 @@ def protocol_keys(protocol: dict) -> dict:
     return {k: protocol[k] for k in ("eps", "norm", "seed")}
 
 
+def _shared_dict(base: Config) -> dict:
+    """The shared sections as resolved; the method is set per run, so it is left out."""
+    shared = to_dict(base)
+    del shared["train"]["method"]
+    return shared
+
+
 def _select(plan: ComparePlan, only) -> list[RunPlan]:
     if not only:
         return list(plan.runs)
@@ -523,6 +532,66 @@ def _select(plan: ComparePlan, only) -> list[RunPlan]:
         if name not in names:
             raise UserError(f"--only {name}: not a run of this comparison; choose from {', '.join(names)}")
     return [r for r in plan.runs if r.name in set(only)]
+
+
+def _train_and_evaluate(plan: ComparePlan, selected: list[RunPlan], out: Path, protocol: dict, n_test: int, *,
+                        quiet: bool, say) -> dict:
+    """Train (or resume) each selected run and run its missing suites; returns ``{name: (status, error)}``."""
+    status = {}
+    for index, run in enumerate(selected, 1):
+        say(f"[{index}/{len(selected)}] {run.name}")
+        status[run.name] = _train_run(run, out / run.name, quiet=quiet, say=say)
+        if not (out / run.name / MODEL).exists():
+            continue
+        results = _read_results(out / run.name)
+        for suite in plan.suites:
+            n = min(plan.n_for(suite), n_test)
+            if _suite_done(results, suite, n, protocol_keys(protocol)):
+                continue
+            say(f"{run.name}: evaluating suite {suite} on {n} test points")
+            results = evaluate_mod.evaluate_run(out / run.name, suite=suite, n=n, quiet=quiet, **protocol)
+    for run in plan.runs:
+        if run.name not in status:
+            run_dir = out / run.name
+            status[run.name] = ("trained before" if (run_dir / MODEL).exists() else
+                                "training unfinished" if (run_dir / LAST).exists() or (run_dir / "config.toml").exists()
+                                else "not trained", None)
+    return status
+
+
+def _curves(plan: ComparePlan, out: Path, runs: list[RunPlan], models: dict, x_all, y_all, protocol: dict, *,
+            device, files: dict, say) -> dict:
+    """Figures 2-3: PGD-20 robustness curves of every method on the same points (cached per model)."""
+    if not plan.curve_n or not runs:
+        return {}
+    n_curve = min(plan.curve_n, len(y_all))
+    curves = {}
+    for run in runs:
+        key = {"model": _fingerprint(out / run.name / MODEL), "n": n_curve, "eps": list(plan.curve_eps),
+               "steps": CURVE_STEPS, "loss": CURVE_LOSS, **protocol_keys(protocol)}
+
+        def compute(run=run):
+            say(f"{run.name}: robustness curve over {len(plan.curve_eps)} eps values on {n_curve} points")
+            return robustness_curve(models[run.name], x_all[:n_curve], y_all[:n_curve], eps_values=plan.curve_eps,
+                                    norm=protocol["norm"], steps=CURVE_STEPS, loss=CURVE_LOSS, seed=protocol["seed"],
+                                    batch_size=protocol["batch_size"], device=device)
+
+        curves[run.name] = _cached(out / "cache" / f"curve-{run.name}.json", key, compute)
+    written = plot_robustness_curves(curves, out / "robustness_curves.png", norm=protocol["norm"],
+                                     title=f"PGD-{CURVE_STEPS} robustness curves ({plan.base.data.name})")
+    files["robustness_curves_png"], files["robustness_curves_json"] = written["png"], written["json"]
+    return curves
+
+
+def _epochs(plan: ComparePlan, out: Path, runs: list[RunPlan], *, files: dict) -> dict:
+    """Figure 4: clean and robust validation accuracy over the epochs of every method."""
+    metrics = {r.name: out / r.name / "metrics.jsonl" for r in runs if (out / r.name / "metrics.jsonl").exists()}
+    if not metrics:
+        return {}
+    written = plot_metrics_over_epochs(metrics, out / "epochs.png",
+                                       title=f"Validation accuracy during training ({plan.base.data.name})")
+    files["epochs_png"], files["epochs_csv"] = written["png"], written["csv"]
+    return written["runs"]
 
 
 def compare(config, out_dir, *, quiet: bool = False, only=None) -> dict:
@@ -557,74 +626,28 @@ def compare(config, out_dir, *, quiet: bool = False, only=None) -> dict:
     x_all, y_all, folder = evaluate_mod.load_test_split(plan.base, None)
     n_test = len(y_all)
 
-    status = {}
-    for index, run in enumerate(selected, 1):
-        say(f"[{index}/{len(selected)}] {run.name}")
-        status[run.name] = _train_run(run, out / run.name, quiet=quiet, say=say)
-        if not (out / run.name / MODEL).exists():
-            continue
-        results = _read_results(out / run.name)
-        for suite in plan.suites:
-            n = min(plan.n_for(suite), n_test)
-            if _suite_done(results, suite, n, protocol_keys(protocol)):
-                continue
-            say(f"{run.name}: evaluating suite {suite} on {n} test points")
-            results = evaluate_mod.evaluate_run(out / run.name, suite=suite, n=n, quiet=quiet, **protocol)
-    for run in plan.runs:
-        if run.name not in status:
-            run_dir = out / run.name
-            status[run.name] = ("trained before" if (run_dir / MODEL).exists() else
-                                "training unfinished" if (run_dir / LAST).exists() or (run_dir / "config.toml").exists()
-                                else "not trained", None)
-
-    report = {"runs": {r.name: _run_report(plan, r, out / r.name, status[r.name], protocol, n_test) for r in plan.runs}}
+    status = _train_and_evaluate(plan, selected, out, protocol, n_test, quiet=quiet, say=say)
+    runs = {r.name: _run_report(plan, r, out / r.name, status[r.name], protocol, n_test) for r in plan.runs}
     finished = [r for r in plan.runs if (out / r.name / MODEL).exists()]
     device = resolve_device("auto")
     models = {r.name: evaluate_mod.load_model(out / r.name, device=device) for r in finished}
     n_eval = min(plan.eval_n, n_test)
-    x, y = x_all[:n_eval], y_all[:n_eval]
 
     # Table 4: transfer from the ce model.
     transfer = None
     if plan.transfer:
-        transfer = _transfer(plan, out, models, x, y, protocol, device=device, quiet=quiet, say=say)
+        transfer = _transfer(out, models, x_all[:n_eval], y_all[:n_eval], protocol, device=device, quiet=quiet, say=say)
         for name, target in transfer.get("targets", {}).items():
-            report["runs"][name]["transfer_accuracy"] = target["accuracy"]
+            runs[name]["transfer_accuracy"] = target["accuracy"]
         if "source_accuracy" in transfer:
-            white_box = report["runs"][TRANSFER_SOURCE]["pgd20_ce"]
+            white_box = runs[TRANSFER_SOURCE]["pgd20_ce"]
             transfer["white_box_pgd20_ce"] = white_box
             transfer["matches_white_box"] = None if white_box is None else transfer["source_accuracy"] == white_box
 
-    # Figures 2-3: robustness curves of every method on the same points.
-    curves = {}
-    if plan.curve_n:
-        n_curve = min(plan.curve_n, n_test)
-        for run in (r for r in finished if r.name in plan.methods):
-            key = {"model": _fingerprint(out / run.name / MODEL), "n": n_curve, "eps": list(plan.curve_eps),
-                   "steps": CURVE_STEPS, "loss": CURVE_LOSS, **protocol_keys(protocol)}
-
-            def compute(run=run):
-                say(f"{run.name}: robustness curve over {len(plan.curve_eps)} eps values on {n_curve} points")
-                return robustness_curve(models[run.name], x_all[:n_curve], y_all[:n_curve], eps_values=plan.curve_eps,
-                                        norm=e.norm, steps=CURVE_STEPS, loss=CURVE_LOSS, seed=e.seed,
-                                        batch_size=e.batch_size, device=device)
-
-            curves[run.name] = _cached(out / "cache" / f"curve-{run.name}.json", key, compute)
     files = {"comparison_json": str(out / "comparison.json"), "tables_md": str(out / "tables.md")}
-    if curves:
-        written = plot_robustness_curves(curves, out / "robustness_curves.png", norm=e.norm,
-                                         title=f"PGD-{CURVE_STEPS} robustness curves ({plan.base.data.name})")
-        files["robustness_curves_png"], files["robustness_curves_json"] = written["png"], written["json"]
-
-    # Figure 4: validation accuracy over the epochs of every method.
-    epochs = {}
-    metrics = {r.name: out / r.name / "metrics.jsonl" for r in finished
-               if r.name in plan.methods and (out / r.name / "metrics.jsonl").exists()}
-    if metrics:
-        written = plot_metrics_over_epochs(metrics, out / "epochs.png",
-                                           title=f"Validation accuracy during training ({plan.base.data.name})")
-        files["epochs_png"], files["epochs_csv"] = written["png"], written["csv"]
-        epochs = written["runs"]
+    method_runs = [r for r in finished if r.name in plan.methods]
+    curves = _curves(plan, out, method_runs, models, x_all, y_all, protocol, device=device, files=files, say=say)
+    epochs = _epochs(plan, out, method_runs, files=files)
 
     info = DATASETS[plan.base.data.name]
     report = {
@@ -637,10 +660,10 @@ def compare(config, out_dir, *, quiet: bool = False, only=None) -> dict:
             "transfer": None if transfer is None else {"source": TRANSFER_SOURCE, **transfer.get("attack", {})},
             "code_version": code_version(),
         },
-        "config": {"compare": plan.describe(), "shared": to_dict(plan.base), "method_overrides": plan.method_overrides},
+        "config": {"compare": plan.describe(), "shared": _shared_dict(plan.base), "method_overrides": plan.method_overrides},
         "methods": list(plan.methods),
-        "runs": report["runs"],
-        "table1": [{"dim": dim, "run": name, **{k: report["runs"][name][k] for k in ("epochs", "clean_accuracy", "pgd20")}}
+        "runs": runs,
+        "table1": [{"dim": dim, "run": name, **{k: runs[name][k] for k in ("epochs", "clean_accuracy", "pgd20")}}
                    for dim, name in plan.sweep],
         "transfer": transfer,
         "curves": curves,
@@ -724,12 +747,16 @@ def format_tables(report: dict) -> str:
                            fmt_pct(r["pgd20"])] for r in report["table1"]]), "",
                   _protocol_line(p, "PGD-20: the paper suite (authors' loss: L-inf distance to the true prototype)"), ""]
     number = {"cifar10": "Table 2", "cifar100": "Table 3"}.get(dataset, "Tables 2-3")
-    rows = []
+    rows, notes = [], []
     for name in report["methods"]:
         r = runs[name]
-        mark = " (stopped: " + r["stopped"] + ")" if r.get("stopped") else ""
         status = "" if r["status"] in ("trained", "resumed", "trained before") else f" ({r['status']})"
-        rows.append([name + status + mark, _fmt_overrides(r["overrides"]), _fmt_int(r["epochs"]),
+        if r.get("error"):
+            notes.append(f"- {name}: training failed: {r['error']}")
+        if r.get("stopped"):
+            notes.append(f"- {name}: training stopped early: {r['stopped']}")
+        notes += [f"- {name}: sanity check failed in suite {warning}" for warning in r.get("sanity_warnings", [])]
+        rows.append([name + status, _fmt_overrides(r["overrides"]), _fmt_int(r["epochs"]),
                      fmt_pct(r["clean_accuracy"]), fmt_pct(r["pgd20"]), fmt_pct(r["pgd100"]), fmt_pct(r["pgd20_ce"]),
                      fmt_pct(r["standard"]), _fmt_seconds((r["cost"] or {}).get("wall_seconds")),
                      _fmt_passes(r["cost"])])
@@ -739,6 +766,8 @@ def format_tables(report: dict) -> str:
               _protocol_line(p, "PGD-20 and PGD-100: paper suite cascade (authors' loss for prototype heads, CE"
                                 " otherwise; step eps/4, one random start); PGD-20 (CE): quick suite; standard:"
                                 f" APGD-CE, APGD-T, FAB-T, Square cascade; points per suite: {suite_ns}"), ""]
+    if notes:
+        parts += ["Notes:", "", *notes, ""]
     transfer = report.get("transfer")
     if transfer is not None:
         parts += [f"## Table 4: transfer of PGD-20 examples from {transfer['source']} ({dataset})", ""]

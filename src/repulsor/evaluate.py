@@ -145,7 +145,9 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite:
         raise UserError(f"eps = {eps:g} is outside [0, 1] (images are in [0, 1]): {hint}")
     if x.dim() != 4 or len(x) != len(y):
         raise UserError(f"expected images [N, C, H, W] and labels [N]; got {tuple(x.shape)} and {tuple(y.shape)}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = torch.device(device)
     with evaluating(model):
         predictions = _predict(model, x, batch_size, device)
         robust = predictions == y.cpu()

@@ -48,6 +48,9 @@ from .runtime import resolve_device
 evaluate_mod = importlib.import_module("repulsor.evaluate")
 
 DEFAULT_N = 200  # test points attacked on the fly for the figures
+BRIEF_POINTS = 300  # test points attacked over all method runs of a comparison (unless n is given) ...
+DEFAULT_N_BRIEF = 100  # ... at most this many per run
+CURVE_N = 100  # points of a robustness curve computed by the report
 GRID_COLUMNS = 8  # test points in the clean / adversarial / perturbation grid
 NEIGHBOUR_POOL = 2000  # training images searched for nearest neighbours
 NEIGHBOUR_ROWS = 6
@@ -471,8 +474,8 @@ def plot_adversarial_grid(x, x_adv, y, pred_clean, pred_adv, class_names, path, 
                 ax.set_ylabel(labels[i], fontsize=7)
         rows.append({"id": ids[j] if ids is not None else j, "true": t, "clean_pred": pc, "adv_pred": pa,
                      "linf": (x_adv[j] - x[j]).abs().max().item()})
-    fig.suptitle(f"clean (title: true: predicted), adversarial (→ prediction), perturbation × {0.5 / eps if norm == 'linf' and eps else 'auto'}"
-                 if norm == "linf" else "clean, adversarial, perturbation (scaled to its largest change)", fontsize=8)
+    scale = f"× {0.5 / eps:.3g} + 0.5" if norm == "linf" and eps > 0 else "scaled to its largest change"
+    fig.suptitle(f"clean (title: true: predicted), adversarial (→ prediction), perturbation {scale}", fontsize=8)
     fig.subplots_adjust(wspace=0.08, hspace=0.35)
     analysis._save_figure(fig, png)
     json_path = png.with_suffix(".json")
@@ -484,9 +487,9 @@ def plot_adversarial_grid(x, x_adv, y, pred_clean, pred_adv, class_names, path, 
 
 
 class _Context:
-    def __init__(self, out: Path, *, n: int, data_dir, device, quiet: bool, neighbours: bool):
+    def __init__(self, out: Path, *, n: int | None, data_dir, device, quiet: bool, neighbours: bool):
         self.out = out
-        self.n = n
+        self.n = n  # None: DEFAULT_N per run, a share of BRIEF_POINTS per method of a comparison
         self.data_dir = data_dir
         self.device = resolve_device(device)
         self.quiet = quiet
@@ -509,13 +512,13 @@ class _Context:
         self.slugs.add(slug)
         return slug
 
-    def test_split(self, cfg):
+    def test_split(self, cfg, n: int):
         """The first n test points of the run's data set (cached across runs)."""
         key = (cfg.data.name, self.data_dir or cfg.data.test_dir or cfg.data.data_dir, cfg.data.split_seed)
         if key not in self._test:
             self._test[key] = evaluate_mod.load_test_split(cfg, None, self.data_dir)[:2]
         x, y = self._test[key]
-        return x[: self.n], y[: self.n]
+        return x[:n], y[:n]
 
 
 def _copy_analysis(run_dir: Path, name: str, figdir: Path) -> Path | None:
@@ -589,7 +592,7 @@ def _training_blocks(run_dir: Path, figdir: Path, label: str) -> list:
                  f"{_fmt(cost.get('forward_passes_per_example'))} / {_fmt(cost.get('backward_passes_per_example'))}"]]
         if t.get("stopped"):
             rows.append(["stopped", str(t["stopped"])])
-        blocks.append(Table(["", ""], rows))
+        blocks.append(Table(["training record (training.json)", "value"], rows))
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         blocks.append(Para("No metrics.jsonl: the run has not finished an epoch.", note=True))
@@ -614,7 +617,8 @@ def _training_blocks(run_dir: Path, figdir: Path, label: str) -> list:
     return blocks
 
 
-def _run_blocks(run_dir: Path, ctx: _Context, *, label: str, heading: str, brief: bool = False) -> list:
+def _run_blocks(run_dir: Path, ctx: _Context, *, label: str, heading: str, brief: bool = False,
+                n: int | None = None) -> list:
     """Every section of one run."""
     from .config import load_config
     from .data import DATASETS
@@ -656,12 +660,13 @@ def _run_blocks(run_dir: Path, ctx: _Context, *, label: str, heading: str, brief
                          f"{warns} WARN" if warns else "ok" if results else "–"])
     ctx.overview_classes.append("warn" if warns else "")
 
-    blocks += _model_blocks(run_dir, ctx, cfg, info, figdir, label, brief=brief)
+    blocks += _model_blocks(run_dir, ctx, cfg, info, figdir, label, brief=brief, n=n or ctx.n or DEFAULT_N)
     ctx.timings[label] = round(time.time() - started, 2)
     return blocks
 
 
-def _model_blocks(run_dir: Path, ctx: _Context, cfg, info, figdir: Path, label: str, *, brief: bool) -> list:
+def _model_blocks(run_dir: Path, ctx: _Context, cfg, info, figdir: Path, label: str, *, brief: bool,
+                  n: int) -> list:
     """The figures that need the model and the test data: attacks run here on a few points."""
     blocks = [Heading(3, "Adversarial examples and representation")]
     try:
@@ -669,9 +674,9 @@ def _model_blocks(run_dir: Path, ctx: _Context, cfg, info, figdir: Path, label: 
     except UserError as error:
         return blocks + [Para(f"Figures skipped: {error}", note=True)]
     try:
-        x, y = ctx.test_split(cfg)
+        x, y = ctx.test_split(cfg, n)
     except UserError as error:
-        return blocks + [Para(f"Figures skipped: the test data is unavailable ({error}); pass --data-dir.", note=True)]
+        return blocks + [Para(f"Figures skipped: the test data is unavailable: {error}", note=True)]
     e = cfg.eval
     eps, norm, seed, batch_size = e.eps, e.norm, e.seed, e.batch_size
     ctx.say(f"{label}: PGD-20 at eps={eps:.4g} ({norm}) on {len(y)} test points")
@@ -695,29 +700,34 @@ def _model_blocks(run_dir: Path, ctx: _Context, cfg, info, figdir: Path, label: 
         png = _copy_analysis(run_dir, "robustness_curve", figdir)
         note = from_analysis
         if png is None:
-            eps_values = analysis._curve_eps_values(eps, norm)
-            ctx.say(f"{label}: robustness curve over {len(eps_values)} eps values")
-            curve = analysis.robustness_curve(model, x, y, eps_values=eps_values, norm=norm, steps=20, seed=seed,
-                                              batch_size=batch_size, device=ctx.device)
+            # Every other value of the analysis grid (eps, 1.25 eps, ..., 2 eps) on at most
+            # CURVE_N points: a curve costs a PGD-20 per eps value.
+            eps_values = analysis._curve_eps_values(eps, norm)[::2]
+            m = min(len(y), CURVE_N)
+            ctx.say(f"{label}: robustness curve over {len(eps_values)} eps values on {m} points")
+            curve = analysis.robustness_curve(model, x[:m], y[:m], eps_values=eps_values, norm=norm, steps=20,
+                                              seed=seed, batch_size=batch_size, device=ctx.device)
             png = Path(analysis.plot_robustness_curves({label: curve}, figdir / "robustness_curve.png", norm=norm,
                                                        title=f"PGD-20 robustness curve ({info.name})")["png"])
-            note = f"Computed on the first {len(y)} test points."
+            note = (f"Computed on the first {m} test points (`repulsor analyse` draws it on more points and eps "
+                    "values; the report reuses its figure when present).")
         blocks.append(Figure(png, "Robustness curve: PGD-20 accuracy as eps grows from the run's eps to twice it; a "
                                   "point counts as robust at eps only if no attack of radius <= eps fooled it, so the "
                                   f"curve never rises. {note}"))
 
-    # Adversarial confusion matrix (Figure 5a-b).
+    # Adversarial confusion matrix (Figure 5a-b), as analysis.adversarial_confusion draws it, from the
+    # predictions already at hand (no further forward passes).
     png = _copy_analysis(run_dir, "confusion", figdir)
     if png is not None:
         caption = f"Adversarial confusion matrix of the clean-correct points. {from_analysis}"
     else:
-        written = analysis.adversarial_confusion(model, x, y, x_adv, info.classes, figdir / "confusion",
-                                                 batch_size=batch_size, device=ctx.device,
-                                                 title=f"Adversarial confusion ({label})")
-        png = Path(written["png"])
+        correct = clean_pred == y
+        matrix = analysis.confusion_matrix(y[correct], adv_pred[correct], info.num_classes)
+        png = Path(analysis.plot_confusion(matrix, info.classes, figdir / "confusion.png",
+                                           title=f"Adversarial confusion ({label})")["png"])
         caption = (f"Adversarial confusion matrix: rows are true classes, columns the PGD-20 prediction, of the "
-                   f"{written['n_correct']} clean-correct points ({written['n_fooled']} fooled); rows sum to 100%, the "
-                   "diagonal is the robust fraction per class.")
+                   f"{int(correct.sum())} clean-correct points ({int((correct & (adv_pred != y)).sum())} fooled); "
+                   "rows sum to 100%, the diagonal is the robust fraction per class.")
     blocks.append(Figure(png, caption))
 
     # Prototype geometry.
@@ -755,8 +765,8 @@ def _model_blocks(run_dir: Path, ctx: _Context, cfg, info, figdir: Path, label: 
                          "its adversarial example titled with the adversarial prediction (red = wrong), and the "
                          + ("perturbation (x_adv - x) × 0.5/eps + 0.5 (grey: unchanged, black/white: -eps/+eps). "
                             if norm == "linf" else "perturbation scaled to its largest pixel change (grey: unchanged). ")
-                         + "Points the attack fooled come first; where PGD-20 failed, the perturbation is not kept and "
-                           "shows as flat grey."))
+                         + "Pixels already at 0 or 1 can move one way only and often stay grey. Points the attack "
+                           "fooled come first; where PGD-20 failed, the perturbation is not kept and shows as flat grey."))
 
     # Nearest correctly classified training samples (Figure 5c).
     if not brief and ctx.neighbours:
@@ -833,6 +843,8 @@ def _compare_blocks(compare_dir: Path, ctx: _Context) -> list:
     found = [p.name for p in sorted(compare_dir.iterdir()) if p.is_dir() and (p / "config.toml").is_file()]
     runs += [name for name in found if name not in runs]
     ctx.timings[label] = round(time.time() - started, 2)
+    trained = [name for name in runs if (compare_dir / name / "model.safetensors").is_file()]
+    n = ctx.n or max(20, min(DEFAULT_N_BRIEF, BRIEF_POINTS // max(1, len(trained))))
     for name in runs:
         run_dir = compare_dir / name
         if not (run_dir / "config.toml").is_file():
@@ -841,11 +853,11 @@ def _compare_blocks(compare_dir: Path, ctx: _Context) -> list:
             blocks += [Heading(2, f"{label} / {name}"), Para("Training unfinished: no model.safetensors.", note=True)]
             continue
         blocks += _run_blocks(run_dir, ctx, label=f"{label}-{name}", heading=f"{label} / method run `{name}`",
-                              brief=True)
+                              brief=True, n=n)
     return blocks
 
 
-def build_report(paths, out_dir, *, n: int = DEFAULT_N, data_dir: str | None = None, device: str = "auto",
+def build_report(paths, out_dir, *, n: int | None = None, data_dir: str | None = None, device: str = "auto",
                  quiet: bool = True, neighbours: bool = True, title: str | None = None) -> dict:
     """Write ``OUT/report.html`` and ``OUT/report.md`` for run and comparison folders.
 
@@ -853,7 +865,9 @@ def build_report(paths, out_dir, *, n: int = DEFAULT_N, data_dir: str | None = N
         paths: run folders (``config.toml``) and comparison folders (``comparison.json``).
         out_dir: the report folder (created); figures go to ``OUT/figures/``.
         n: the first n test points attacked on the fly for the figures (PGD-20 of the
-            ``quick`` suite at the run's eval threat model).
+            ``quick`` suite at the run's eval threat model); default 200 for runs and 100
+            for a run, and for each method run of a comparison 300 / (number of runs),
+            between 20 and 100.
         data_dir: test-data folder overriding the runs' configs.
         device: ``auto``, ``cpu``, ``cuda``...
         quiet: no progress lines.
@@ -867,7 +881,7 @@ def build_report(paths, out_dir, *, n: int = DEFAULT_N, data_dir: str | None = N
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     if not paths:
         raise UserError("report needs at least one run or comparison folder")
-    if n < 1:
+    if n is not None and n < 1:
         raise UserError(f"--n must be >= 1, got {n}")
     kinds = []
     for path in paths:

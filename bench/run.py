@@ -1,0 +1,561 @@
+#!/usr/bin/env python
+"""repulsor benchmarks: one command, side-by-side measurements in one process, ratios with targets.
+
+    python bench/run.py            # full run, under 20 minutes on a quiet 2-core machine
+    python bench/run.py --quick    # smaller settings, about 2-3 minutes; noisy, for checking it works
+
+Writes bench/results.md (machine, settings, every measurement as a ratio with its target and
+whether it is met) and prints the same table. Every timing is the median of several repeats
+after warm-up iterations. Peak memory is measured in a fresh subprocess per measurement
+(VmHWM of /proc/self/status, reset through /proc/self/clear_refs before the measured code).
+
+What is compared (see bench/README.md for why):
+  1. a prototype training step vs a cross-entropy step on the same ResNet-18 (width 0.25),
+     CIFAR-shaped random batch of 128, bf16 autocast + channels_last, through
+     repulsor.methods.METHODS[...].loss with a TrainContext and an SGD step (target <= 1.05x);
+  2. N prototype steps vs N PGD-10 adversarial-training steps (target >= 8x cheaper);
+  3. our PGD-20 and APGD-CE vs torchattacks' PGD and APGD on the same model, batch, eps and
+     steps: time ratio (target >= 1.0x) and accuracy after the attack; and, as an
+     independent check of our APGD-CE and APGD-T, both implementations on the same test
+     points of a PGD-adversarially-trained MNIST model (target: within 1.5 points);
+  4. bf16 + channels_last vs fp32 for a training step and for a PGD-20 attack;
+  5. the fraction of the measured matmul peak (fp32 and bf16) that a training step reaches,
+     its FLOPs counted with torch.utils.flop_counter.FlopCounterMode;
+  6. prototype generation time for k=100, D=500, each metric;
+  7. peak resident memory of a training step and of the standard suite on a small batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results.md"
+MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
+RUNS = ROOT / "runs"
+
+if str(ROOT / "src") not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+
+from repulsor.attacks import apgd, apgd_targeted, evaluating, pgd  # noqa: E402
+from repulsor.config import Config, ModelConfig, TrainConfig, from_dict  # noqa: E402
+from repulsor.data import DATASETS  # noqa: E402
+from repulsor.methods import METHODS, TrainContext  # noqa: E402
+from repulsor.models import build_model  # noqa: E402
+from repulsor.prototypes import generate_prototypes  # noqa: E402
+from repulsor.runtime import autocast  # noqa: E402
+from repulsor.train import head_distance  # noqa: E402
+
+CPU = torch.device("cpu")
+EPS_CIFAR, ALPHA_CIFAR = 8 / 255, 2 / 255
+EPS_MNIST = 0.3
+
+SETTINGS = {
+    "full": {"warmup": 2, "repeats": 7, "batch": 128, "epoch_steps": 10, "attack_batch": 128,
+             "apgd_steps": 100, "check_n": 500, "check_steps": 100, "suite_n": 32, "memory_repeats": 1,
+             "pgd_at_subset": 10000, "pgd_at_epochs": 2, "proto_epochs": 100},
+    "quick": {"warmup": 1, "repeats": 3, "batch": 128, "epoch_steps": 2, "attack_batch": 32,
+              "apgd_steps": 20, "check_n": 100, "check_steps": 20, "suite_n": 4, "memory_repeats": 1,
+              "pgd_at_subset": 3000, "pgd_at_epochs": 1, "proto_epochs": 100},
+}
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+def log(text: str) -> None:
+    print(text, flush=True)
+
+
+def median_time(fn, *, warmup: int, repeats: int) -> tuple[float, list[float]]:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def spread(times: list[float]) -> str:
+    return f"{min(times):.3g}-{max(times):.3g}s" if times else ""
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict:
+    flags = ""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+        flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in line)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu_model(),
+        "cpu flags (relevant)": flags or "n/a",
+        "logical cores": os.cpu_count(),
+        "cores usable by this process": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?",
+        "torch": torch.__version__,
+        "torch threads (intra-op)": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "load average at start (1, 5, 15 min)": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+    }
+
+
+# --------------------------------------------------------------------------- models and steps
+
+
+def cifar_model(method_name: str, *, channels_last: bool, seed: int = 0):
+    """ResNet-18 (width 0.25) with the head ``method_name`` needs, as the training loop builds it."""
+    torch.manual_seed(seed)
+    method = METHODS[method_name]
+    info = DATASETS["cifar10"]
+    prototypes = generate_prototypes(10, 100, metric="linf", epochs=100, seed=0) if method.uses_prototypes else None
+    model = build_model(ModelConfig(name="resnet18", width=0.25), info, prototypes=prototypes,
+                        distance=head_distance(Config(), method))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def cifar_batch(n: int, *, channels_last: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+def train_step_fn(method_name: str, *, precision: str, channels_last: bool, batch: int):
+    """One step of the real training loop: METHODS[...].loss under autocast, backward, SGD."""
+    model = cifar_model(method_name, channels_last=channels_last)
+    model.train()
+    cfg = TrainConfig(method=method_name, eps=EPS_CIFAR, alpha=ALPHA_CIFAR, attack_steps=10, precision=precision,
+                      channels_last=channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    amp = torch.bfloat16 if precision == "bf16" else None
+    x, y = cifar_batch(batch, channels_last=channels_last)
+    method = METHODS[method_name]
+    counter = [0]
+
+    def step():
+        counter[0] += 1
+        ctx = TrainContext(model, model, cfg, seed=counter[0])
+        with autocast(CPU, amp):
+            loss, _, _ = method.loss(ctx, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_peak(dtype: torch.dtype, n: int, repeats: int) -> float:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
+    seconds, _ = median_time(lambda: a @ b, warmup=1, repeats=repeats)
+    return 2 * n**3 / seconds
+
+
+# --------------------------------------------------------------------------- torchattacks
+
+
+def import_torchattacks():
+    """torchattacks, or the reason it cannot be used (it must work without torchvision)."""
+    try:
+        import torchattacks  # noqa: F401
+    except Exception as exc:  # ImportError for torchvision, scipy, requests...
+        return None, f"{type(exc).__name__}: {exc}"
+    return torchattacks, None
+
+
+def accuracy(model, x, y) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+# --------------------------------------------------------------------------- the PGD-AT MNIST model
+
+
+def find_or_train_pgd_at(settings: dict, quick: bool) -> tuple[Path | None, str]:
+    """A finished pgd_at run on MNIST-like data under runs/, or a small one trained now."""
+    import tomllib
+
+    candidates = []
+    for config in sorted(RUNS.glob("*/config.toml")):
+        try:
+            cfg = tomllib.loads(config.read_text())
+        except (OSError, tomllib.TOMLDecodeError):
+            continue
+        run = config.parent
+        if (cfg.get("train", {}).get("method") == "pgd_at" and (run / "model.safetensors").is_file()
+                and cfg.get("data", {}).get("name") in ("mnist", "fashion_mnist")
+                and (quick or not run.name.endswith("-quick"))):
+            candidates.append(run)
+    if candidates:
+        # Prefer a run someone trained on purpose over the bench's own.
+        candidates.sort(key=lambda r: r.name.startswith("bench-"))
+        return candidates[0], f"found {candidates[0].relative_to(ROOT)}"
+    if not MNIST_DIR.is_dir():
+        return None, f"no pgd_at run under runs/ and no MNIST at {MNIST_DIR}"
+    from repulsor.train import train
+
+    out = RUNS / ("bench-pgd_at-mnist-quick" if quick else "bench-pgd_at-mnist")
+    if (out / "checkpoints" / "last.safetensors").exists() and not (out / "model.safetensors").exists():
+        return None, f"{out} holds an unfinished run; finish it with repulsor train --resume {out} or delete it"
+    cfg = from_dict({
+        "data": {"name": "mnist", "data_dir": str(MNIST_DIR), "train_subset": settings["pgd_at_subset"]},
+        "model": {"name": "small_cnn", "width": 1.0},
+        "train": {"method": "pgd_at", "epochs": settings["pgd_at_epochs"], "batch_size": 128, "lr": 0.05,
+                  "schedule": "cyclic", "eps": EPS_MNIST, "alpha": 0.04, "attack_steps": 10, "val_n": 200,
+                  "precision": "bf16"},
+        "eval": {"after_train": False, "eps": EPS_MNIST},
+    })
+    start = time.perf_counter()
+    train(cfg, out, quiet=True)
+    return out, (f"trained now: small_cnn, pgd_at, eps 0.3, alpha 0.04, PGD-10, {settings['pgd_at_epochs']} epoch(s)"
+                 f" on the first {settings['pgd_at_subset']} MNIST training images ({time.perf_counter() - start:.0f}s);"
+                 f" saved in {out.relative_to(ROOT)}")
+
+
+# --------------------------------------------------------------------------- peak memory (subprocess)
+
+
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return -1
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def memory_child(kind: str, arg: str, settings: dict) -> dict:
+    """Runs in a fresh process: set up, warm up, reset the peak, run once, report VmHWM."""
+    if kind == "train_step":
+        step = train_step_fn("prototype", precision="bf16", channels_last=True, batch=settings["batch"])
+        step()  # warm-up: allocator caches and lazily built kernels are part of the baseline
+        run = step
+    elif kind == "standard_suite":
+        import repulsor
+        from repulsor.evaluate import evaluate, load_test_split
+        from repulsor.config import load_config
+
+        model = repulsor.load_model(arg)
+        cfg = load_config(Path(arg) / "config.toml")
+        x, y, _ = load_test_split(cfg, settings["suite_n"], str(MNIST_DIR))
+
+        def run():
+            return evaluate(model, x, y, suite="standard", eps=EPS_MNIST, checks=False, quiet=True)
+    else:
+        raise SystemExit(f"unknown memory measurement {kind}")
+    reset = _reset_peak()
+    baseline = _status_kb("VmRSS")
+    start = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - start
+    peak = _status_kb("VmHWM")
+    return {"baseline_mb": baseline / 1024, "peak_mb": peak / 1024, "delta_mb": (peak - baseline) / 1024,
+            "reset": reset, "seconds": seconds}
+
+
+def measure_memory(kind: str, arg: str, mode: str) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--_memory", kind, arg, "--mode", mode,
+               "--threads", str(torch.get_num_threads())]
+    result = subprocess.run(command,
+                            capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+class Report:
+    def __init__(self):
+        self.rows: list[tuple] = []  # (section, measurement, value, target, met)
+        self.notes: list[str] = []
+
+    def add(self, section, what, value, target="", met=None):
+        mark = "" if met is None else ("yes" if met else "**no**")
+        self.rows.append((section, what, value, target, mark))
+        log(f"  {what}: {value}" + (f"  [target {target}: {mark}]" if target else ""))
+
+
+def bench(mode: str) -> None:
+    s = SETTINGS[mode]
+    quick = mode == "quick"
+    started = time.perf_counter()
+    info = machine()
+    report = Report()
+    T = dict(warmup=s["warmup"], repeats=s["repeats"])
+    log(f"repulsor bench ({mode}); machine: {info['cpu']}, {info['logical cores']} cores, torch {info['torch']},"
+        f" {info['torch threads (intra-op)']} threads, load {info['load average at start (1, 5, 15 min)']}")
+
+    # 1-2. prototype step vs CE step vs PGD-10 AT step (bf16 + channels_last, batch 128)
+    log("[1] training steps, ResNet-18 w0.25, batch %d, bf16 + channels_last" % s["batch"])
+    steps = {name: train_step_fn(name, precision="bf16", channels_last=True, batch=s["batch"])
+             for name in ("prototype", "ce", "pgd_at")}
+    t_proto, times_proto = median_time(steps["prototype"], **T)
+    t_ce, times_ce = median_time(steps["ce"], **T)
+    # Interleave a second measurement of each so that a load change does not favour one of them.
+    t_proto2, _ = median_time(steps["prototype"], warmup=0, repeats=s["repeats"])
+    t_ce2, _ = median_time(steps["ce"], warmup=0, repeats=s["repeats"])
+    t_proto, t_ce = min(t_proto, t_proto2), min(t_ce, t_ce2)
+    ratio = t_proto / t_ce
+    report.add("training", "prototype step / cross-entropy step (same model, batch, bf16+CL)",
+               f"{ratio:.3f}x ({t_proto * 1e3:.0f} ms vs {t_ce * 1e3:.0f} ms; spreads {spread(times_proto)},"
+               f" {spread(times_ce)})", "<= 1.05x", ratio <= 1.05)
+
+    n = s["epoch_steps"]
+
+    def epoch(name):
+        return lambda: [steps[name]() for _ in range(n)]
+
+    log(f"[2] {n} prototype steps vs {n} PGD-10 adversarial-training steps")
+    t_pe, _ = median_time(epoch("prototype"), warmup=0, repeats=max(2, s["repeats"] // 2))
+    t_at, times_at = median_time(epoch("pgd_at"), warmup=1 if quick else s["warmup"],
+                                 repeats=max(2, s["repeats"] // 2))
+    ratio = t_at / t_pe
+    report.add("training", f"PGD-10 AT / prototype, {n} steps each ('epoch' of {n} steps)",
+               f"prototype {ratio:.1f}x cheaper ({t_pe:.2f}s vs {t_at:.2f}s)", ">= 8x cheaper", ratio >= 8)
+
+    # 4. bf16 + channels_last vs fp32, training step
+    log("[4] bf16 + channels_last vs fp32")
+    step_fp32 = train_step_fn("prototype", precision="fp32", channels_last=False, batch=s["batch"])
+    t_fp32, _ = median_time(step_fp32, **T)
+    report.add("precision", "training step: fp32 / bf16+channels_last (speed-up of bf16+CL)",
+               f"{t_fp32 / t_proto:.2f}x ({t_fp32 * 1e3:.0f} ms vs {t_proto * 1e3:.0f} ms)")
+
+    # 5. fraction of matmul peak reached by a training step
+    log("[5] matmul peak and the training step's FLOP rate")
+    n_mm = 2048 if not quick else 1536
+    peak32 = matmul_peak(torch.float32, n_mm, 5 if not quick else 3)
+    peak16 = matmul_peak(torch.bfloat16, n_mm, 5 if not quick else 3)
+    flops = count_flops(steps["prototype"])
+    flops32 = count_flops(step_fp32)
+    report.add("FLOPs", f"measured matmul peak ({n_mm}x{n_mm})", f"fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s"
+               f" (bf16/fp32 {peak16 / peak32:.2f}x)")
+    report.add("FLOPs", "prototype training step FLOPs (FlopCounterMode, fwd+bwd)", f"{flops / 1e9:.2f} GFLOP")
+    report.add("FLOPs", "bf16+CL training step: achieved / bf16 matmul peak",
+               f"{flops / t_proto / peak16:.1%} ({flops / t_proto / 1e9:.0f} GFLOP/s)")
+    report.add("FLOPs", "fp32 training step: achieved / fp32 matmul peak",
+               f"{flops32 / t_fp32 / peak32:.1%} ({flops32 / t_fp32 / 1e9:.0f} GFLOP/s)")
+    del steps
+
+    # 3 + 4. attacks on the same model and batch: ours vs torchattacks, bf16 vs fp32
+    log("[3] attacks, ResNet-18 w0.25 (random init, eval mode, fp32), batch %d, eps 8/255" % s["attack_batch"])
+    torchattacks, why_not = import_torchattacks()
+    model = cifar_model("ce", channels_last=False).eval()
+    x, _ = cifar_batch(s["attack_batch"], channels_last=False, seed=1)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # labels = clean predictions: every point starts correctly classified
+    aT = dict(warmup=1, repeats=max(3, s["repeats"] // 2))
+    asteps = s["apgd_steps"]
+    with evaluating(model):
+        t_ours_es, _ = median_time(lambda: pgd(model, x, y, eps=EPS_CIFAR, alpha=ALPHA_CIFAR, steps=20), **aT)
+        x_ours = pgd(model, x, y, eps=EPS_CIFAR, alpha=ALPHA_CIFAR, steps=20, early_stop=False)
+        t_ours, _ = median_time(lambda: pgd(model, x, y, eps=EPS_CIFAR, alpha=ALPHA_CIFAR, steps=20,
+                                            early_stop=False), **aT)
+        t_apgd, _ = median_time(lambda: apgd(model, x, y, eps=EPS_CIFAR, steps=asteps, loss="ce"), **aT)
+        x_apgd = apgd(model, x, y, eps=EPS_CIFAR, steps=asteps, loss="ce")
+        acc = {"ours pgd": accuracy(model, x_ours, y), "ours apgd": accuracy(model, x_apgd, y)}
+        if torchattacks is not None:
+            ta_pgd = torchattacks.PGD(model, eps=EPS_CIFAR, alpha=ALPHA_CIFAR, steps=20, random_start=True)
+            ta_apgd = torchattacks.APGD(model, norm="Linf", eps=EPS_CIFAR, steps=asteps, loss="ce", seed=0)
+            t_ta, _ = median_time(lambda: ta_pgd(x, y), **aT)
+            t_ta_apgd, _ = median_time(lambda: ta_apgd(x, y), **aT)
+            acc["torchattacks pgd"] = accuracy(model, ta_pgd(x, y), y)
+            acc["torchattacks apgd"] = accuracy(model, ta_apgd(x, y), y)
+            report.add("attacks vs torchattacks", "PGD-20 speed, ours (no early stop) vs torchattacks.PGD",
+                       f"{t_ta / t_ours:.2f}x ({t_ours:.2f}s vs {t_ta:.2f}s)", ">= 1.0x", t_ta / t_ours >= 1.0)
+            report.add("attacks vs torchattacks", "PGD-20 speed, ours as evaluate runs it (early stop) vs torchattacks",
+                       f"{t_ta / t_ours_es:.2f}x ({t_ours_es:.2f}s vs {t_ta:.2f}s)")
+            report.add("attacks vs torchattacks", f"APGD-CE ({asteps} steps) speed, ours vs torchattacks.APGD",
+                       f"{t_ta_apgd / t_apgd:.2f}x ({t_apgd:.2f}s vs {t_ta_apgd:.2f}s)", ">= 1.0x",
+                       t_ta_apgd / t_apgd >= 1.0)
+            report.add("attacks vs torchattacks", "accuracy after PGD-20: ours / torchattacks",
+                       f"{acc['ours pgd']:.3f} / {acc['torchattacks pgd']:.3f}")
+            report.add("attacks vs torchattacks", f"accuracy after APGD-CE-{asteps}: ours / torchattacks",
+                       f"{acc['ours apgd']:.3f} / {acc['torchattacks apgd']:.3f}")
+        else:
+            report.notes.append(f"torchattacks could not be imported ({why_not}); comparisons with it skipped")
+            report.add("attacks vs torchattacks", "PGD-20 / APGD-CE time (ours)", f"{t_ours:.2f}s / {t_apgd:.2f}s")
+
+        # bf16 + channels_last vs fp32 for PGD-20 (no early stop, same work in both)
+        model_cl = model.to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+
+        def pgd_bf16():
+            with autocast(CPU, torch.bfloat16):
+                return pgd(model_cl, x_cl, y, eps=EPS_CIFAR, alpha=ALPHA_CIFAR, steps=20, early_stop=False)
+
+        t_pgd16, _ = median_time(pgd_bf16, **aT)
+        report.add("precision", "PGD-20: fp32 / bf16+channels_last (speed-up of bf16+CL)",
+                   f"{t_ours / t_pgd16:.2f}x ({t_ours:.2f}s vs {t_pgd16:.2f}s)")
+    del model, model_cl
+
+    # 3b. independent implementation check on a PGD-AT MNIST model
+    log("[3b] APGD-CE and APGD-T, ours vs torchattacks, on a PGD-AT MNIST model")
+    run, how = find_or_train_pgd_at(s, quick)
+    report.notes.append(f"PGD-AT MNIST model: {how}")
+    if run is not None and torchattacks is not None:
+        import repulsor
+        from repulsor.config import load_config
+        from repulsor.evaluate import load_test_split
+
+        mnist_model = repulsor.load_model(run)
+        cfg = load_config(run / "config.toml")
+        xm, ym, _ = load_test_split(cfg, s["check_n"], str(MNIST_DIR))
+        k = s["check_steps"]
+        with evaluating(mnist_model):
+            clean = accuracy(mnist_model, xm, ym)
+            t0 = time.perf_counter(); a_ours = accuracy(mnist_model, apgd(mnist_model, xm, ym, eps=EPS_MNIST, steps=k, loss="ce"), ym)
+            t1 = time.perf_counter(); a_theirs = accuracy(mnist_model, torchattacks.APGD(
+                mnist_model, norm="Linf", eps=EPS_MNIST, steps=k, loss="ce", seed=0)(xm, ym), ym)
+            t2 = time.perf_counter(); t_ours_t = apgd_targeted(mnist_model, xm, ym, eps=EPS_MNIST, steps=k, n_targets=9)
+            at_ours = accuracy(mnist_model, t_ours_t, ym)
+            t3 = time.perf_counter(); at_theirs = accuracy(mnist_model, torchattacks.APGDT(
+                mnist_model, norm="Linf", eps=EPS_MNIST, steps=k, n_classes=10, seed=0)(xm, ym), ym)
+            t4 = time.perf_counter()
+        report.add("APGD check (PGD-AT MNIST)", f"clean accuracy, first {len(ym)} test points", f"{clean:.3f}")
+        d = abs(a_ours - a_theirs) * 100
+        report.add("APGD check (PGD-AT MNIST)", f"APGD-CE-{k} robust accuracy: ours / torchattacks (difference)",
+                   f"{a_ours:.3f} / {a_theirs:.3f} ({d:.1f} points; {t1 - t0:.1f}s vs {t2 - t1:.1f}s)",
+                   "<= 1.5 points", d <= 1.5)
+        d = abs(at_ours - at_theirs) * 100
+        report.add("APGD check (PGD-AT MNIST)", f"APGD-T-{k} (9 targets) robust accuracy: ours / torchattacks (difference)",
+                   f"{at_ours:.3f} / {at_theirs:.3f} ({d:.1f} points; {t3 - t2:.1f}s vs {t4 - t3:.1f}s)",
+                   "<= 1.5 points", d <= 1.5)
+    elif run is None:
+        report.notes.append("APGD implementation check skipped: no PGD-AT MNIST model")
+
+    # 6. prototype generation
+    log("[6] prototype generation, k=100, D=500")
+    for metric in ("linf", "l2", "cosine"):
+        t_gen, _ = median_time(lambda: generate_prototypes(100, 500, metric=metric, epochs=s["proto_epochs"]),
+                               warmup=1, repeats=3)
+        report.add("prototypes", f"generate k=100, D=500, {metric}, {s['proto_epochs']} epochs", f"{t_gen:.2f}s")
+
+    # 7. peak memory, each in a fresh process
+    log("[7] peak memory (fresh subprocess each)")
+    mem = measure_memory("train_step", "-", mode)
+    if "error" in mem:
+        report.add("memory", "prototype training step (bf16+CL, batch %d)" % s["batch"], f"failed: {mem['error']}")
+    else:
+        report.add("memory", "prototype training step (bf16+CL, batch %d): peak RSS above baseline" % s["batch"],
+                   f"{mem['delta_mb']:.0f} MB (peak {mem['peak_mb']:.0f} MB, baseline {mem['baseline_mb']:.0f} MB)")
+    if run is not None:
+        mem = measure_memory("standard_suite", str(run), mode)
+        what = f"standard suite on {s['suite_n']} MNIST points (PGD-AT small_cnn, no sanity checks)"
+        if "error" in mem:
+            report.add("memory", what, f"failed: {mem['error']}")
+        else:
+            report.add("memory", what + ": peak RSS above baseline",
+                       f"{mem['delta_mb']:.0f} MB (peak {mem['peak_mb']:.0f} MB, baseline {mem['baseline_mb']:.0f} MB;"
+                       f" {mem['seconds']:.1f}s)")
+        if mem.get("reset") is False:
+            report.notes.append("/proc/self/clear_refs could not be written: peaks include set-up")
+
+    total = time.perf_counter() - started
+    load_end = os.getloadavg()
+    info["load average at end (1, 5, 15 min)"] = " ".join(f"{v:.2f}" for v in load_end)
+    write_results(mode, s, info, report, total)
+    log(f"wrote {RESULTS.relative_to(ROOT)} in {total:.0f}s")
+
+
+def write_results(mode: str, settings: dict, info: dict, report: Report, total: float) -> None:
+    cores = os.cpu_count() or 1
+    load = max(float(v) for v in info["load average at start (1, 5, 15 min)"].split()[:1] +
+               info["load average at end (1, 5, 15 min)"].split()[:1])
+    lines = [f"# repulsor benchmark results ({mode})", ""]
+    lines.append(f"Written by `python bench/run.py{' --quick' if mode == 'quick' else ''}` on "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}, in {total:.0f} s.")
+    lines.append("")
+    if load > 0.5 * cores:
+        lines.append(f"**Warning: the machine was busy (1-minute load average up to {load:.1f} on {cores} cores);"
+                     " the timings below are noisy and the ratios only indicative. Run the full benchmark on a"
+                     " quiet machine.**")
+        lines.append("")
+    if mode == "quick":
+        lines.append("**Quick mode**: fewer repeats, smaller attack batches, fewer APGD steps and test points; a check that"
+                     " the benchmark runs, not a measurement to quote.")
+        lines.append("")
+    lines += ["## Machine", "", "| | |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in info.items()]
+    lines += ["", "## Settings", "", "| | |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in settings.items()]
+    lines += ["| model (training, attacks) | ResNet-18 width 0.25, CIFAR-shaped random data (3x32x32) |",
+              "| training step | METHODS[name].loss in a TrainContext, autocast, backward, SGD (momentum 0.9, wd 5e-4) |",
+              "| CIFAR threat model | L-inf eps 8/255, PGD step 2/255, random start |",
+              "| MNIST threat model | L-inf eps 0.3 |",
+              "| timing | median of the repeats after the warm-up calls |"]
+    lines += ["", "## Results", "", "| section | measurement | value | target | met |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in report.rows]
+    if report.notes:
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in report.notes]
+    lines += ["", "Attack timings on the random-init ResNet use labels = its clean predictions, so every point starts"
+              " correctly classified; accuracies there are near 0 for every implementation and only the times"
+              " matter. The implementation check compares accuracies on a robust (PGD-AT) model, where they mean"
+              " something.", ""]
+    RESULTS.write_text("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="repulsor benchmarks; writes bench/results.md")
+    parser.add_argument("--quick", action="store_true", help="smaller settings (~2-3 minutes), for checking")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args._memory:
+        print(json.dumps(memory_child(args._memory[0], args._memory[1], SETTINGS[args.mode or "full"])))
+        return 0
+    bench("quick" if args.quick else "full")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

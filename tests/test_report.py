@@ -1,0 +1,193 @@
+"""Tests of repulsor.report: report.html rendered in headless Chromium, report.md, compare folders.
+
+The browser test opens the self-contained page with ``chromium --headless``: a screenshot
+must not be blank (and must show the red WARN row), and ``--dump-dom`` after the page's load
+event must record that every embedded figure decoded (``data-images-loaded="k/k"``) and hold
+the run's numbers in its tables. It skips only when no chromium binary is installed
+(CI installs Debian's ``chromium``).
+"""
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from repulsor import analysis, cli
+from repulsor.compare import compare, fmt_pct
+from repulsor.config import from_dict
+from repulsor.errors import UserError
+from repulsor.report import build_report, format_accuracy, markdown_blocks, render_html, Table
+from repulsor.train import train
+
+TINY = {"data": {"name": "digits"}, "model": {"name": "mlp", "width": 0.25}, "prototypes": {"dim": 16, "epochs": 20},
+        "train": {"method": "prototype", "epochs": 2, "batch_size": 64, "lr": 0.05, "precision": "fp32", "eps": 0.1,
+                  "alpha": 0.025, "val_n": 100, "attack_steps": 2, "val_attack_steps": 2},
+        "eval": {"n": 100, "eps": 0.1}}
+
+WARN_MESSAGE = "PGD's mean loss fell over its iterations (injected by the test)"
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _chromium_args(binary: str, profile: Path) -> list[str]:
+    return [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+            "--mute-audio", f"--user-data-dir={profile}"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny prototype run, copied with a failing sanity verdict and a precomputed analysis figure."""
+    root = tmp_path_factory.mktemp("report-runs")
+    original = train(from_dict(TINY), root / "tiny", quiet=True)
+    copy = root / "tiny-warn"
+    shutil.copytree(original, copy)
+    results = json.loads((copy / "results.json").read_text())
+    results["suites"]["quick"]["sanity"] = [
+        {"name": "loss_rises", "ok": False, "message": WARN_MESSAGE, "value": -0.5},
+        {"name": "deterministic", "ok": True, "message": "two forward passes agree", "value": 0.0},
+    ]
+    (copy / "results.json").write_text(json.dumps(results))
+    # A figure "written before by the analysis": the report must reuse it, not recompute it.
+    written = analysis.plot_robustness_curves({"precomputed": [{"eps": 0.1, "accuracy": 0.5}, {"eps": 0.2, "accuracy": 0.1}]},
+                                              copy / "analysis" / "robustness_curve.png")
+    return {"run": original, "warn_run": copy, "results": results, "analysis_png": Path(written["png"])}
+
+
+@pytest.fixture(scope="module")
+def report(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    with pytest.MonkeyPatch.context() as mp:
+        def no_curve(*args, **kwargs):
+            raise AssertionError("the robustness curve must come from RUN/analysis")
+
+        mp.setattr(analysis, "robustness_curve", no_curve)
+        result = build_report([run["warn_run"]], out, n=100)
+    return {"out": out, **result}
+
+
+def test_report_is_self_contained_and_complete(report, run):
+    page = (report["out"] / "report.html").read_text()
+    sources = re.findall(r'<img[^>]*\ssrc="([^"]*)"', page)
+    assert len(sources) >= 8  # training, validation, curve, confusion, prototypes x2, adversarial, neighbours
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
+    assert not re.search(r"(href|src)=\"(https?:|//|file:)", page) and "<link" not in page and "@import" not in page
+    assert "<details><summary>Resolved config" in page and "[train]" in page
+    results = run["results"]
+    assert results["code_version"] in page
+    assert "Protocol: data set <strong>digits</strong>, test split, first n = 100" in page
+    for word in ("0.1 (25.5/255)", "seed 0", "fp32"):
+        assert word in page
+    assert re.search(r'<tr class="warn">.*WARN.*' + re.escape("loss_rises"), page)
+    assert "tr.warn td{background:#fde0e0;color:#9b0000" in page
+    # The Markdown twin links PNG files that exist beside it.
+    md = (report["out"] / "report.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(links) == len(sources)
+    assert all((report["out"] / link).is_file() and link.endswith(".png") for link in links)
+    assert "⚠ **WARN**" in md and "```toml" in md and format_accuracy(results["clean_accuracy"]) in md
+    assert report["seconds"] < 60
+
+
+def test_report_reuses_analysis_files(report, run):
+    copied = report["out"] / "figures" / "tiny-warn" / "robustness_curve.png"
+    assert copied.read_bytes() == run["analysis_png"].read_bytes()
+
+
+def test_report_renders_in_chromium(report, run, tmp_path):
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("no chromium binary on PATH (CI installs Debian's chromium: apt-get install -y chromium)")
+    page = report["out"] / "report.html"
+    n_images = len(re.findall(r"<img\s", page.read_text()))
+    dom = subprocess.run(_chromium_args(binary, tmp_path / "profile-dom") + ["--virtual-time-budget=5000",
+                                                                             "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
+    assert loaded, "the page's load script did not run: " + dom[:300]
+    assert int(loaded.group(2)) == n_images and int(loaded.group(1)) == n_images, loaded.group(0)
+    # The tables hold the run's numbers as the page formats them.
+    results = run["results"]
+    quick = results["suites"]["quick"]
+    cell = '<td class="num">{}</td>'
+    assert cell.format(format_accuracy(results["clean_accuracy"])) in dom
+    for entry in quick["attacks"]:
+        assert cell.format(format_accuracy(entry["accuracy"])) in dom
+    assert cell.format(format_accuracy(quick["robust_accuracy"])) in dom
+    assert WARN_MESSAGE in dom
+    # The screenshot is not blank, and the red WARN row of the overview is in plain sight.
+    shot = tmp_path / "shot.png"
+    subprocess.run(_chromium_args(binary, tmp_path / "profile-shot") + ["--window-size=1200,1400",
+                                                                        f"--screenshot={shot}", page.as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.is_file(), "chromium wrote no screenshot"
+    from PIL import Image
+
+    import numpy as np
+
+    pixels = torch.from_numpy(np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32).reshape(-1, 3))
+    assert pixels.std(0).max() > 20, "the screenshot is a single colour"
+    assert len(torch.unique(pixels, dim=0)) > 50
+    warn_bg = torch.tensor([0xFD, 0xE0, 0xE0], dtype=torch.float32)
+    assert ((pixels - warn_bg).abs().max(1).values <= 6).sum() > 500, "no red WARN row visible"
+
+
+def test_compare_report(tmp_path, capsys):
+    cfg = {"compare": {"methods": ["ce", "prototype"], "suites": ["quick"], "curve_n": 50,
+                       "curve_eps": [0.05, 0.1, 0.15], "transfer": False}, **{k: v for k, v in TINY.items()}}
+    cfg["train"] = {k: v for k, v in TINY["train"].items() if k != "method"}
+    compare(cfg, tmp_path / "cmp", quiet=True)
+    assert cli.main(["report", str(tmp_path / "cmp"), "--out", str(tmp_path / "rep"), "--n", "100", "--quiet"]) == 0
+    assert "report.html" in capsys.readouterr().out
+    page = (tmp_path / "rep" / "report.html").read_text()
+    comparison = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert "Tables 2-3: methods on digits" in page
+    assert "cmp / method run <code>ce</code>" in page and "cmp / method run <code>prototype</code>" in page
+    for name in ("ce", "prototype"):  # the rows of tables.md, as compare formats them
+        run = comparison["runs"][name]
+        assert f'<td class="num">{fmt_pct(run["clean_accuracy"])}</td>' in page
+        assert f'<td class="num">{fmt_pct(run["pgd20_ce"])}</td>' in page
+    figures = tmp_path / "rep" / "figures"
+    assert (figures / "compare-cmp" / "robustness_curves.png").is_file()
+    assert (figures / "compare-cmp" / "epochs.png").is_file()
+    assert (figures / "cmp-prototype" / "embedding_pca.png").is_file()
+    assert not (figures / "cmp-ce" / "embedding_pca.png").exists()  # linear head: no prototypes
+    binary = _chromium()
+    if binary is not None:
+        dom = subprocess.run(_chromium_args(binary, tmp_path / "profile") + ["--virtual-time-budget=5000",
+                                                                             "--dump-dom",
+                                                                             (tmp_path / "rep" / "report.html").as_uri()],
+                             capture_output=True, text=True, timeout=120).stdout
+        k, total = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom).groups()
+        assert k == total and int(total) >= 6
+
+
+def test_report_user_errors(run, tmp_path, capsys):
+    with pytest.raises(UserError, match="not a folder"):
+        build_report([tmp_path / "missing"], tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="neither a run folder"):
+        build_report([tmp_path / "empty"], tmp_path / "out")
+    with pytest.raises(UserError, match="folder being reported on"):
+        build_report([run["run"]], run["run"])
+    assert cli.main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("repulsor: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_markdown_tables_and_escaping():
+    blocks = markdown_blocks("# Title\n\n## Table 1\n\n| a | b |\n|---|---|\n| 1 | <x> |\n\nProtocol: **n** = 5.\n")
+    assert [type(b).__name__ for b in blocks] == ["Heading", "Table", "Para"]
+    assert blocks[1].header == ["a", "b"] and blocks[1].rows == [["1", "<x>"]]
+    page = render_html("t", blocks + [Table(["h"], [["<script>alert(1)</script>"]], ["warn"])])
+    assert "&lt;x&gt;" in page and "<strong>n</strong>" in page and "<script>alert" not in page

@@ -20,7 +20,13 @@ from repulsor import analysis, cli
 from repulsor.compare import compare, fmt_pct
 from repulsor.config import from_dict
 from repulsor.errors import UserError
-from repulsor.report import build_report, format_accuracy, markdown_blocks, render_html, Table
+from repulsor.report import (
+    Table,
+    build_report,
+    format_accuracy,
+    markdown_blocks,
+    render_html,
+)
 from repulsor.train import train
 
 TINY = {"data": {"name": "digits"}, "model": {"name": "mlp", "width": 0.25}, "prototypes": {"dim": 16, "epochs": 20},
@@ -112,7 +118,7 @@ def test_report_renders_in_chromium(report, run, tmp_path):
     n_images = len(re.findall(r"<img\s", page.read_text()))
     dom = subprocess.run(_chromium_args(binary, tmp_path / "profile-dom") + ["--virtual-time-budget=5000",
                                                                              "--dump-dom", page.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
+                         check=False, capture_output=True, text=True, timeout=120).stdout
     loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
     assert loaded, "the page's load script did not run: " + dom[:300]
     assert int(loaded.group(2)) == n_images and int(loaded.group(1)) == n_images, loaded.group(0)
@@ -129,11 +135,10 @@ def test_report_renders_in_chromium(report, run, tmp_path):
     shot = tmp_path / "shot.png"
     subprocess.run(_chromium_args(binary, tmp_path / "profile-shot") + ["--window-size=1200,1400",
                                                                         f"--screenshot={shot}", page.as_uri()],
-                   capture_output=True, timeout=120)
+                   check=False, capture_output=True, timeout=120)
     assert shot.is_file(), "chromium wrote no screenshot"
-    from PIL import Image
-
     import numpy as np
+    from PIL import Image
 
     pixels = torch.from_numpy(np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32).reshape(-1, 3))
     assert pixels.std(0).max() > 20, "the screenshot is a single colour"
@@ -167,7 +172,7 @@ def test_compare_report(tmp_path, capsys):
         dom = subprocess.run(_chromium_args(binary, tmp_path / "profile") + ["--virtual-time-budget=5000",
                                                                              "--dump-dom",
                                                                              (tmp_path / "rep" / "report.html").as_uri()],
-                             capture_output=True, text=True, timeout=120).stdout
+                             check=False, capture_output=True, text=True, timeout=120).stdout
         k, total = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom).groups()
         assert k == total and int(total) >= 6
 

@@ -4,17 +4,24 @@
 # Run from the repository root; the data folders are those of the development machines.
 set -euo pipefail
 MNIST=../shared/data/mnist
-repulsor train --config configs/mnist-prototype.toml --data-dir $MNIST --out runs/mnist-prototype --quiet || true
-repulsor train --config configs/mnist-ce.toml --data-dir $MNIST --out runs/mnist-ce --quiet || true
+train() { [ -f "$2/model.safetensors" ] || repulsor train "$@" --quiet; }
+train --config configs/mnist-prototype.toml --data-dir $MNIST --out runs/mnist-prototype
+train --config configs/mnist-ce.toml --data-dir $MNIST --out runs/mnist-ce
 for run in runs/mnist-prototype runs/mnist-ce; do
   for suite in quick paper standard adaptive; do
     repulsor evaluate $run --suite $suite --n 500 --quiet
   done
+  for suite in quick standard adaptive; do
+    repulsor evaluate $run --suite $suite --n 500 --eps 0.1 --quiet
+  done
 done
-repulsor train --config configs/cifar10-cpu.toml --out runs/cifar10-prototype --quiet || true
-repulsor train --config configs/cifar10-cpu.toml --set train.method=ce --set train.lr=0.1 --out runs/cifar10-ce --quiet || true
+train --config configs/cifar10-cpu.toml --out runs/cifar10-prototype
+train --config configs/cifar10-cpu.toml --set train.method=ce --set train.lr=0.1 --out runs/cifar10-ce
 for run in runs/cifar10-prototype runs/cifar10-ce; do
-  for suite in quick paper standard adaptive; do
-    repulsor evaluate $run --suite $suite --n 500 --quiet
+  for suite in quick paper; do
+    repulsor evaluate $run --suite $suite --n 1000 --quiet
+  done
+  for suite in standard adaptive; do
+    repulsor evaluate $run --suite $suite --n 200 --quiet
   done
 done

@@ -238,7 +238,7 @@ def _check_standalone(text: str) -> None:
         elif isinstance(node, ast.ImportFrom):
             modules = [node.module or ""] if node.level == 0 else ["." * node.level]
         for module in modules:
-            if module.startswith("repulsor") or module.startswith("."):
+            if module.startswith(("repulsor", ".")):
                 raise RuntimeError(f"export: the generated model.py imports {module}; this is a repulsor bug")
     if "UserError" in text:
         raise RuntimeError("export: the generated model.py still names UserError; this is a repulsor bug")
@@ -401,12 +401,14 @@ def _readme(spec: dict, source: str, results: dict | None) -> str:
         "",
         "```python",
         "import sys",
+        "import torch",
+        "",
         "sys.path.insert(0, \"path/to/this/folder\")",
         "from model import load_model",
         "",
-        "model = load_model(\"path/to/this/folder\")   # nn.Module in eval mode (device=\"cuda\" to move it)",
-        f"x = torch.rand(8, {c}, {h}, {w})                # images in [0, 1]",
-        "scores = model(x)                              # [8, %d]; predictions: scores.argmax(1)" % k,
+        "model = load_model(\"path/to/this/folder\")  # nn.Module in eval mode; device=\"cuda\" moves it",
+        f"x = torch.rand(8, {c}, {h}, {w})".ljust(43) + "# images in [0, 1]",
+        "scores = model(x)".ljust(43) + f"# [8, {k}] class scores; predictions: scores.argmax(1)",
         "```",
         "",
         "Requirements: `torch` and `safetensors`. `python model.py` prints the architecture and the scores of two",
@@ -456,8 +458,8 @@ def _readme(spec: dict, source: str, results: dict | None) -> str:
         ]
     if results:
         lines += ["## The run's results", "",
-                  f"On the first {results.get('n')} {results.get('dataset')} {results.get('split', 'test')} points "
-                  f"(code {results.get('code_version', '?')}):", "",
+                  (f"On the first {results.get('n')} {results.get('dataset')} {results.get('split', 'test')} points "
+                   f"(code {results.get('code_version', '?')}):"), "",
                   "| suite | attack | accuracy after |", "| --- | --- | --- |",
                   f"| | clean | {100 * results['clean_accuracy']:.2f}% |"]
         for entry in results.get("attacks", []):

@@ -151,6 +151,7 @@ figure{margin:1em 0 1.6em;display:inline-block;vertical-align:top;max-width:100%
 figure img{max-width:100%;height:auto;border:1px solid #e3e3e3}
 figcaption{font-size:.88em;color:#333;max-width:760px}
 details{margin:.5em 0 1em}summary{cursor:pointer;font-weight:bold}
+caption{text-align:left;caption-side:top;font-size:.88em;color:#333;padding:.2em 0}
 pre{background:#f6f8fa;padding:.7em;overflow:auto;font-size:.85em;border:1px solid #e1e4e8}
 code{background:#f3f3f3;padding:0 .2em}nav ul{columns:2}
 """
@@ -404,7 +405,10 @@ def plot_embedding_pca(z: torch.Tensor, y: torch.Tensor, prototypes: torch.Tenso
     from matplotlib import colormaps
 
     cmap = colormaps["tab10" if k <= 10 else "tab20" if k <= 20 else "hsv"]
-    colour = lambda c: cmap(c % cmap.N) if k <= 20 else cmap(c / k)  # noqa: E731
+
+    def colour(c):
+        return cmap(c % cmap.N) if k <= 20 else cmap(c / k)
+
     fig = analysis._new_figure(6.4, 5.2)
     ax = fig.add_subplot(1, 1, 1)
     yl = y.cpu().tolist()
@@ -473,7 +477,7 @@ def plot_adversarial_grid(x, x_adv, y, pred_clean, pred_adv, class_names, path, 
             if j == 0:
                 ax.set_ylabel(labels[i], fontsize=7)
         rows.append({"id": ids[j] if ids is not None else j, "true": t, "clean_pred": pc, "adv_pred": pa,
-                     "linf": (x_adv[j] - x[j]).abs().max().item()})
+                     "max_abs_change": (x_adv[j] - x[j]).abs().max().item()})
     scale = f"× {0.5 / eps:.3g} + 0.5" if norm == "linf" and eps > 0 else "scaled to its largest change"
     fig.suptitle(f"clean (title: true: predicted), adversarial (→ prediction), perturbation {scale}", fontsize=8)
     fig.subplots_adjust(wspace=0.08, hspace=0.35)

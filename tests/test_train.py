@@ -120,3 +120,15 @@ def test_mmc_centres_are_a_regular_simplex():
     cos = torch.nn.functional.normalize(centres, dim=1) @ torch.nn.functional.normalize(centres, dim=1).T
     off = cos[~torch.eye(10, dtype=bool)]
     assert torch.allclose(off, torch.full_like(off, -1 / 9), atol=1e-5)
+
+
+def test_tensorboard_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = train(tiny(eval={"after_train": False}), tmp_path / "run", quiet=True, tensorboard=True)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train_loss", "val_clean", "val_robust", "lr"} <= tags
+    assert [e.step for e in events.Scalars("train_loss")] == [1, 2]

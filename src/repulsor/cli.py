@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data-dir", help="folder of the data set (official files or .npz)")
     train.add_argument("--out", help="run folder to create")
     train.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
+    train.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to RUN/tensorboard")
     _add_common(train)
 
     ev = sub.add_parser("evaluate", formatter_class=_formatter, help="clean and robust accuracy of a run",
@@ -177,14 +178,14 @@ def cmd_train(args) -> int:
     if args.resume:
         if args.config or args.set or args.out or args.data_dir:
             raise UserError("--resume takes the run's own config; do not combine it with --config, --set, --data-dir or --out")
-        out = train(None, args.resume, resume=True, quiet=args.quiet)
+        out = train(None, args.resume, resume=True, quiet=args.quiet, tensorboard=args.tensorboard)
     else:
         if not args.out:
             raise UserError("train needs --out RUN_FOLDER (or --resume RUN)")
         overrides = list(args.set)
         if args.data_dir:
             overrides.append(f"data.data_dir={json.dumps(args.data_dir)}")
-        out = train(load_config(args.config, overrides), args.out, quiet=args.quiet)
+        out = train(load_config(args.config, overrides), args.out, quiet=args.quiet, tensorboard=args.tensorboard)
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun only rank 0 reports
     results_path = Path(out) / "results.json"

@@ -306,6 +306,10 @@ def evaluate_run(run_dir: str | Path, *, suite: str | None = None, n: int | None
     merged["worst_case"] = {name: res["robust_accuracy"] for name, res in suites.items()}
     merged["last_suite"] = key
     ckpt.atomic_write_json(results_path, merged)
+    attacks = ", ".join(f"{a['name']} {a['accuracy']:.4f}" for a in result["attacks"])
+    with open(run_dir / "log.txt", "a", encoding="utf-8") as handle:
+        handle.write(f"evaluate {key}: n={len(y)} clean {result['clean_accuracy']:.4f}; {attacks};"
+                     f" worst case {result['robust_accuracy']:.4f}\n")
     return merged
 
 

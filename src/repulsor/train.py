@@ -249,7 +249,19 @@ def _rewrite_metrics(out: Path, keep_epochs: int) -> None:
     ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in kept))
 
 
-def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = False) -> Path:
+def _tensorboard_writer(out: Path, enabled: bool, group: ProcessGroup):
+    """A TensorBoard SummaryWriter in ``RUN/tensorboard`` (rank 0 only), or None."""
+    if not enabled or not group.is_main:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
+def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = False,
+          tensorboard: bool = False) -> Path:
     """Train ``cfg.train.method`` on ``cfg.data`` and write a run directory at ``out``.
 
     Args:
@@ -258,6 +270,7 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
         resume: continue the run in ``out`` from its last checkpoint; ``cfg`` is then
             ignored in favour of the run's saved config.
         quiet: no progress bar.
+        tensorboard: also write the per-epoch metrics as TensorBoard scalars to ``RUN/tensorboard``.
 
     Returns:
         The run directory. It holds ``model.safetensors`` (the selected weights),
@@ -327,6 +340,7 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     aug = _augmentation(cfg)
+    writer = _tensorboard_writer(out, tensorboard, group)
     started = time.time()
     stopped_by = None
 
@@ -385,7 +399,7 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
                 stopped_by = stop.received
                 break
             state = _end_epoch(cfg, out, model, optimizer, scaler, state, method, x_val, y_val, device,
-                               group, steps_per_epoch, started, quiet)
+                               group, steps_per_epoch, started, quiet, writer)
             if state.finished or stop.received:
                 stopped_by = stop.received
                 break
@@ -405,7 +419,7 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
 
 
 def _end_epoch(cfg, out, model, optimizer, scaler, state: State, method, x_val, y_val, device, group,
-               steps_per_epoch, started, quiet) -> State:
+               steps_per_epoch, started, quiet, writer=None) -> State:
     """Validate, log, select, checkpoint; decide whether training stops."""
     t = cfg.train
     epoch = state.epoch
@@ -449,6 +463,11 @@ def _end_epoch(cfg, out, model, optimizer, scaler, state: State, method, x_val, 
         _log(out, line, group)
         if not quiet:
             tqdm.write(line)
+        if writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
+                    writer.add_scalar(key, value, record["epoch"])
+            writer.flush()
     return state
 
 

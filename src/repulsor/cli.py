@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage mistake in one line and exits 2."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"repulsor: error: {message} (see {self.prog} --help)\n")
 
 
 def _formatter(prog):
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as error:
-        print(f"repulsor: error: {error}", file=sys.stderr)
+        print(f"repulsor: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("repulsor: interrupted", file=sys.stderr)

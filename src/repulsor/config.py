@@ -275,7 +275,8 @@ def _check_consistency(config: Config) -> None:
             f"prototypes.dim = {config.prototypes.dim} is smaller than the {info.num_classes} classes of"
             f" {config.data.name}: use at least as many output dimensions as classes"
         )
-    from .evaluate import SUITES  # late import, as above; a typo must fail before training, not after it
+    # Late import, as above; an unknown suite must fail before training, not after it.
+    from .evaluate import SUITES
 
     if config.eval.suite not in SUITES:
         raise UserError(f"eval.suite = {config.eval.suite!r} is not one of {', '.join(SUITES)}")

@@ -124,6 +124,16 @@ def _csv_text(rows: list[list]) -> str:
     return buffer.getvalue()
 
 
+def label_class_axes(ax, names: list[str]) -> None:
+    """Class names on both axes of a k x k heat map (tick labels shrink for many classes, none past 40)."""
+    k = len(names)
+    if k <= 40:
+        ax.set_xticks(range(k))
+        ax.set_yticks(range(k))
+        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8 if k <= 20 else 5)
+        ax.set_yticklabels(names, fontsize=8 if k <= 20 else 5)
+
+
 def _png_path(path) -> Path:
     path = Path(path)
     return path if path.suffix.lower() == ".png" else path.with_name(path.name + ".png")
@@ -284,11 +294,7 @@ def plot_confusion(matrix: torch.Tensor, class_names, path, title: str = "Advers
     ax = fig.add_subplot(1, 1, 1)
     image = ax.imshow(normalised.numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the row")
-    if k <= 40:
-        ax.set_xticks(range(k))
-        ax.set_yticks(range(k))
-        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8 if k <= 20 else 5)
-        ax.set_yticklabels(names, fontsize=8 if k <= 20 else 5)
+    label_class_axes(ax, names)
     if k <= 12:
         for i in range(k):
             for j in range(k):

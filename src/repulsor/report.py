@@ -346,11 +346,7 @@ def plot_prototype_similarity(prototypes: torch.Tensor, class_names, path, title
     ax = fig.add_subplot(1, 1, 1)
     image = ax.imshow(cos.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
-    if k <= 40:
-        ax.set_xticks(range(k))
-        ax.set_yticks(range(k))
-        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8 if k <= 20 else 5)
-        ax.set_yticklabels(names, fontsize=8 if k <= 20 else 5)
+    analysis.label_class_axes(ax, names)
     if k <= 12:
         for i in range(k):
             for j in range(k):

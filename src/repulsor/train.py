@@ -415,6 +415,11 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
     if group.is_main:
         _finish(cfg, out, model, optimizer, scaler, state, quiet)
     group.barrier()
+    if cfg.eval.after_train:
+        from .evaluate import evaluate_run
+
+        # Every rank takes part: under torchrun the evaluation shards its points over the ranks.
+        evaluate_run(out, quiet=quiet)
     return out
 
 
@@ -472,7 +477,7 @@ def _end_epoch(cfg, out, model, optimizer, scaler, state: State, method, x_val, 
 
 
 def _finish(cfg, out: Path, model, optimizer, scaler, state: State, quiet: bool) -> None:
-    """Select the final weights, save them with the training cost, and evaluate if asked."""
+    """Select the final weights and save them with the training cost (rank 0 only)."""
     t = cfg.train
     selected = "last"
     if t.early_stopping and (out / BEST).exists():
@@ -493,8 +498,4 @@ def _finish(cfg, out: Path, model, optimizer, scaler, state: State, quiet: bool)
     ckpt.atomic_write_json(out / "training.json", {"selected": selected, "best_epoch": state.best_epoch,
                                                    "best_val_metric": state.best_metric, "cost": cost})
     _log(out, f"finished: {epochs_run} epochs in {state.elapsed:.1f}s; weights: {selected}", ProcessGroup())
-    if cfg.eval.after_train:
-        from .evaluate import evaluate_run
-
-        evaluate_run(out, quiet=quiet)
 

@@ -92,6 +92,7 @@ def pgd(
         run = _pgd_run(
             model, loss_fn, geom, x[active], y[active], None if targets is None else targets[active],
             start[active], eps=eps, alpha=alpha, steps=steps, early_stop=early_stop,
+            score_last=restarts > 1 or return_trace,
         )
         run_x, run_loss, run_fooled, run_trace = run
         if restart == 0:
@@ -101,11 +102,14 @@ def pgd(
     return (x_adv, trace) if return_trace else x_adv
 
 
-def _pgd_run(model, loss_fn, geom, x, y, targets, start, *, eps, alpha, steps, early_stop):
+def _pgd_run(model, loss_fn, geom, x, y, targets, start, *, eps, alpha, steps, early_stop, score_last=True):
     """One PGD run from ``start``: (x_adv [n, ...], loss [n], fooled [n], trace [steps + 1]).
 
     ``active`` indexes the examples still being attacked; with ``early_stop`` an example
     leaves it at its first misclassifying iterate, which ``out_*`` then keep.
+    Without ``score_last`` the final iterate is returned without the extra forward pass
+    that scores it (a single run needs no comparison); its loss is then reported as 0
+    and its ``fooled`` flag as False, and the trace's last entry repeats the one before.
     """
     n = x.shape[0]
     out_x, out_loss = start.clone(), torch.empty(n, device=x.device)
@@ -114,6 +118,10 @@ def _pgd_run(model, loss_fn, geom, x, y, targets, start, *, eps, alpha, steps, e
     trace = torch.empty(steps + 1, device=x.device)
     active, x_cur = torch.arange(n, device=x.device), start
     for t in range(steps + 1):
+        if t == steps and not score_last and steps > 0:
+            out_x[active], out_loss[active] = x_cur, 0.0
+            trace[t] = trace[t - 1]
+            return out_x, out_loss, out_fooled, trace
         target = None if targets is None else targets[active]
         loss, scores, grad = loss_and_grad(model, loss_fn, x_cur, y[active], target, need_grad=t < steps)
         latest[active] = loss

@@ -149,8 +149,8 @@ def test_transfer_from_ce_matches_its_white_box_pgd(finished):
     for name in METHODS:
         model = load_model(out / name)
         with torch.no_grad():
-            accuracy = (model(tensors["x_adv"]).argmax(1) == y).float().mean().item()
-            clean = (model(x).argmax(1) == y).float().mean().item()
+            accuracy = (model(tensors["x_adv"]).argmax(1) == y).sum().item() / len(y)
+            clean = (model(x).argmax(1) == y).sum().item() / len(y)
         assert transfer["targets"][name]["accuracy"] == pytest.approx(accuracy, abs=1e-9)
         assert transfer["targets"][name]["clean_accuracy"] == pytest.approx(clean, abs=1e-9)
     # The examples stay in the threat model and the source is fooled on them.

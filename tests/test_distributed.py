@@ -49,7 +49,9 @@ def test_sharded_evaluation_matches_single_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = tmp_path / "run"
     subprocess.run(train_cmd(run, 1), env=env, check=True, capture_output=True, timeout=600)
-    base = [sys.executable, "-m", "repulsor", "evaluate", str(run), "--n", "100", "--quiet"]
+    # The run's eval.n is 100. (No --n here: torchrun's own parser rejects "--n" as an
+    # ambiguous abbreviation of its options, even after the module name.)
+    base = [sys.executable, "-m", "repulsor", "evaluate", str(run), "--quiet"]
     results = []
     for processes in (1, 2):
         cmd = base if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -308,7 +308,7 @@ def _accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, device) 
     """Fraction of ``x`` that ``model`` classifies as ``y`` (eval mode, no gradients)."""
     with evaluating(model):
         predictions = evaluate_mod._predict(model, x, batch_size, device)
-    return (predictions == y.cpu()).float().mean().item() if len(y) else 0.0
+    return (predictions == y.cpu()).sum().item() / len(y) if len(y) else 0.0
 
 
 def transfer_accuracy(source_model: torch.nn.Module, target_models: dict, x: torch.Tensor, y: torch.Tensor, *,

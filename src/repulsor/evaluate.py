@@ -151,7 +151,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite:
     with evaluating(model):
         predictions = _predict(model, x, batch_size, device)
         robust = predictions == y.cpu()
-        clean_accuracy = robust.float().mean().item() if len(y) else 0.0
+        clean_accuracy = robust.sum().item() / len(y) if len(y) else 0.0
         x_worst = x.clone().cpu()
         entries, done = [], 0
         if state_path is not None and Path(state_path).exists():
@@ -171,7 +171,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite:
         result = {
             "suite": suite, "n": len(y), "norm": norm, "eps": eps, "seed": seed, "precision": "fp32",
             "clean_accuracy": clean_accuracy, "attacks": entries,
-            "robust_accuracy": robust.float().mean().item() if len(y) else 0.0,
+            "robust_accuracy": robust.sum().item() / len(y) if len(y) else 0.0,
         }
         if checks if checks is not None else suite in ("standard", "adaptive"):
             from .sanity import run_checks
@@ -212,7 +212,7 @@ def _run_attack(model, spec: AttackSpec, x, y, x_worst, robust, *, eps, norm, ba
     return {
         "name": spec.name, "attack": spec.attack, "loss": kwargs.get("loss", ""), "norm": norm, "eps": eps,
         "steps": spec.steps, "restarts": spec.restarts, "n": n_total, "n_attacked": len(index),
-        "accuracy": robust.float().mean().item() if n_total else 0.0,
+        "accuracy": robust.sum().item() / n_total if n_total else 0.0,
         "seconds": round(time.time() - started, 3),
     }
 

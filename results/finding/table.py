@@ -1,6 +1,6 @@
 """Build the README's finding table from the runs' results.json files (no number typed by hand).
 
-    python results/finding/table.py runs/mnist-prototype runs/mnist-ce ... > results/finding/table.md
+    python results/finding/table.py results/finding/mnist-prototype results/finding/mnist-ce ...
 """
 
 import json

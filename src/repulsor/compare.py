@@ -40,7 +40,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +48,7 @@ import torch
 from . import checkpoint as ckpt
 from .analysis import _curve_eps_values, plot_metrics_over_epochs, plot_robustness_curves, read_metrics, robustness_curve
 from .attacks import evaluating
-from .config import _SECTION_TYPES, Config, _coerce, from_dict, load_config, parse_fraction, to_dict
+from .config import _SECTION_TYPES, Config, _coerce, from_dict, load_config, parse_fraction, read_toml, to_dict
 from .data import DATASETS
 from .errors import UserError
 from .methods import METHODS
@@ -120,17 +119,6 @@ class ComparePlan:
         return {"methods": list(self.methods), "suites": list(self.suites), "eval_n": self.eval_n,
                 "suite_n": dict(self.suite_n), "sweep_dims": [d for d, _ in self.sweep],
                 "curve_eps": list(self.curve_eps), "curve_n": self.curve_n, "transfer": self.transfer}
-
-
-def _read_toml(path: Path) -> dict:
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"compare config {path} does not exist") from None
-    except IsADirectoryError:
-        raise UserError(f"compare config {path} is a folder; give a .toml file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"compare config {path} is not valid TOML: {error}") from None
 
 
 def _names(values, key: str, valid, what: str) -> tuple[str, ...]:
@@ -237,7 +225,7 @@ def load_compare_config(source) -> ComparePlan:
             out-of-range values, overrides of the shared data or evaluation sections).
     """
     if isinstance(source, (str, Path)):
-        raw = _read_toml(Path(source))
+        raw = read_toml(source, "compare config")
     elif isinstance(source, dict):
         raw = copy.deepcopy(source)
     else:
@@ -362,11 +350,8 @@ def transfer_accuracy(source_model: torch.nn.Module, target_models: dict, x: tor
 
 def _fingerprint(path: Path) -> str:
     """SHA-256 of a file: identifies the weights that a cached result was computed from."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _check_existing(run: RunPlan, run_dir: Path) -> None:

@@ -304,6 +304,19 @@ def parse_override(text: str) -> tuple[str, str, object]:
     return section, key, value
 
 
+def read_toml(path: str | Path, what: str = "config file") -> dict:
+    """Parse a TOML file (data, never executed); absence or bad syntax is a ``UserError``."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a folder; give a .toml file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{what} {path} is not valid TOML: {error}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Read a TOML config file (or start from defaults) and apply ``section.key=value`` overrides.
 
@@ -314,17 +327,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     Returns:
         A validated, frozen ``Config``.
     """
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"config file {path} does not exist") from None
-        except IsADirectoryError:
-            raise UserError(f"config file {path} is a folder; give a .toml file") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            raise UserError(f"config file {path} is not valid TOML: {error}") from None
+    raw: dict = read_toml(path) if path is not None else {}
     for text in overrides:
         section, key, value = parse_override(text)
         raw.setdefault(section, {})

@@ -182,11 +182,8 @@ def _fetch(url: str, dest: Path, *, timeout: float = 60.0) -> None:
 
 
 def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "md5").hexdigest()
 
 
 def _remove_quietly(path: Path) -> None:

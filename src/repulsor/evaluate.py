@@ -93,7 +93,7 @@ def _resolve_loss(spec: AttackSpec, model) -> AttackSpec:
     return spec
 
 
-def suite(name: str) -> list[AttackSpec]:
+def suite_specs(name: str) -> list[AttackSpec]:
     try:
         return SUITES[name]
     except KeyError:
@@ -136,7 +136,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite:
         ``robust_accuracy`` (the worst case), ``suite``, ``seed``, ``precision`` ("fp32"),
         and, with checks, ``sanity`` (a list of verdicts).
     """
-    specs = [_resolve_loss(s, model) for s in globals()["suite"](suite)]
+    specs = [_resolve_loss(s, model) for s in suite_specs(suite)]
     if not _is_prototype_model(model):
         specs = [s for s in specs if not s.needs_prototypes]
     geometry(norm)
@@ -273,7 +273,7 @@ def evaluate_run(run_dir: str | Path, *, suite: str | None = None, n: int | None
     for name, value in (("--n", n), ("--batch-size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{name} {value!r} is not allowed: it must be a whole number >= 1")
-    globals()["suite"](suite)  # an unknown suite fails before any work
+    suite_specs(suite)  # an unknown suite fails before any work
     dev = resolve_device(device)
     model = model.to(dev)
     x, y, folder = load_test_split(cfg, n, data_dir)

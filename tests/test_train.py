@@ -11,7 +11,7 @@ from repulsor.config import from_dict
 from repulsor.data import DATASETS
 from repulsor.errors import UserError
 from repulsor.evaluate import load_test_split
-from repulsor.methods import METHODS, TrainContext, mmc_centres, prototype_objective
+from repulsor.methods import METHODS, TrainContext, conformity_loss, mmc_centres, prototype_objective
 from repulsor.models import build_model
 from repulsor.train import lr_at, resolve_prototypes, head_distance, train
 
@@ -87,7 +87,8 @@ def test_every_method_gives_finite_loss_and_gradients(name):
     info = DATASETS["digits"]
     torch.manual_seed(0)
     prototypes = resolve_prototypes(cfg, method, info.num_classes)
-    model = build_model(cfg.model, info, prototypes=prototypes, distance=head_distance(cfg, method)).train()
+    model = build_model(cfg.model, info, prototypes=prototypes, distance=head_distance(cfg, method),
+                        pcl=method.head == "pcl").train()
     x = torch.rand(16, 1, 8, 8)
     y = torch.arange(16) % 10
     loss, scores, passes = method.loss(TrainContext(model, model, cfg.train, seed=1), x, y)
@@ -120,6 +121,81 @@ def test_mmc_centres_are_a_regular_simplex():
     cos = torch.nn.functional.normalize(centres, dim=1) @ torch.nn.functional.normalize(centres, dim=1).T
     off = cos[~torch.eye(10, dtype=bool)]
     assert torch.allclose(off, torch.full_like(off, -1 / 9), atol=1e-5)
+
+
+def test_conformity_loss_pulls_to_own_centre_and_pushes_from_others():
+    centres = torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]])
+    y = torch.tensor([0, 1, 2])
+    # Features on their own centres: only the (negative) push term is left.
+    at_centres = conformity_loss(centres.clone(), centres, y, push=0.0)
+    assert at_centres.item() == pytest.approx(0.0, abs=1e-6)
+    # Mean over the batch of ||f - w_y||^2 / d: the three points are 1, 4 and 9 away (squared), d = 2.
+    moved = centres + torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+    assert conformity_loss(moved, centres, y, push=0.0).item() == pytest.approx((1 + 4 + 9) / 3 / 2)
+    # The push term: for f = w_y it is (1/(k-1)) sum_j 2 ||w_y - w_j||^2 / d, averaged over the batch.
+    d = torch.cdist(centres, centres) ** 2
+    expected = -0.5 * (2 * d.sum(1) / 2).mean() / 2
+    assert conformity_loss(centres.clone(), centres, y, push=0.5).item() == pytest.approx(expected.item())
+    # Moving a centre away from the others lowers the loss (it is pushed, not pulled).
+    spread = centres * 2
+    assert conformity_loss(spread, spread, y, push=0.5) < conformity_loss(centres, centres, y, push=0.5)
+
+
+def test_pcl_run_classifies_by_logits_and_exports_its_network(tmp_path):
+    from repulsor.export import export_model
+    from repulsor.models import Network, PCLClassifier
+
+    run = train(tiny(train={"method": "pcl", "epochs": 3}, eval={"after_train": False}), tmp_path / "run", quiet=True)
+    model = repulsor.load_model(run)
+    assert isinstance(model, PCLClassifier) and isinstance(model.network, Network)
+    x, y, _ = load_test_split(from_dict(TINY), 100)
+    with torch.no_grad():
+        logits, features = model(x, return_features=True)
+        assert torch.equal(model(x), model.network(x)) and torch.equal(logits, model.network(x))
+    assert [f.shape[1] for f in features] == [c.shape[1] for c in model.centres]
+    assert (logits.argmax(1) == y).float().mean() > 0.5  # it learned something in 3 epochs
+    cfg = from_dict(TINY)
+    written = export_model(model, cfg, tmp_path / "export")
+    assert written["spec"]["head"] == "linear" and written["max_abs_diff"] <= 1e-5
+
+
+def test_fgsm_rs_stops_on_forced_catastrophic_overfitting(tmp_path, shared_data):
+    """FGSM training with a too-large step (2.5 eps at eps 0.3 on MNIST) overfits catastrophically:
+    its FGSM training accuracy climbs while validation PGD-20 accuracy collapses."""
+    cfg = from_dict({
+        "data": {"name": "mnist", "data_dir": str(shared_data / "mnist"), "train_subset": 2000},
+        "model": {"name": "small_cnn", "width": 0.5},
+        "train": {"method": "fgsm_rs", "epochs": 15, "batch_size": 64, "lr": 0.05, "schedule": "constant",
+                  "precision": "fp32", "eps": 0.3, "alpha": 0.01, "fgsm_alpha": 2.5, "val_n": 200,
+                  "val_attack_steps": 20, "overfit_drop": 0.2},
+        "eval": {"after_train": False},
+    })
+    run = train(cfg, tmp_path / "run", quiet=True)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = metrics[-1]
+    assert last.get("catastrophic_overfitting") and "catastrophic overfitting" in last["stopped"]
+    assert len(metrics) < 15
+    peak = max(m["val_robust"] for m in metrics)
+    assert peak - last["val_robust"] > 0.2
+    # The signature of catastrophic overfitting, not just a bad run: FGSM training accuracy is
+    # far above the PGD accuracy, and higher than it was at the robust peak.
+    peak_epoch = next(m for m in metrics if m["val_robust"] == peak)
+    assert last["train_accuracy"] > peak_epoch["train_accuracy"] and last["train_accuracy"] > last["val_robust"] + 0.5
+    record = json.loads((run / "training.json").read_text())
+    assert record["catastrophic_overfitting"] and record["selected"] == f"best (epoch {peak_epoch['epoch']})"
+    assert "WARN catastrophic overfitting" in (run / "log.txt").read_text()
+
+
+def test_fgsm_rs_without_overfitting_runs_to_the_end(tmp_path):
+    """The control: the same detector on a stable FGSM run (eps 0.1, step 1.25 eps) does not fire."""
+    cfg = tiny(train={"method": "fgsm_rs", "epochs": 8, "lr": 0.2, "eps": 0.1, "fgsm_alpha": 1.25,
+                      "val_n": 144, "val_attack_steps": 10, "overfit_drop": 0.2, "schedule": "constant"},
+               model={"width": 1.0}, eval={"after_train": False})
+    run = train(cfg, tmp_path / "run", quiet=True)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 8 and not any(m.get("catastrophic_overfitting") for m in metrics)
+    record = json.loads((run / "training.json").read_text())
+    assert record["stopped"] is None and record["selected"] == "last"
 
 
 def test_tensorboard_scalars(tmp_path):

@@ -75,6 +75,8 @@ class TrainConfig:
     alpha: float = 2 / 255
     attack_steps: int = 10
     trades_beta: float = 6.0
+    pcl_weight: float = 1.0  # pcl: weight of the conformity loss next to cross-entropy
+    pcl_push: float = 1e-4  # pcl: weight of the push from other centres (Mustafa et al.'s code)
     # Model selection on the validation split (never on the test split).
     early_stopping: bool = False
     patience: int = 10
@@ -148,6 +150,8 @@ RANGES = {
     ("train", "alpha"): (0.0, 1.0, True),
     ("train", "attack_steps"): (1, None, True),
     ("train", "trades_beta"): (0.0, None, True),
+    ("train", "pcl_weight"): (0.0, None, True),
+    ("train", "pcl_push"): (0.0, None, True),
     ("train", "patience"): (1, None, True),
     ("train", "val_every"): (1, None, True),
     ("train", "val_n"): (0, None, True),

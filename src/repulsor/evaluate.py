@@ -243,7 +243,8 @@ def load_model(run_dir: str | Path, *, device: str | torch.device = "cpu") -> to
     prototypes = None
     if method.uses_prototypes:
         prototypes, _ = load_prototypes(run_dir / "prototypes.safetensors")
-    model = build_model(cfg.model, DATASETS[cfg.data.name], prototypes=prototypes, distance=head_distance(cfg, method))
+    model = build_model(cfg.model, DATASETS[cfg.data.name], prototypes=prototypes, distance=head_distance(cfg, method),
+                        pcl=method.head == "pcl")
     tensors, _ = ckpt.load_tensors(run_dir / MODEL, "model file")
     ckpt.load_model_state(model, tensors, run_dir / MODEL)
     return model.to(device).eval()

@@ -280,7 +280,8 @@ def export_model(model: nn.Module, cfg, out_dir, *, source: str = "a model", res
 
     Args:
         model: built by ``repulsor.models.build_model(cfg.model, DATASETS[cfg.data.name], ...)``
-            (a ``Network`` or a ``PrototypeClassifier``).
+            (a ``Network``, a ``PrototypeClassifier``, or a ``PCLClassifier``, exported as its
+            inner ``Network``).
         cfg: the ``Config`` it was built from (model, data set, threat model).
         out_dir: folder to write (created).
         source: what the model came from, for the file headers.
@@ -291,10 +292,13 @@ def export_model(model: nn.Module, cfg, out_dir, *, source: str = "a model", res
     """
     from . import __version__
     from .data import DATASETS
-    from .models import Network, PrototypeClassifier
+    from .models import Network, PCLClassifier, PrototypeClassifier
 
     info = DATASETS[cfg.data.name]
     module = getattr(model, "module", model)
+    if isinstance(module, PCLClassifier):
+        # Its auxiliary projections and centres only shape training; it classifies by the logits.
+        module = module.network
     if isinstance(module, PrototypeClassifier):
         head, distance, out_dim = "prototype", module.distance, int(module.prototypes.shape[1])
         network = module.network

@@ -42,8 +42,8 @@ class TrainContext:
 class Method:
     """A training method: its loss and the head it needs.
 
-    ``head`` is ``"linear"`` (k logits) or ``"prototype"`` (D outputs compared with fixed
-    prototypes). ``distance`` fixes the prototype distance for methods that define it
+    ``head`` is ``"linear"`` (k logits), ``"prototype"`` (D outputs compared with fixed
+    prototypes) or ``"pcl"`` (k logits, plus learned centres in hidden spaces for training). ``distance`` fixes the prototype distance for methods that define it
     (MMC: negative squared L2; HPN: cosine); None means ``prototypes.distance``.
     ``prototypes`` is ``"repulsive"`` (Eq. 5) or ``"mmc"`` (Max-Mahalanobis centres).
     """
@@ -177,6 +177,51 @@ def prototype_trades_loss(ctx: TrainContext, x, y):
     return loss, scores[:n].detach(), Passes(steps + 3, steps + 2)
 
 
+def conformity_loss(features: torch.Tensor, centres: torch.Tensor, y: torch.Tensor, push: float) -> torch.Tensor:
+    """Mustafa et al.'s prototype conformity loss in one space, averaged over the batch.
+
+    ``(||f - w_y||^2 - push / (k - 1) * sum_{j != y} (||f - w_j||^2 + ||w_y - w_j||^2)) / d``
+    with features f [N, d] and learned centres w [k, d]: pull each feature to its class centre,
+    push it and its centre away from the other classes' centres. Computed in float32.
+
+    Dividing by d (a per-coordinate squared error) is ours: the sum over d coordinates makes
+    the curvature of a linear projection's weights grow with d, and SGD at the learning rates
+    that train cross-entropy diverges on it. Mustafa et al.'s sum is ``pcl_weight = d``.
+    """
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        f, w = features.float(), centres.float()
+        k = w.shape[0]
+        to_centres = (f * f).sum(1, keepdim=True) - 2.0 * (f @ w.T) + (w * w).sum(1)  # [N, k]
+        own = F.one_hot(y, k).bool()
+        pull = to_centres[own]
+        w_y = w[y]
+        between = (w_y * w_y).sum(1, keepdim=True) - 2.0 * (w_y @ w.T) + (w * w).sum(1)  # [N, k]
+        others = (to_centres + between).masked_fill(own, 0.0).sum(1) / (k - 1)
+        return (pull - push * others).mean() / w.shape[1]
+
+
+def _pcl_objective(ctx: TrainContext, x, y):
+    """Cross-entropy plus the conformity loss of every hidden space, on the batch ``x``."""
+    scores, features = ctx.model(x, return_features=True)
+    centres = ctx.raw_model.centres
+    pc = sum(conformity_loss(f, c, y, ctx.cfg.pcl_push) for f, c in zip(features, centres))
+    return F.cross_entropy(scores.float(), y) + ctx.cfg.pcl_weight * pc, scores
+
+
+def pcl_loss(ctx: TrainContext, x, y):
+    """Mustafa et al. 2019 without adversarial examples: CE + PC loss of each hidden space."""
+    loss, scores = _pcl_objective(ctx, x, y)
+    return loss, scores.detach(), Passes(1, 1)
+
+
+def pcl_at_loss(ctx: TrainContext, x, y):
+    """Mustafa et al.'s adversarial phase: the PCL objective on clean and PGD (CE) examples together."""
+    x_adv = _attack(ctx, x, y, loss="ce")
+    loss, scores = _pcl_objective(ctx, torch.cat([x, x_adv]), torch.cat([y, y]))
+    steps = ctx.cfg.attack_steps
+    return loss, scores[:len(x)].detach(), Passes(steps + 2, steps + 2)
+
+
 METHODS: dict[str, Method] = {}
 
 
@@ -197,6 +242,10 @@ _register(Method("fgsm_rs", fgsm_rs_loss, adversarial=True, watch_overfitting=Tr
                  summary="fast FGSM training with random start (Wong et al.)"))
 _register(Method("prototype_at", prototype_at_loss, head="prototype", adversarial=True,
                  summary="prototype loss on PGD examples"))
+_register(Method("pcl", pcl_loss, head="pcl",
+                 summary="prototype conformity loss (Mustafa et al.): CE + learned centres in hidden spaces"))
+_register(Method("pcl_at", pcl_at_loss, head="pcl", adversarial=True,
+                 summary="prototype conformity loss on clean and PGD examples (Mustafa et al.)"))
 _register(Method("prototype_trades", prototype_trades_loss, head="prototype", adversarial=True,
                  summary="prototype loss + beta * (1 - cos(f(x), f(x_adv))), TRADES-style"))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,8 @@ class State:
     elapsed: float = 0.0  # training seconds before this process started
     passes: dict = field(default_factory=lambda: {"forward": 0.0, "backward": 0.0, "examples": 0.0})
     finished: bool = False
+    stopped: str | None = None  # why training ended before its last epoch
+    overfitted: bool = False  # fgsm_rs: catastrophic overfitting was detected
 
 
 def resolve_prototypes(cfg: Config, method: Method, num_classes: int) -> torch.Tensor | None:
@@ -307,7 +310,8 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
         save_prototypes(out / "prototypes.safetensors", prototypes, {
             "k": info.num_classes, "D": prototypes.shape[1], "metric": cfg.prototypes.metric,
             "epochs": cfg.prototypes.epochs, "lr": cfg.prototypes.lr, "seed": cfg.prototypes.seed})
-    model = build_model(cfg.model, info, prototypes=prototypes, distance=head_distance(cfg, method)).to(device)
+    model = build_model(cfg.model, info, prototypes=prototypes, distance=head_distance(cfg, method),
+                        pcl=method.head == "pcl").to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = resolve_precision(t.precision, device)
@@ -458,9 +462,10 @@ def _end_epoch(cfg, out, model, optimizer, scaler, state: State, method, x_val, 
                 reason = (f"catastrophic overfitting: validation PGD accuracy fell from {state.peak_robust:.3f}"
                           f" to {record['val_robust']:.3f}")
                 record["catastrophic_overfitting"] = True
+                state.overfitted = True
     if reason:
         record["stopped"] = reason
-        state.finished = True
+        state.finished, state.stopped = True, reason
     if group.is_main:
         _append(out / "metrics.jsonl", json.dumps(record))
         _save_checkpoint(out / LAST, model, optimizer, scaler, state, cfg)
@@ -480,7 +485,9 @@ def _finish(cfg, out: Path, model, optimizer, scaler, state: State, quiet: bool)
     """Select the final weights and save them with the training cost (rank 0 only)."""
     t = cfg.train
     selected = "last"
-    if t.early_stopping and (out / BEST).exists():
+    # After catastrophic overfitting the last weights resist FGSM only; keep the epoch with the
+    # best validation PGD accuracy instead, as Wong et al. do.
+    if (t.early_stopping or state.overfitted) and (out / BEST).exists():
         tensors, _ = ckpt.load_tensors(out / BEST)
         ckpt.load_model_state(model, tensors, out / BEST)
         selected = f"best (epoch {state.best_epoch})"
@@ -496,6 +503,12 @@ def _finish(cfg, out: Path, model, optimizer, scaler, state: State, quiet: bool)
     ckpt.save_tensors(out / MODEL, ckpt.model_state(model),
                       {"config": to_dict(cfg), "selected": selected, "best_epoch": state.best_epoch, "cost": cost})
     ckpt.atomic_write_json(out / "training.json", {"selected": selected, "best_epoch": state.best_epoch,
-                                                   "best_val_metric": state.best_metric, "cost": cost})
+                                                   "best_val_metric": state.best_metric, "stopped": state.stopped,
+                                                   "catastrophic_overfitting": state.overfitted, "cost": cost})
+    if state.stopped:
+        warning = f"WARN {state.stopped}; stopped at epoch {epochs_run} of {t.epochs}; weights: {selected}"
+        _log(out, warning, ProcessGroup())
+        if not quiet:
+            print(warning, file=sys.stderr, flush=True)
     _log(out, f"finished: {epochs_run} epochs in {state.elapsed:.1f}s; weights: {selected}", ProcessGroup())
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import UserError
 from .heads import DISTANCES, Network, Normalize, PrototypeClassifier, build_model
+from .pcl import PCLClassifier
 from .resnet import preact_resnet18, resnet18
 from .small import mlp, small_cnn
 from .wideresnet import wrn
@@ -69,6 +70,6 @@ def build_body(name: str, *, in_channels: int, out_dim: int, width: float = 1.0,
 
 
 __all__ = [
-    "DISTANCES", "MODELS", "Network", "Normalize", "PrototypeClassifier", "build_body", "build_model",
+    "DISTANCES", "MODELS", "Network", "Normalize", "PCLClassifier", "PrototypeClassifier", "build_body", "build_model",
     "mlp", "preact_resnet18", "resnet18", "small_cnn", "wrn",
 ]

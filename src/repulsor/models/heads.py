@@ -129,7 +129,7 @@ class PrototypeClassifier(nn.Module):
 
 
 def build_model(model_cfg, info, prototypes: torch.Tensor | None = None,
-                distance: str | None = None) -> nn.Module:
+                distance: str | None = None, pcl: bool = False) -> nn.Module:
     """Build the classifier a config asks for.
 
     Args:
@@ -141,6 +141,8 @@ def build_model(model_cfg, info, prototypes: torch.Tensor | None = None,
             a tensor builds a ``PrototypeClassifier`` whose body outputs D values.
         distance: the prototype distance (required with prototypes); None or ``"linear"``
             without them.
+        pcl: wrap the linear-head network in a ``PCLClassifier`` (auxiliary projections and
+            learned centres for the prototype conformity loss); needs ``prototypes=None``.
 
     Returns:
         An ``nn.Module`` mapping [0, 1] images [N, C, H, W] to scores [N, k].
@@ -170,6 +172,11 @@ def build_model(model_cfg, info, prototypes: torch.Tensor | None = None,
     body = build_body(name, in_channels=channels, out_dim=out_dim, width=width, depth=depth,
                       widen_factor=widen_factor, input_size=(height, wide))
     network = Network(Normalize(info.mean, info.std), body)
+    if pcl:
+        if prototypes is not None:
+            raise UserError("pcl learns its own centres on a linear-head network; do not pass prototypes")
+        from .pcl import PCLClassifier
+        return PCLClassifier(network, k, (channels, height, wide))
     if prototypes is None:
         return network
     return PrototypeClassifier(network, prototypes, distance)

@@ -268,6 +268,14 @@ def test_changed_config_does_not_reuse_a_run(finished, tmp_path):
         compare(raw, finished.out, quiet=True, only=["pgd_at"])
 
 
+def test_a_setting_only_another_method_reads_does_not_retrain(finished, monkeypatch):
+    """fgsm_rs's overfit_drop and TRADES' beta do not concern pgd_at: its run is reused."""
+    raw = copy.deepcopy(finished.raw)
+    raw.setdefault("train", {}).update(overfit_drop=0.3, trades_beta=1.0)
+    monkeypatch.setattr(compare_mod, "train", Recorder(compare_mod.train, fail=True))
+    compare(raw, finished.out, quiet=True, only=["pgd_at"])
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda r: r["compare"].update(methods=["ce", "madry"]), r"compare\.methods: unknown method 'madry': valid methods are ce, "),
     (lambda r: r["compare"].update(suites=["quick", "autoattack"]), r"compare\.suites: unknown suite 'autoattack'"),

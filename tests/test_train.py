@@ -13,7 +13,7 @@ from repulsor.errors import UserError
 from repulsor.evaluate import load_test_split
 from repulsor.methods import METHODS, TrainContext, conformity_loss, mmc_centres, prototype_objective
 from repulsor.models import build_model
-from repulsor.train import lr_at, resolve_prototypes, head_distance, train
+from repulsor.train import catastrophic_overfitting, head_distance, lr_at, resolve_prototypes, train
 
 TINY = {
     "data": {"name": "digits"},
@@ -167,7 +167,7 @@ def test_fgsm_rs_stops_on_forced_catastrophic_overfitting(tmp_path, shared_data)
         "model": {"name": "small_cnn", "width": 0.5},
         "train": {"method": "fgsm_rs", "epochs": 15, "batch_size": 64, "lr": 0.05, "schedule": "constant",
                   "precision": "fp32", "eps": 0.3, "alpha": 0.01, "fgsm_alpha": 2.5, "val_n": 200,
-                  "val_attack_steps": 20, "overfit_drop": 0.2},
+                  "val_attack_steps": 20},
         "eval": {"after_train": False},
     })
     run = train(cfg, tmp_path / "run", quiet=True)
@@ -176,7 +176,7 @@ def test_fgsm_rs_stops_on_forced_catastrophic_overfitting(tmp_path, shared_data)
     assert last.get("catastrophic_overfitting") and "catastrophic overfitting" in last["stopped"]
     assert len(metrics) < 15
     peak = max(m["val_robust"] for m in metrics)
-    assert peak - last["val_robust"] > 0.2
+    assert last["val_robust"] < 0.5 * peak
     # The signature of catastrophic overfitting, not just a bad run: FGSM training accuracy is
     # far above the PGD accuracy, and higher than it was at the robust peak.
     peak_epoch = next(m for m in metrics if m["val_robust"] == peak)
@@ -186,10 +186,20 @@ def test_fgsm_rs_stops_on_forced_catastrophic_overfitting(tmp_path, shared_data)
     assert "WARN catastrophic overfitting" in (run / "log.txt").read_text()
 
 
+def test_catastrophic_overfitting_rule_is_relative_and_ignores_noise():
+    # CIFAR-10 at small scale: a 14% peak collapsing to 4.4% on 250 points is a collapse ...
+    assert catastrophic_overfitting(0.14, 0.044, 250, 0.5)
+    # ... a fall of the same size on 20 points is noise, and so is a dip that keeps 60% of the peak.
+    assert not catastrophic_overfitting(0.14, 0.044, 20, 0.5)
+    assert not catastrophic_overfitting(0.80, 0.50, 10000, 0.5)
+    assert catastrophic_overfitting(0.80, 0.39, 10000, 0.5)
+    assert not catastrophic_overfitting(0.0, 0.0, 1000, 0.5)
+
+
 def test_fgsm_rs_without_overfitting_runs_to_the_end(tmp_path):
     """The control: the same detector on a stable FGSM run (eps 0.1, step 1.25 eps) does not fire."""
     cfg = tiny(train={"method": "fgsm_rs", "epochs": 8, "lr": 0.2, "eps": 0.1, "fgsm_alpha": 1.25,
-                      "val_n": 144, "val_attack_steps": 10, "overfit_drop": 0.2, "schedule": "constant"},
+                      "val_n": 144, "val_attack_steps": 10, "schedule": "constant"},
                model={"width": 1.0}, eval={"after_train": False})
     run = train(cfg, tmp_path / "run", quiet=True)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -358,9 +358,12 @@ def _check_existing(run: RunPlan, run_dir: Path) -> None:
     """Refuse to reuse a run folder trained with a different config (it would mix protocols)."""
     saved = to_dict(load_config(run_dir / "config.toml"))
     wanted = to_dict(run.cfg)
+    # Settings that only other methods read (fgsm_rs's overfit_drop for a ce run, ...) do not matter.
+    others = {("train", key) for m in METHODS.values() for key in m.options} - {
+        ("train", key) for key in METHODS[run.method].options}
     for section in ("data", "model", "prototypes", "train"):
         for key, value in wanted[section].items():
-            if (section, key) in _IGNORED_KEYS or saved[section].get(key) == value:
+            if (section, key) in _IGNORED_KEYS | others or saved[section].get(key) == value:
                 continue
             raise UserError(f"{run_dir} was trained with {section}.{key} = {saved[section].get(key)!r}, but the compare"
                             f" config asks for {value!r}; delete that folder to retrain it, or use another --out")

@@ -46,6 +46,8 @@ class Method:
     prototypes) or ``"pcl"`` (k logits, plus learned centres in hidden spaces for training). ``distance`` fixes the prototype distance for methods that define it
     (MMC: negative squared L2; HPN: cosine); None means ``prototypes.distance``.
     ``prototypes`` is ``"repulsive"`` (Eq. 5) or ``"mmc"`` (Max-Mahalanobis centres).
+    ``options`` names the ``train`` settings that matter to this method only; a run of another
+    method ignores them (``repulsor compare`` does not ask to retrain it when they change).
     """
 
     name: str
@@ -56,6 +58,7 @@ class Method:
     adversarial: bool = False
     watch_overfitting: bool = False
     summary: str = ""
+    options: tuple[str, ...] = ()  # train.* keys that only this method (and its kin) reads
 
     @property
     def uses_prototypes(self) -> bool:
@@ -237,17 +240,22 @@ _register(Method("hpn", prototype_loss, head="prototype", distance="cosine",
 _register(Method("mmc", prototype_loss, head="prototype", distance="sqeuclid", prototypes="mmc",
                  summary="Max-Mahalanobis centres (Pang et al.): loss ||z - mu_y||^2"))
 _register(Method("pgd_at", pgd_at_loss, adversarial=True, summary="PGD adversarial training (Madry et al.)"))
-_register(Method("trades", trades_loss, adversarial=True, summary="TRADES (Zhang et al.)"))
+_register(Method("trades", trades_loss, adversarial=True, summary="TRADES (Zhang et al.)",
+                 options=("trades_beta",)))
 _register(Method("fgsm_rs", fgsm_rs_loss, adversarial=True, watch_overfitting=True,
-                 summary="fast FGSM training with random start (Wong et al.)"))
+                 summary="fast FGSM training with random start (Wong et al.)",
+                 options=("fgsm_alpha", "overfit_drop")))
 _register(Method("prototype_at", prototype_at_loss, head="prototype", adversarial=True,
                  summary="prototype loss on PGD examples"))
 _register(Method("pcl", pcl_loss, head="pcl",
-                 summary="prototype conformity loss (Mustafa et al.): CE + learned centres in hidden spaces"))
+                 summary="prototype conformity loss (Mustafa et al.): CE + learned centres in hidden spaces",
+                 options=("pcl_weight", "pcl_push")))
 _register(Method("pcl_at", pcl_at_loss, head="pcl", adversarial=True,
-                 summary="prototype conformity loss on clean and PGD examples (Mustafa et al.)"))
+                 summary="prototype conformity loss on clean and PGD examples (Mustafa et al.)",
+                 options=("pcl_weight", "pcl_push")))
 _register(Method("prototype_trades", prototype_trades_loss, head="prototype", adversarial=True,
-                 summary="prototype loss + beta * (1 - cos(f(x), f(x_adv))), TRADES-style"))
+                 summary="prototype loss + beta * (1 - cos(f(x), f(x_adv))), TRADES-style",
+                 options=("trades_beta",)))
 
 
 def mmc_centres(num_classes: int, dim: int, scale: float = 10.0) -> torch.Tensor:

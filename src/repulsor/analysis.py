@@ -96,6 +96,14 @@ def _render_png(fig) -> bytes:
     return buffer.getvalue()
 
 
+def _legend(ax) -> None:
+    """A legend inside the axes for a few lines, beside them (not over the data) for many."""
+    if len(ax.get_legend_handles_labels()[0]) <= 4:
+        ax.legend(fontsize=8)
+    else:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
 def _new_figure(width: float, height: float):
     """A matplotlib ``Figure`` drawn on an Agg canvas.
 
@@ -236,7 +244,7 @@ def plot_robustness_curves(curves: dict[str, list[dict]], path, title: str = "Ro
     ax.set_title(title)
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    _legend(ax)
     _save_figure(fig, png)
     json_path = png.with_suffix(".json")
     ckpt.atomic_write_json(json_path, {"title": title, "norm": norm, "curves": {str(k): v for k, v in curves.items()}})
@@ -757,7 +765,7 @@ def plot_metrics_over_epochs(metrics_paths, path, title: str = "Validation accur
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+        _legend(ax)
     else:
         ax.text(0.5, 0.5, "no validation records", ha="center", va="center", transform=ax.transAxes)
     _save_figure(fig, png)

@@ -116,6 +116,7 @@ def test_comparison_json_and_tables_hold_every_method(finished):
     assert [(r["dim"], r["run"]) for r in report["table1"]] == [(16, "prototype"), (24, "prototype-D24")]
     d24 = report["runs"]["prototype-D24"]
     assert d24["config"]["prototypes"]["dim"] == 24 and report["table1"][1]["pgd20"] == d24["pgd20"]
+    assert report["table1"][1]["pgd20_ce"] == d24["pgd20_ce"] and report["table1"][1]["standard"] == d24["standard"]
     assert "## Table 1" in tables and "## Table 4" in tables and tables.count("Protocol:") == 3
     # Plots: every method on one robustness-curve plot and one epoch plot.
     for name in ("robustness_curves.png", "robustness_curves.json", "epochs.png", "epochs.csv"):

@@ -12,8 +12,7 @@ from repulsor.data import DATASETS
 from repulsor.errors import UserError
 from repulsor.evaluate import load_test_split
 from repulsor.methods import METHODS, TrainContext, conformity_loss, mmc_centres, prototype_objective
-from repulsor.models import build_model
-from repulsor.train import catastrophic_overfitting, head_distance, lr_at, resolve_prototypes, train
+from repulsor.train import build_method_model, catastrophic_overfitting, lr_at, resolve_prototypes, train
 
 TINY = {
     "data": {"name": "digits"},
@@ -87,8 +86,7 @@ def test_every_method_gives_finite_loss_and_gradients(name):
     info = DATASETS["digits"]
     torch.manual_seed(0)
     prototypes = resolve_prototypes(cfg, method, info.num_classes)
-    model = build_model(cfg.model, info, prototypes=prototypes, distance=head_distance(cfg, method),
-                        pcl=method.head == "pcl").train()
+    model = build_method_model(cfg, method, prototypes).train()
     x = torch.rand(16, 1, 8, 8)
     y = torch.arange(16) % 10
     loss, scores, passes = method.loss(TrainContext(model, model, cfg.train, seed=1), x, y)

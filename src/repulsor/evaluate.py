@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .attacks import evaluating, geometry, get_attack
 from .config import Config, load_config
-from .data import DATASETS, load_dataset
+from .data import load_dataset
 from .errors import UserError
 from .runtime import code_version, derive_seed, init_process_group, resolve_device
 
@@ -225,9 +225,8 @@ def load_model(run_dir: str | Path, *, device: str | torch.device = "cpu") -> to
     attack library can attack its real decision rule.
     """
     from .methods import METHODS
-    from .models import build_model
     from .prototypes import load_prototypes
-    from .train import MODEL, head_distance
+    from .train import MODEL, build_method_model
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -243,8 +242,7 @@ def load_model(run_dir: str | Path, *, device: str | torch.device = "cpu") -> to
     prototypes = None
     if method.uses_prototypes:
         prototypes, _ = load_prototypes(run_dir / "prototypes.safetensors")
-    model = build_model(cfg.model, DATASETS[cfg.data.name], prototypes=prototypes, distance=head_distance(cfg, method),
-                        pcl=method.head == "pcl")
+    model = build_method_model(cfg, method, prototypes)
     tensors, _ = ckpt.load_tensors(run_dir / MODEL, "model file")
     ckpt.load_model_state(model, tensors, run_dir / MODEL)
     return model.to(device).eval()

@@ -43,8 +43,9 @@ class Method:
     """A training method: its loss and the head it needs.
 
     ``head`` is ``"linear"`` (k logits), ``"prototype"`` (D outputs compared with fixed
-    prototypes) or ``"pcl"`` (k logits, plus learned centres in hidden spaces for training). ``distance`` fixes the prototype distance for methods that define it
-    (MMC: negative squared L2; HPN: cosine); None means ``prototypes.distance``.
+    prototypes) or ``"pcl"`` (k logits, plus learned centres in hidden spaces for training).
+    ``distance`` fixes the prototype distance for methods that define it (MMC: negative
+    squared L2; HPN: cosine); None means ``prototypes.distance``.
     ``prototypes`` is ``"repulsive"`` (Eq. 5) or ``"mmc"`` (Max-Mahalanobis centres).
     ``options`` names the ``train`` settings that matter to this method only; a run of another
     method ignores them (``repulsor compare`` does not ask to retrain it when they change).

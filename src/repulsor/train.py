@@ -103,6 +103,12 @@ def head_distance(cfg: Config, method: Method) -> str | None:
     return (method.distance or cfg.prototypes.distance) if method.uses_prototypes else None
 
 
+def build_method_model(cfg: Config, method: Method, prototypes: torch.Tensor | None) -> torch.nn.Module:
+    """The untrained classifier that ``method`` trains: the head, distance and wrapper it needs."""
+    return build_model(cfg.model, DATASETS[cfg.data.name], prototypes=prototypes, distance=head_distance(cfg, method),
+                       pcl=method.head == "pcl")
+
+
 def _check_run_dir(out: Path, resume: bool) -> None:
     """Refuse an unusable run folder before any work is done and before anything is written."""
     if resume:
@@ -310,8 +316,7 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
         save_prototypes(out / "prototypes.safetensors", prototypes, {
             "k": info.num_classes, "D": prototypes.shape[1], "metric": cfg.prototypes.metric,
             "epochs": cfg.prototypes.epochs, "lr": cfg.prototypes.lr, "seed": cfg.prototypes.seed})
-    model = build_model(cfg.model, info, prototypes=prototypes, distance=head_distance(cfg, method),
-                        pcl=method.head == "pcl").to(device)
+    model = build_method_model(cfg, method, prototypes).to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = resolve_precision(t.precision, device)

@@ -52,10 +52,10 @@ from repulsor.attacks import apgd, apgd_targeted, evaluating, pgd
 from repulsor.config import Config, ModelConfig, TrainConfig, from_dict
 from repulsor.data import DATASETS
 from repulsor.methods import METHODS, TrainContext
-from repulsor.models import build_model
+from repulsor.models import build_model, fit_to_data
 from repulsor.prototypes import generate_prototypes
 from repulsor.runtime import autocast
-from repulsor.train import head_distance
+from repulsor.train import build_method_model, head_distance, make_optimizer
 
 CPU = torch.device("cpu")
 EPS_CIFAR, ALPHA_CIFAR = 8 / 255, 2 / 255
@@ -194,6 +194,64 @@ def train_step_fn(method_name: str, *, precision: str, channels_last: bool, batc
         return loss
 
     return step
+
+
+FAST_BATCH = 1024  # the fast recipe's batch (configs/cifar10-fast.toml)
+FAST_RUNS = ROOT / "results" / "compare-cifar10-fast"
+
+
+def fast_cifar_step_fn(method_name: str, *, batch: int):
+    """One training step of configs/cifar10-fast.toml's recipe on a random CIFAR-shaped batch."""
+    raw = {"data": {"name": "cifar10"}, "model": {"name": "fast_cifar"},
+           "train": {"method": method_name, "batch_size": batch, "lr": 1.5, "momentum": 0.85, "nesterov": True,
+                     "weight_decay": 1.95e-6, "bias_lr_scale": 64.0, "precision": "bf16", "channels_last": True,
+                     "label_smoothing": 0.2 if method_name == "ce" else 0.0}}
+    cfg = from_dict(raw)
+    torch.manual_seed(0)
+    method = METHODS[method_name]
+    prototypes = generate_prototypes(10, 100, metric="linf", epochs=100, seed=0) if method.uses_prototypes else None
+    model = build_method_model(cfg, method, prototypes)
+    x, y = cifar_batch(batch, channels_last=True)
+    fit_to_data(model, x)
+    model = model.to(memory_format=torch.channels_last).train()
+    optimizer = make_optimizer(model, cfg.train)
+
+    def step():
+        with autocast(CPU, torch.bfloat16):
+            loss, _, _ = method.loss(TrainContext(model, model, cfg.train), x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def fast_cifar_section(report, s: dict, peak16: float, quick: bool) -> None:
+    batch = FAST_BATCH if not quick else 256
+    log(f"[5b] fast_cifar training step, batch {batch}, bf16 + channels_last")
+    steps = {name: fast_cifar_step_fn(name, batch=batch) for name in ("ce", "prototype")}
+    timed = interleaved(steps, warmup=1, repeats=3 if quick else 5)
+    flops = count_flops(steps["ce"])
+    for name, (seconds, times) in timed.items():
+        report.add("fast_cifar", f"{name} training step, batch {batch} (bf16+CL)",
+                   f"{seconds * 1e3:.0f} ms ({spread(times)}); {flops / seconds / 1e9:.0f} GFLOP/s ="
+                   f" {flops / seconds / peak16:.1%} of the bf16 matmul peak")
+    report.add("fast_cifar", "training step FLOPs (FlopCounterMode, fwd+bwd)",
+               f"{flops / 1e9:.0f} GFLOP ({flops / batch / 3 / 2e9:.3f} GMAC per image forward, if backward = 2x)")
+    # Time to accuracy: read from the committed runs of the comparison, when they are there.
+    for run in sorted(FAST_RUNS.glob("*/training.json")) if FAST_RUNS.is_dir() else []:
+        training = json.loads(run.read_text())
+        results = run.parent / "results.json"
+        if not results.is_file():
+            continue
+        res = json.loads(results.read_text())
+        clean = max(res.get("suites", {}).values(), key=lambda r: r.get("n", 0), default={}).get("clean_accuracy")
+        if clean is not None:
+            report.add("fast_cifar", f"time to accuracy: {run.parent.name}",
+                       f"{100 * clean:.1f}% clean on the exact first 1000 test images after"
+                       f" {training['cost']['wall_seconds'] / 60:.1f} min of training"
+                       f" ({training['cost']['epochs']} epochs)")
 
 
 def count_flops(fn) -> int:
@@ -405,6 +463,9 @@ def bench(mode: str) -> None:
                f"{flops / t_proto / peak16:.1%} ({flops / t_proto / 1e9:.0f} GFLOP/s)")
     report.add("FLOPs", "fp32 training step: achieved / fp32 matmul peak",
                f"{flops32 / t_fp32 / peak32:.1%} ({flops32 / t_fp32 / 1e9:.0f} GFLOP/s)")
+
+    # 5b. the fast CIFAR body (issue: CIFAR-10 at the paper's accuracy on two cores)
+    fast_cifar_section(report, s, peak16, quick)
 
     # 3 + 4. attacks on the same model and batch: ours vs torchattacks, bf16 vs fp32
     log(f"[3] attacks, ResNet-18 w0.25 (random init, eval mode, fp32), batch {s['attack_batch']}, eps 8/255")

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 import repulsor
-from repulsor.evaluate import load_test_split
 from repulsor.export import export_run
 
 TINY = {"data": {"name": "digits"}, "model": {"name": "mlp", "width": 0.5}, "prototypes": {"dim": 32, "epochs": 50},
@@ -38,22 +37,30 @@ def load_exported(folder: Path) -> torch.nn.Module:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", nargs="?", help="run folder (default: train a tiny digits run)")
-    parser.add_argument("--out", help="export folder (default: RUN-export, or a temporary folder)")
+    parser.add_argument("--out", help="export folder, kept (default: a temporary folder, removed at the end)")
     parser.add_argument("--n", type=int, default=200, help="first N test points to attack (default: 200)")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="repulsor-example-"))
-    run = Path(args.run) if args.run else None
-    if run is None:
-        print(f"training a tiny digits prototype run in {work / 'run'} ...")
-        run = repulsor.train(repulsor.config.from_dict(TINY), work / "run", quiet=True)
-    out = Path(args.out) if args.out else (work / "export" if not args.run else run.parent / f"{run.name}-export")
-    export_run(run, out)
-    print(f"exported {run} to {out}: model.py, model.safetensors, README.md")
+    # Whatever the example makes for itself lives in a temporary folder removed at the end.
+    with tempfile.TemporaryDirectory(prefix="repulsor-example-") as tmp:
+        work = Path(tmp)
+        run = Path(args.run) if args.run else None
+        if run is None:
+            print(f"training a tiny digits prototype run in {work / 'run'} ...")
+            run = repulsor.train(repulsor.config.from_dict(TINY), work / "run", quiet=True)
+        out = Path(args.out) if args.out else work / "export"
+        export_run(run, out)
+        print(f"exported {run} to {out}: model.py, model.safetensors, README.md")
+        attack_exported(out, repulsor.load_config(run / "config.toml"), args.n)
+    return 0
 
+
+def attack_exported(out: Path, cfg, n: int) -> None:
+    """Load the exported model without repulsor and attack it with repulsor and, if installed, others."""
     model = load_exported(out)  # its classes live in model.py, not in repulsor
-    cfg = repulsor.load_config(run / "config.toml")
-    x, y, _ = load_test_split(cfg, args.n)
+    data_dir = cfg.data.test_dir or cfg.data.data_dir or None
+    x, y = repulsor.load_dataset(cfg.data.name, "test", data_dir=data_dir)
+    x, y = x[:n], y[:n]
     eps, norm = cfg.eval.eps, cfg.eval.norm
     print(f"{type(model).__module__}.{type(model).__name__}: [N, {', '.join(map(str, x.shape[1:]))}] in [0, 1] -> "
           f"{model(x[:1]).shape[1]} class scores")
@@ -65,7 +72,8 @@ def main() -> None:
     try:
         import torchattacks
     except ImportError:
-        print("torchattacks is not installed (pip install torchattacks); skipping it")
+        print("torchattacks is not installed (pip install --no-deps torchattacks scipy: without --no-deps it pulls"
+              " torchvision, which replaces or breaks this torch); skipping it")
     else:
         attack = (torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=20, random_start=True) if norm == "linf"
                   else torchattacks.PGDL2(model, eps=eps, alpha=eps / 4, steps=20, random_start=True))
@@ -75,13 +83,12 @@ def main() -> None:
     try:
         from autoattack import AutoAttack
     except ImportError:
-        print("AutoAttack is not installed (pip install git+https://github.com/fra31/auto-attack); skipping it")
+        print("AutoAttack is not installed (pip install --no-deps git+https://github.com/fra31/auto-attack); skipping it")
     else:
         adversary = AutoAttack(model, norm="Linf" if norm == "linf" else "L2", eps=eps, version="standard")
         x_adv = adversary.run_standard_evaluation(x, y, bs=256)
         with torch.no_grad():
             print(f"AutoAttack standard: robust {(model(x_adv).argmax(1) == y).float().mean().item():.4f}")
-    return 0
 
 
 if __name__ == "__main__":

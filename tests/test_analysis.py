@@ -380,7 +380,7 @@ def test_analyse_run_on_a_fake_run(tmp_path, monkeypatch):
     def load_model(run_dir, *, device="cpu"):
         return models[run_dir.name]
 
-    def load_test_split(cfg, n, data_dir=None):
+    def load_test_split(cfg, n, data_dir=None, **kwargs):
         calls.append(n)
         return x_test[:n], y_test[:n], None
 

@@ -19,8 +19,10 @@ about as long as importing torch, and only the NaN cases train at all.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import io
 import os
 import shutil
 import subprocess
@@ -34,6 +36,9 @@ import pytest
 import torch
 
 from repulsor import cli
+
+# Subprocesses that each import torch or train: the full run only (the README's fast subset skips them).
+pytestmark = pytest.mark.slow
 
 # --------------------------------------------------------------------------- helpers
 
@@ -53,6 +58,25 @@ MNIST = ["--set", "data.name=mnist", "--set", "train.epochs=1", "--set", "train.
 
 
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    """The command line in this process (``cli.main``, what ``python -m repulsor`` runs), its
+    output captured: the same exit status and text as a subprocess, without importing torch
+    again for each case. ``test_the_real_entry_point_speaks_the_same`` runs one case as a subprocess."""
+    out, err = io.StringIO(), io.StringIO()
+    old = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main([str(a) for a in args])
+            except SystemExit as stop:  # argparse's usage errors and --help
+                code = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        os.chdir(old)
+    return subprocess.CompletedProcess(["repulsor", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+def run_cli_subprocess(*args, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "repulsor", *map(str, args)], capture_output=True, text=True,
                           env=_ENV, cwd=cwd, timeout=300, check=False)
 
@@ -350,6 +374,15 @@ def test_bad_input_is_one_line_and_leaves_nothing(ws, case):
     for path, old in before.items():
         assert snapshot(path) == old, f"{path} changed (or was created) although the command failed"
     assert not list(ws.root.rglob("*.tmp")), "a temporary file was left behind"
+
+
+def test_the_real_entry_point_speaks_the_same(ws):
+    """One case through ``python -m repulsor`` in a subprocess: what the in-process cases assume."""
+    for args, fragment in ((["trian"], "'trian'"), (["evaluate", ws.root / "no_such_run"], "does not exist")):
+        result = run_cli_subprocess(*args, cwd=ws.root)
+        assert_one_line_error(result.stdout, result.stderr, result.returncode, fragment)
+        inside = run_cli(*args, cwd=ws.root)
+        assert (inside.returncode, inside.stderr) == (result.returncode, result.stderr)
 
 
 def test_cases_are_many_and_distinct():

@@ -212,6 +212,7 @@ def test_a_missing_suite_is_rerun_alone(finished, monkeypatch):
     assert report["runs"]["pgd_at"]["worst_case"]["paper"] == expected  # same seed, same points, same number
 
 
+@pytest.mark.slow
 def test_interrupted_training_is_resumed_from_its_checkpoint(tmp_path, monkeypatch):
     raw = tiny_raw(methods=["ce", "mmc"], curve_n=0, suites=["quick", "standard"], suite_n={"standard": 10})
     out = tmp_path / "out"
@@ -333,3 +334,14 @@ def test_cli_prints_the_tables(finished, tmp_path, capsys, monkeypatch):
     assert "## Table 4" in printed and all(f"| {name} |" in printed for name in METHODS)
     assert main(["compare", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_command_line_overrides_reach_the_plan(tmp_path):
+    from repulsor.compare import load_compare_config
+
+    source = CONFIGS / "compare-digits-tiny.toml"
+    plan = load_compare_config(source, ["compare.eval_n=17", "eval.eps=0.2", "data.data_dir=rel"])
+    assert plan.eval_n == 17 and plan.base.eval.eps == 0.2
+    assert all(run.cfg.eval.n == 17 and run.cfg.data.data_dir == str(Path("rel").resolve()) for run in plan.runs)
+    with pytest.raises(UserError, match="per-method settings"):
+        load_compare_config(source, ["method.ce.lr=1"])

@@ -12,6 +12,9 @@ import torch
 
 from repulsor.checkpoint import load_tensors
 
+# Subprocesses that each import torch or train: the full run only (the README's fast subset skips them).
+pytestmark = pytest.mark.slow
+
 SETTINGS = [
     "data.name=digits", "model.name=mlp", "model.width=0.5", "prototypes.dim=16", "prototypes.epochs=20",
     "train.method=prototype", "train.epochs=2", "train.batch_size=64", "train.lr=0.05", "train.precision=fp32",

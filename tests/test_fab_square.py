@@ -280,7 +280,9 @@ def test_fab_targeted_caps_targets_at_k_minus_one(task):
 
 @pytest.mark.parametrize("norm", NORMS)
 def test_hyperplane_box_projection_is_exact(norm):
-    """Against a generic solver: linear program (L-inf) and SLSQP (L2)."""
+    """Against references that cannot fail to converge: an LP (L-inf) and, for L2, bisection on
+    the KKT multiplier plus the KKT conditions themselves (the problem is strictly convex, so a
+    point that satisfies them is the unique optimum)."""
     np = pytest.importorskip("numpy")
     optimize = pytest.importorskip("scipy.optimize")
     g = torch.Generator().manual_seed(6)
@@ -294,23 +296,41 @@ def test_hyperplane_box_projection_is_exact(norm):
     assert ((p + d) >= -1e-12).all() and ((p + d) <= 1 + 1e-12).all()
     for i in range(p.shape[0]):
         pi, wi, ci = p[i].numpy(), w[i].numpy(), c[i].item()
-        bounds = list(zip(-pi, 1 - pi))
+        lo, hi = -pi, 1 - pi
         if norm == "linf":  # variables (d, r): minimise r subject to |d_j| <= r
             eye = np.eye(d_dim)
             a_ub = np.block([[eye, -np.ones((d_dim, 1))], [-eye, -np.ones((d_dim, 1))]])
             res = optimize.linprog(
                 np.r_[np.zeros(d_dim), 1.0], A_ub=a_ub, b_ub=np.zeros(2 * d_dim),
-                A_eq=np.r_[wi, 0.0][None], b_eq=[ci], bounds=bounds + [(0, None)],
+                A_eq=np.r_[wi, 0.0][None], b_eq=[ci], bounds=list(zip(lo, hi)) + [(0, None)], method="highs",
             )
             assert res.status == 0
             assert abs(d[i].abs().max().item() - res.fun) < 1e-6
         else:
-            res = optimize.minimize(
-                lambda v: v @ v, np.zeros(d_dim), jac=lambda v: 2 * v, method="SLSQP", bounds=bounds,
-                constraints=[{"type": "eq", "fun": lambda v: wi @ v - ci}], options={"ftol": 1e-14, "maxiter": 500},
-            )
-            assert res.success
-            assert abs(d[i].norm().item() - math.sqrt(res.fun)) < 1e-6
+            # The minimiser of ||v||^2 on {<w, v> = c} within the box is clip(lam * w, lo, hi) for
+            # the lam where <w, clip(lam * w)> = c, a nondecreasing function of lam: bisection.
+            def reached(lam):
+                return wi @ np.clip(lam * wi, lo, hi)
+            low, high = -1.0, 1.0
+            while reached(low) > ci:
+                low *= 2
+            while reached(high) < ci:
+                high *= 2
+            for _ in range(200):
+                mid = 0.5 * (low + high)
+                low, high = (mid, high) if reached(mid) < ci else (low, mid)
+            reference = np.clip(0.5 * (low + high) * wi, lo, hi)
+            assert abs(d[i].norm().item() - np.linalg.norm(reference)) < 1e-9
+            # KKT: one multiplier explains every free coordinate; clipped ones sit at their bound
+            # on the side the multiplier pushes them to.
+            di = d[i].numpy()
+            free = (di > lo + 1e-12) & (di < hi - 1e-12) & (wi != 0)
+            assert free.any()  # with these seeds every row has a free coordinate
+            lam = di[free] / wi[free]
+            assert np.allclose(lam, lam[0], atol=1e-9)
+            assert np.allclose(di[wi == 0], 0.0)
+            at_lo, at_hi = (di <= lo + 1e-12) & (wi != 0), (di >= hi - 1e-12) & (wi != 0)
+            assert (lam[0] * wi[at_lo] <= lo[at_lo] + 1e-9).all() and (lam[0] * wi[at_hi] >= hi[at_hi] - 1e-9).all()
     # A hyperplane out of reach: the closest box corner.
     d = project_hyperplane_box(torch.full((1, 3), 0.5), torch.tensor([[1.0, -1.0, 0.0]]), torch.tensor([5.0]), norm)
     assert torch.equal(d, torch.tensor([[0.5, -0.5, 0.0]]))

@@ -18,6 +18,7 @@ BODIES = [
     ("wrn", (3, 32, 32), {"width": 0.25, "depth": 10, "widen_factor": 1}),
     ("small_cnn", (1, 28, 28), {"width": 0.25}),
     ("mlp", (1, 8, 8), {"width": 0.125}),
+    ("fast_cifar", (3, 32, 32), {"width": 0.125}),
 ]
 
 
@@ -180,3 +181,42 @@ def test_build_model_rejects_mismatches():
         build_model(cfg, INFO, prototypes=torch.randn(4, 12), distance=None)
     with pytest.raises(UserError, match="needs prototypes"):
         build_model(cfg, INFO, distance="cosine")
+
+
+def test_fast_cifar_whitening_decorrelates_patches_and_costs_0_12_gmac():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from repulsor.models.fast import PATCH, WHITEN_EPS
+
+    g = torch.Generator().manual_seed(0)
+    # Correlated pixels: smooth random images, as natural images are.
+    x = F.avg_pool2d(torch.randn(64, 3, 34, 34, generator=g), 3, stride=1)
+    body = build_body("fast_cifar", in_channels=3, out_dim=10)
+    body.fit(x)
+    out = F.conv2d(x, body.whiten.weight)[:, : 3 * PATCH * PATCH]  # one sign of each direction
+    flat = out.permute(0, 2, 3, 1).reshape(-1, out.shape[1]).double()
+    cov = flat.T @ flat / len(flat)
+    eigenvalues = torch.linalg.eigvalsh(torch.cov(x.double().unfold(2, 2, 1).unfold(3, 2, 1)
+                                                  .permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).T, correction=0))
+    # Whitened: the identity, up to the eps added to each eigenvalue (and the mean, not removed).
+    assert torch.allclose(cov.diagonal(), torch.ones(12, dtype=torch.float64), atol=0.05)
+    assert (cov - torch.diag(cov.diagonal())).abs().max() < 0.05
+    assert eigenvalues.min() > 10 * WHITEN_EPS  # so the eps did not dominate the check above
+    with FlopCounterMode(display=False) as counter:
+        body(torch.rand(1, 3, 32, 32))
+    assert abs(counter.get_total_flops() / 2e9 - 0.118) < 0.005  # the published ~0.12 GMAC per image
+
+
+def test_fit_to_data_fits_only_fresh_fast_cifar_networks():
+    from repulsor.models import fit_to_data
+
+    info = SimpleNamespace(name="cifar10", num_classes=10, shape=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3)
+    model = build_model(SimpleNamespace(name="fast_cifar", width=0.125), info,
+                        prototypes=torch.eye(10, 12), distance="cosine")
+    before = model.network.body.whiten.weight.clone()
+    assert fit_to_data(model, torch.rand(32, 3, 32, 32))
+    assert not torch.equal(before, model.network.body.whiten.weight)
+    assert "network.body.whiten.weight" in model.state_dict()  # saved with the weights
+    assert not fit_to_data(build_model(SimpleNamespace(name="mlp", width=0.125),
+                                       SimpleNamespace(name="digits", num_classes=10, shape=(1, 8, 8),
+                                                       mean=(0.3,), std=(0.4,))), torch.rand(4, 1, 8, 8))

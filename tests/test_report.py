@@ -92,7 +92,7 @@ def test_report_is_self_contained_and_complete(report, run):
     results = run["results"]
     assert results["code_version"] in page
     assert "Protocol: data set <strong>digits</strong>, test split, first n = 100" in page
-    for word in ("0.1 (25.5/255)", "seed 0", "fp32"):
+    for word in ("eps = 0.1,", "seed 0", "fp32"):
         assert word in page
     assert re.search(r'<tr class="warn">.*WARN.*' + re.escape("loss_rises"), page)
     assert "tr.warn td{background:#fde0e0;color:#9b0000" in page
@@ -196,3 +196,39 @@ def test_markdown_tables_and_escaping():
     assert blocks[1].header == ["a", "b"] and blocks[1].rows == [["1", "<x>"]]
     page = render_html("t", blocks + [Table(["h"], [["<script>alert(1)</script>"]], ["warn"])])
     assert "&lt;x&gt;" in page and "<strong>n</strong>" in page and "<script>alert" not in page
+
+
+def test_overview_headlines_the_largest_sample_and_names_every_n():
+    from repulsor.report import format_eps, overview_accuracies
+
+    results = {"suites": {"standard": {"n": 200, "clean_accuracy": 1.0, "robust_accuracy": 0.5},
+                          "quick": {"n": 10000, "clean_accuracy": 0.987, "robust_accuracy": 0.9}}}
+    clean, worst = overview_accuracies(results)
+    assert clean == "98.70% (n=10000)"
+    assert worst == "quick: 90.00% (n=10000), standard: 50.00% (n=200)"
+    assert overview_accuracies(None) == ("–", "–")
+    # eps in grey levels only where it is a whole number of them (MNIST's 0.3 is not 76.5/255).
+    assert format_eps(8 / 255, "linf") == "0.03137 (8/255)"
+    assert format_eps(0.3, "linf") == "0.3" and format_eps(0.5, "l2") == "0.5"
+
+
+def test_one_epoch_training_plot_has_whole_epoch_and_rate_axes(tmp_path):
+    import matplotlib.image as mpimg
+
+    from repulsor.report import plot_training_curves
+
+    record = {"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.9, "lr": 1e-11}
+    png = plot_training_curves([record], tmp_path / "training.png", peak_lr=0.05)["png"]
+    assert mpimg.imread(png).shape[0] > 100  # written and readable
+
+
+def test_guide_is_a_link_relative_to_the_report(tmp_path):
+    from repulsor.report import GUIDE, _inline_html, guide_link
+
+    link = guide_link(tmp_path / "report")
+    if GUIDE.is_file():
+        html = _inline_html(link)
+        target = re.search(r'href="([^"]+)"', html).group(1)
+        assert (tmp_path / "report" / target).resolve() == GUIDE
+    else:
+        assert "docs/reading-the-report.md" in link

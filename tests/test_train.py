@@ -157,6 +157,7 @@ def test_pcl_run_classifies_by_logits_and_exports_its_network(tmp_path):
     assert written["spec"]["head"] == "linear" and written["max_abs_diff"] <= 1e-5
 
 
+@pytest.mark.slow
 def test_fgsm_rs_stops_on_forced_catastrophic_overfitting(tmp_path, shared_data):
     """FGSM training with a too-large step (2.5 eps at eps 0.3 on MNIST) overfits catastrophically:
     its FGSM training accuracy climbs while validation PGD-20 accuracy collapses."""
@@ -216,3 +217,97 @@ def test_tensorboard_scalars(tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"train_loss", "val_clean", "val_robust", "lr"} <= tags
     assert [e.step for e in events.Scalars("train_loss")] == [1, 2]
+
+
+def test_warmup_moves_the_cyclic_peak():
+    cfg = tiny(train={"epochs": 10, "lr": 1.0, "lr_min": 0.1, "warmup": 0.25})
+    rates = [lr_at(cfg, e / 10) for e in range(101)]
+    assert max(rates) == pytest.approx(1.0) and rates.index(max(rates)) == 25
+    assert rates[0] == pytest.approx(0.1) and rates[-1] == pytest.approx(0.1)
+
+
+def test_bias_groups_train_at_their_scale():
+    from repulsor.train import make_optimizer
+
+    model = build_method_model(tiny(), METHODS["ce"], None)
+    plain = make_optimizer(model, tiny().train)
+    assert len(plain.param_groups) == 1
+    t = tiny(train={"bias_lr_scale": 64.0, "weight_decay": 1e-3}).train
+    groups = make_optimizer(model, t).param_groups
+    biases = [name for name, p in model.named_parameters() if any(p is q for q in groups[1]["params"])]
+    assert biases and all(name.endswith("bias") for name in biases)
+    assert groups[1]["lr_scale"] == 64.0 and groups[1]["weight_decay"] == pytest.approx(1e-3 / 64)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_lookahead_pulls_towards_the_slow_weights():
+    from repulsor.train import Lookahead
+
+    model = torch.nn.Linear(3, 2)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    look = Lookahead(model, every=5, decay=0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    look.step(model, 4, 0.5)  # not a multiple of every: nothing happens
+    assert torch.equal(model.weight, start["weight"] + 1)
+    look.step(model, 5, 0.5)
+    d = 0.9 ** 5 * 0.5 ** 3
+    torch.testing.assert_close(model.weight, start["weight"] * d + (start["weight"] + 1) * (1 - d))
+    torch.testing.assert_close(look.state()["lookahead.weight"], model.weight)
+
+
+def test_label_smoothing_only_for_cross_entropy_losses():
+    with pytest.raises(UserError, match="applies to cross-entropy losses only"):
+        tiny(train={"method": "prototype", "label_smoothing": 0.2})
+    cfg = tiny(train={"method": "ce", "label_smoothing": 0.2})
+    model = build_method_model(cfg, METHODS["ce"], None)
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8) % 10
+    loss, scores, _ = METHODS["ce"].loss(TrainContext(model, model, cfg.train), x, y)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(scores.float(), y, label_smoothing=0.2))
+
+
+@pytest.mark.slow
+def test_fast_cifar_recipe_trains_and_resumes_exactly(tmp_path, shared_data):
+    """The fast recipe's pieces together (whitening fit, bias groups, lookahead, label smoothing,
+    translations) on a Fashion-MNIST subset: interrupted inside epoch 2 and resumed, the run ends
+    with exactly the weights of an uninterrupted one (the lookahead's slow weights are in the
+    checkpoint)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from repulsor.errors import Interrupted
+
+    raw = {"data": {"name": "fashion_mnist", "data_dir": str(shared_data / "fashion_mnist"), "train_subset": 2048,
+                    "augment": "crop_flip", "crop_padding": 2},
+           "model": {"name": "fast_cifar", "width": 0.125},
+           "train": {"method": "ce", "epochs": 2, "batch_size": 64, "lr": 1.5, "lr_min": 0.1, "warmup": 0.23,
+                     "momentum": 0.85, "nesterov": True, "weight_decay": 2e-6, "bias_lr_scale": 64.0,
+                     "label_smoothing": 0.2, "lookahead_every": 3, "precision": "fp32", "val_n": 100,
+                     "eps": 0.1, "alpha": 0.025, "val_attack_steps": 2},
+           "eval": {"after_train": False}}
+    full = train(from_dict(raw), tmp_path / "full", quiet=True)
+
+    part = tmp_path / "part"
+    last = part / "checkpoints" / "last.safetensors"
+
+    def interrupt_in_epoch_2():
+        while not last.exists():
+            time.sleep(0.005)
+        time.sleep(0.05)  # a few steps into epoch 2
+        os.kill(os.getpid(), signal.SIGINT)
+
+    watcher = threading.Thread(target=interrupt_in_epoch_2)
+    watcher.start()
+    with pytest.raises(Interrupted, match="--resume"):
+        train(from_dict(raw), part, quiet=True)
+    watcher.join()
+    assert not (part / "model.safetensors").exists()
+    train(None, part, resume=True, quiet=True)
+    a, b = repulsor.load_model(full).state_dict(), repulsor.load_model(part).state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["val_clean"] > 0.5  # two epochs of 2048 images already learn something

@@ -215,6 +215,11 @@ def robustness_curve(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *
     return curve
 
 
+def is_grey_levels(eps: float) -> bool:
+    """Whether ``eps`` is a whole number of grey levels (k/255), so that "k/255" reads naturally."""
+    return eps > 0 and abs(eps * 255 - round(eps * 255)) < 1e-6
+
+
 def plot_robustness_curves(curves: dict[str, list[dict]], path, title: str = "Robustness curve (PGD-20)", *,
                            norm: str = "linf") -> dict:
     """Draw one robustness curve per model and write the PNG and a JSON of the numbers.
@@ -223,7 +228,8 @@ def plot_robustness_curves(curves: dict[str, list[dict]], path, title: str = "Ro
         curves: ``{label: robustness_curve(...)}``, each a list of ``{"eps", "accuracy", ...}``.
         path: the PNG file; the numbers go to the same name with ``.json``.
         title: the plot title.
-        norm: ``linf`` shows eps in /255 units, ``l2`` as is.
+        norm: ``linf`` shows eps in /255 units when every eps is a whole number of grey
+            levels (8/255..16/255), as is otherwise (MNIST's 0.3) and for ``l2``.
 
     Returns:
         ``{"png": str, "json": str}``.
@@ -232,14 +238,15 @@ def plot_robustness_curves(curves: dict[str, list[dict]], path, title: str = "Ro
     if not curves:
         raise UserError("no robustness curves to plot")
     png = _png_path(path)
-    scale = 255.0 if norm == "linf" else 1.0
+    grey = norm == "linf" and all(is_grey_levels(entry["eps"]) for curve in curves.values() for entry in curve)
+    scale = 255.0 if grey else 1.0
     fig = _new_figure(5.5, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     for i, (label, curve) in enumerate(curves.items()):
         points = sorted((entry["eps"], entry["accuracy"]) for entry in curve)
         ax.plot([e * scale for e, _ in points], [100 * a for _, a in points], marker="o", markersize=4,
                 color=f"C{i % 10}", label=str(label))
-    ax.set_xlabel("ε (/255)" if norm == "linf" else "ε (L2)")
+    ax.set_xlabel("ε (/255)" if grey else f"ε ({'L-inf' if norm == 'linf' else 'L2'})")
     ax.set_ylabel("robust accuracy (%)")
     ax.set_title(title)
     ax.set_ylim(bottom=0)
@@ -745,7 +752,8 @@ def plot_metrics_over_epochs(metrics_paths, path, title: str = "Validation accur
             ax.plot(epochs, [100 * v for v in values], color=color, marker="o", markersize=3, label=f"{label} robust")
         if series["val_clean"]:
             epochs, values = zip(*series["val_clean"])
-            ax.plot(epochs, [100 * v for v in values], color=color, linestyle="--", label=f"{label} clean")
+            ax.plot(epochs, [100 * v for v in values], color=color, linestyle="--", marker="s", markersize=4,
+                    markerfacecolor="white", label=f"{label} clean")
         for r in records:
             rows.append([label, r["epoch"], _number(r.get("train_loss")), _number(r.get("lr")),
                          _number(r.get("val_clean")), _number(r.get("val_robust"))])
@@ -760,6 +768,9 @@ def plot_metrics_over_epochs(metrics_paths, path, title: str = "Validation accur
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    last_epoch = max((summary["epochs"] for summary in runs.values()), default=1)
+    ax.set_xlim(0.5, max(1, last_epoch) + 0.5)  # whole epochs, even for a one-epoch run
+    ax.set_ylim(0, 100)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(title)
@@ -809,9 +820,9 @@ def _training_pool(cfg, data_dir, size: int):
     return None, None, error
 
 
-def analyse_run(run_dir, *, n: int = 500, other_run=None, eps_values=None, data_dir: str | None = None,
+def analyse_run(run_dir, *, n: int | None = None, other_run=None, eps_values=None, data_dir: str | None = None,
                 quiet: bool = True, neighbours_k: int = 5, neighbour_pool: int = 5000, grid_rows: int = 8,
-                neighbours_in: str = "predicted", device: str = "auto") -> dict:
+                neighbours_in: str = "predicted", device: str = "auto", overrides: list[str] = ()) -> dict:
     """Run every analysis on a trained run and write ``RUN/analysis/``.
 
     The adversarial examples are those of the ``quick`` suite (PGD-20, step eps/4, random
@@ -833,7 +844,7 @@ def analyse_run(run_dir, *, n: int = 500, other_run=None, eps_values=None, data_
 
     Args:
         run_dir: a run directory (``config.toml`` and a trained model).
-        n: test points (the first n, unshuffled).
+        n: test points (the first n, unshuffled; default: the run's ``eval.n``).
         other_run: a second run directory on the same data set, for comparisons.
         eps_values: robustness-curve perturbation sizes (pixel units).
         data_dir: data folder overriding the config's.
@@ -844,6 +855,8 @@ def analyse_run(run_dir, *, n: int = 500, other_run=None, eps_values=None, data_
         neighbours_in: ``predicted`` (neighbours from the predicted, wrong class, as in
             Section 5) or ``all`` (any correctly classified training sample).
         device: ``auto``, ``cpu``, ``cuda``...
+        overrides: ``eval.*`` and data-folder settings of the run changed for this call
+            (``"eval.eps=0.1"``).
 
     Returns:
         A dict with ``paths`` (name -> file) and the key numbers: ``n``, ``eps``, ``norm``,
@@ -851,19 +864,22 @@ def analyse_run(run_dir, *, n: int = 500, other_run=None, eps_values=None, data_
         (n_correct, n_fooled), ``neighbours`` (rows shown or why skipped), ``epochs``,
         ``overlap``.
     """
-    from .config import load_config
+    from .config import load_config, load_run_config
 
     if neighbours_in not in ("predicted", "all"):
         raise UserError(f"neighbours_in must be 'predicted' or 'all'; got {neighbours_in!r}")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise UserError(f"--n {n!r}: give at least one test point")
     run_dir = Path(run_dir)
     out = run_dir / "analysis"
     dev = resolve_device(device)
     say = (lambda text: None) if quiet else (lambda text: print(f"[analyse] {text}", flush=True))
 
     model = evaluate_mod.load_model(run_dir, device=dev)
-    cfg = load_config(run_dir / "config.toml")
+    cfg = load_run_config(run_dir, overrides)
     info = data_mod.DATASETS[cfg.data.name]
     eps, norm, seed, batch_size = cfg.eval.eps, cfg.eval.norm, cfg.eval.seed, cfg.eval.batch_size
+    n = cfg.eval.n if n is None else n
     x, y, _ = evaluate_mod.load_test_split(cfg, n, data_dir)
     label = _run_label(run_dir, Path(other_run) if other_run is not None else None)
     paths: dict[str, str] = {}
@@ -883,7 +899,7 @@ def analyse_run(run_dir, *, n: int = 500, other_run=None, eps_values=None, data_
         if other_cfg.data.name != cfg.data.name:
             raise UserError(f"{other_run} was trained on {other_cfg.data.name}, {run_dir} on {cfg.data.name}; "
                             "compare runs on the same data set")
-        other_x, other_y, _ = evaluate_mod.load_test_split(other_cfg, n, data_dir)
+        other_x, other_y, _ = evaluate_mod.load_test_split(other_cfg, n, data_dir, say=lambda text: None)
         if other_x.shape != x.shape or not torch.equal(other_x, x) or not torch.equal(other_y, y):
             raise UserError(f"{other_run} and {run_dir} do not use the same test points; pass the same --data-dir")
         other_result = evaluate_mod.evaluate(other_model, x, y, suite="quick", eps=eps, norm=norm,
@@ -939,6 +955,36 @@ def analyse_run(run_dir, *, n: int = 500, other_run=None, eps_values=None, data_
     ckpt.atomic_write_json(out / "summary.json", summary)
     say(f"wrote {out}")
     return summary
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The key numbers of an ``analyse_run`` summary, one line each, for the command line."""
+    def pct(value) -> str:
+        return "–" if value is None else f"{100 * value:.1f}%"
+
+    lines = [f"analysis of {summary['run']}: first {summary['n']} test points, {summary['norm']} eps ="
+             f" {summary['eps']:.4g}, seed {summary['seed']}",
+             f"  clean {pct(summary['clean_accuracy'])}, PGD-20 (CE) {pct(summary['robust_accuracy'])}"]
+    for label, rows in summary.get("robustness_curve", {}).items():
+        points = ", ".join(f"{row['eps']:.4g}: {pct(row['accuracy'])}" for row in rows)
+        lines.append(f"  robustness curve of {label} (eps: PGD-20 accuracy): {points}")
+    confusion = summary.get("confusion")
+    if confusion:
+        lines.append(f"  adversarial confusion: {confusion['n_fooled']} of {confusion['n_correct']} clean-correct"
+                     " points fooled")
+    neighbours = summary.get("neighbours") or {}
+    if "skipped" in neighbours:
+        lines.append(f"  neighbours: skipped ({neighbours['skipped']})")
+    other = summary.get("other_run")
+    if other:
+        line = (f"  other run {other['run']}: clean {pct(other['clean_accuracy'])}, PGD-20 (CE)"
+                f" {pct(other['robust_accuracy'])}")
+        overlap = summary["overlap"]
+        if overlap.get("jaccard") is not None:
+            line += (f"; misclassified by both: {overlap['n_both']} of the {overlap['n_either']} misclassified by"
+                     f" either (Jaccard {overlap['jaccard']:.3f})")
+        lines.append(line)
+    return lines
 
 
 def _neighbours(model, cfg, info, x, y, x_adv, out: Path, *, data_dir, k, pool, rows, restrict, seed, batch_size,

@@ -25,6 +25,13 @@ from .errors import UserError
 _META_KEY = "repulsor"
 
 
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the process umask (mkstemp's is 0600)."""
+    mask = os.umask(0)  # there is no getter: set it and put it back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temporary file, fsync, rename)."""
     path = Path(path)
@@ -34,6 +41,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except OSError as error:
         raise UserError(f"cannot write to {path.parent}: {error.strerror}; choose a writable folder") from None
     try:
+        # mkstemp creates 0600; give the file the mode open() would, so a colleague on a
+        # shared machine can read a report as they can read the log.
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

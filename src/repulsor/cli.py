@@ -12,17 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UserError
-
-DEMO_CONFIG = {
-    "data": {"name": "digits"},
-    "model": {"name": "mlp", "width": 1.0},
-    "prototypes": {"dim": 64, "metric": "linf", "epochs": 100, "lr": 0.01, "distance": "cosine"},
-    "train": {"method": "prototype", "epochs": 40, "batch_size": 64, "lr": 0.05, "lr_min": 0.0,
-              "schedule": "cyclic", "weight_decay": 5e-4, "precision": "fp32", "eps": 0.1, "alpha": 0.025,
-              "val_n": 200},
-    "eval": {"suite": "quick", "n": 1000, "eps": 0.1},
-}
+from . import __version__
+from .errors import Interrupted, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,61 +27,80 @@ def _formatter(prog):
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
-def _add_common(parser):
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+def _add_common(parser, *, evaluates: bool = True, sets: str = "the config") -> None:
+    """The flags every command that loads data or models takes, with one meaning everywhere."""
+    parser.add_argument("--data-dir", help="folder of the data set (official files or .npz); default: the config's "
+                                           "data folder, or $REPULSOR_DATA/NAME")
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the config's train.device, auto)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help=f"override a value of {sets}, e.g. --set eval.batch_size=128 (repeatable)")
+    if evaluates:
+        parser.add_argument("--n", type=int, help="evaluate on the first N test points, unshuffled (default: the "
+                                                  "config's eval.n)")
+        parser.add_argument("--eps", type=_fraction, help="perturbation size of the evaluation in [0, 1], e.g. 8/255 "
+                                                          "(default: the config's eval.eps)")
+        parser.add_argument("--seed", type=int, help="seed of the evaluation's random starts and queries (default: "
+                                                     "the config's eval.seed)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or progress lines (nor the plan said"
+                                                             " before a run starts)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="repulsor", formatter_class=_formatter,
                      description="Deep repulsive prototypes for adversarial robustness, and an evaluation a defence cannot fool.",
-                     epilog="example:\n  repulsor demo --out runs/demo\n  repulsor <command> --help")
+                     epilog="example:\n  repulsor demo --out runs/demo\n  repulsor <command> --help\n\n"
+                            "every command that loads data or models takes --data-dir, --device, --set and --quiet;\n"
+                            "every command that evaluates takes --n, --eps and --seed, with the same meaning.\n"
+                            "Ctrl-C saves what is done and exits with status 130, saying how to continue;\n"
+                            "a user mistake prints one line and exits with status 2.")
+    parser.add_argument("--version", action="version", version=f"repulsor {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    demo = sub.add_parser("demo", formatter_class=_formatter, help="train and evaluate a prototype model on the embedded digits data (about a minute)",
-                          epilog="example:\n  repulsor demo --out runs/demo")
-    demo.add_argument("--out", default="runs/demo", help="run folder to create (default: runs/demo)")
-    _add_common(demo)
+    demo = sub.add_parser("demo", formatter_class=_formatter,
+                          help="train a prototype model on the embedded digits data and evaluate it, weak and strong "
+                               "attack side by side (under a minute)",
+                          epilog="example:\n  repulsor demo --out runs/demo\n"
+                                 "run it again: a finished demo shows its results, an interrupted one continues.")
+    demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    _add_common(demo, sets="the demo's config")
 
     train = sub.add_parser("train", formatter_class=_formatter, help="train a model from a TOML config",
                            epilog="examples:\n"
                                   "  repulsor train --config configs/mnist-prototype.toml --data-dir ../shared/data/mnist --out runs/mnist\n"
-                                  "  repulsor train --config configs/mnist-prototype.toml --set train.epochs=2 --out runs/try\n"
-                                  "  repulsor train --resume runs/mnist")
+                                  "  repulsor train --config configs/mnist-prototype.toml --data-dir ../shared/data/mnist \\\n"
+                                  "      --set train.epochs=2 --no-eval --out runs/try\n"
+                                  "  repulsor train --set prototypes.file=P.safetensors --set prototypes.dim=100 --out runs/own-prototypes\n"
+                                  "  repulsor train --resume runs/mnist\n"
+                                  "after training the run is evaluated (eval.suite on the first eval.n test points);\n"
+                                  "--no-eval skips that, and --n, --eps and --seed change it.")
     train.add_argument("--config", help="TOML config file (default: built-in defaults)")
-    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override a config value, e.g. --set train.lr=0.05 --set train.eps=8/255")
-    train.add_argument("--data-dir", help="folder of the data set (official files or .npz)")
     train.add_argument("--out", help="run folder to create")
     train.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
+    train.add_argument("--no-eval", action="store_true", help="do not evaluate on the test split after training")
     train.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to RUN/tensorboard")
     _add_common(train)
 
     ev = sub.add_parser("evaluate", formatter_class=_formatter, help="clean and robust accuracy of a run",
                         epilog="examples:\n  repulsor evaluate runs/demo\n"
-                               "  repulsor evaluate runs/mnist --suite standard --n 500 --eps 0.3")
+                               "  repulsor evaluate runs/mnist --suite standard --n 500 --eps 0.3\n"
+                               "Ctrl-C keeps the attacks already finished: run the same command again to continue.")
     ev.add_argument("run", help="run folder written by repulsor train")
     ev.add_argument("--suite", help="quick | paper | standard | adaptive (default: the run's eval.suite)")
-    ev.add_argument("--n", type=int, help="first N test points, unshuffled (default: the run's eval.n)")
-    ev.add_argument("--eps", type=_fraction, help="perturbation size in [0, 1], e.g. 8/255 (default: the run's eval.eps)")
     ev.add_argument("--norm", choices=("linf", "l2"), help="threat model (default: the run's eval.norm)")
-    ev.add_argument("--seed", type=int, help="seed of random starts and queries")
-    ev.add_argument("--batch-size", type=int, help="examples per attack call")
-    ev.add_argument("--data-dir", help="folder of the test data (default: the run's data.test_dir or data.data_dir)")
-    ev.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    _add_common(ev)
+    ev.add_argument("--batch-size", type=int, help="examples per attack call (default: the run's eval.batch_size)")
+    _add_common(ev, sets="the run's config for this command (eval.* and data folders)")
 
     an = sub.add_parser("analyse", formatter_class=_formatter,
                         help="the paper's analyses: robustness curve, adversarial confusion, neighbours, overlap",
-                        epilog="examples:\n  repulsor analyse runs/mnist-prototype\n"
+                        epilog="examples:\n  repulsor analyse runs/demo\n"
                                "  repulsor analyse runs/mnist-prototype --other runs/mnist-ce --n 500")
     an.add_argument("run", help="run folder written by repulsor train")
     an.add_argument("--other", help="a second run on the same data: overlap of misclassified adversarial examples")
-    an.add_argument("--n", type=int, default=500, help="first N test points (default 500)")
-    an.add_argument("--data-dir", help="folder of the data (default: the run's)")
-    _add_common(an)
+    _add_common(an, sets="the run's config for this command (eval.* and data folders)")
 
     proto = sub.add_parser("prototypes", formatter_class=_formatter, help="generate repulsive prototypes and print their separation",
-                           epilog="example:\n  repulsor prototypes --classes 10 --dim 100 --metric linf --epochs 100 --lr 0.01 --seed 0 --out P.safetensors")
+                           epilog="example:\n  repulsor prototypes --classes 10 --dim 100 --metric linf --epochs 100 --lr 0.01 --seed 0 --out P.safetensors\n"
+                                  "train with them:\n  repulsor train --set prototypes.file=P.safetensors --set prototypes.dim=100 --out runs/own-prototypes")
     proto.add_argument("--classes", type=int, required=True, help="number of classes k")
     proto.add_argument("--dim", type=int, required=True, help="output dimension D")
     proto.add_argument("--metric", default="linf", choices=("linf", "l2", "cosine"))
@@ -103,35 +113,35 @@ def build_parser() -> argparse.ArgumentParser:
                          help="train and evaluate several methods under one protocol; write the paper's tables",
                          epilog="examples:\n"
                                 "  repulsor compare configs/compare-digits-tiny.toml --out runs/compare-tiny\n"
-                                "  repulsor compare configs/compare-mnist-cpu.toml --out runs/cmp-mnist --only ce pgd_at\n"
+                                "  repulsor compare configs/compare-mnist-cpu.toml --data-dir ../shared/data/mnist --out runs/cmp-mnist --only ce pgd_at\n"
                                 "run the same command again to resume: finished runs and suites are not redone.\n"
+                                "--set, --n, --eps and --seed change the shared sections for every method\n"
+                                "(--n is compare.eval_n).\n"
                                 "writes OUT/comparison.json, OUT/tables.md, OUT/robustness_curves.png, OUT/epochs.png")
     cmp.add_argument("config", help="compare TOML file ([compare] methods = [...], shared sections, [method.NAME.train] overrides)")
     cmp.add_argument("--out", required=True, help="comparison folder; each method trains into OUT/METHOD")
     cmp.add_argument("--only", nargs="+", metavar="METHOD", help="train and evaluate only these runs now (methods or prototype-D<dim>)")
-    _add_common(cmp)
+    _add_common(cmp, sets="the compare config's shared sections")
 
     report = sub.add_parser("report", formatter_class=_formatter,
                             help="write report.html (self-contained) and report.md for runs and comparison folders",
                             epilog="examples:\n  repulsor report runs/demo --out reports/demo\n"
-                                   "  repulsor report runs/compare-mnist runs/mnist --out reports/mnist --n 200")
+                                   "  repulsor report runs/compare-mnist runs/mnist --out reports/mnist --n 200\n"
+                                   "the figures attack the first --n test points of each run with PGD-20 (default:\n"
+                                   "each run's eval.n).")
     report.add_argument("paths", nargs="+", metavar="RUN_OR_COMPARE_DIR",
                         help="run folders (config.toml) and comparison folders (comparison.json)")
     report.add_argument("--out", required=True, help="report folder to write (report.html, report.md, figures/)")
-    report.add_argument("--n", type=int,
-                        help="first N test points attacked (PGD-20) for the figures (default: 200 per run; "
-                             "300 / number of methods, at most 100, per method of a comparison)")
-    report.add_argument("--data-dir", help="folder of the data set (default: the runs' configs)")
     report.add_argument("--no-neighbours", action="store_true",
                         help="skip the nearest-neighbour grid (it loads the training split)")
-    report.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    _add_common(report)
+    _add_common(report, sets="each run's config for this command (eval.* and data folders)")
 
     export = sub.add_parser("export", formatter_class=_formatter,
                             help="write a standalone model (model.py + model.safetensors) that does not need repulsor",
                             epilog="example:\n  repulsor export runs/demo --out exports/demo\n"
                                    "  python -c \"import sys; sys.path.insert(0, 'exports/demo'); "
-                                   "from model import load_model; print(load_model())\"")
+                                   "from model import load_model; print(load_model())\"\n"
+                                   "an existing export is never overwritten: choose a new --out.")
     export.add_argument("run", help="run folder written by repulsor train")
     export.add_argument("--out", required=True, help="folder to write model.py, model.safetensors and README.md into")
     return parser
@@ -146,28 +156,56 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"cannot read {text!r} as a number; write 0.0314 or 8/255") from None
 
 
-def _print_results(results: dict, suite: str | None = None) -> None:
-    """Print every attack evaluated so far, and the sanity verdicts of ``suite``."""
-    print(f"data: {results['dataset']} {results['split']}, first {results['n']} points")
-    print(f"clean accuracy: {results['clean_accuracy']:.4f}")
-    for entry in results["attacks"]:
-        print(f"  [{entry['suite']}] {entry['name']:<34} {entry['norm']} eps={entry['eps']:.4f}"
-              f"  accuracy after: {entry['accuracy']:.4f}  ({entry['seconds']:.1f}s)")
-    for name, acc in results["worst_case"].items():
-        print(f"worst case over suite {name}: {acc:.4f}")
-    if suite in results.get("suites", {}):
-        for verdict in results["suites"][suite].get("sanity", []):
-            print(("WARN " if not verdict["ok"] else "ok   ") + verdict["message"])
+def _config_overrides(args, *, n_key: str = "eval.n") -> list[str]:
+    """--set plus the common flags, as ``section.key=value`` overrides of a config to be trained."""
+    overrides = list(args.set)
+    if args.data_dir:
+        overrides.append(f"data.data_dir={json.dumps(str(Path(args.data_dir).resolve()))}")
+    if args.device:
+        overrides.append(f"train.device={json.dumps(args.device)}")
+    overrides += _eval_overrides(args, n_key=n_key)
+    return overrides
+
+
+def _eval_overrides(args, *, n_key: str | None = "eval.n") -> list[str]:
+    overrides = []
+    if n_key and args.n is not None:
+        overrides.append(f"{n_key}={args.n}")
+    if args.eps is not None:
+        overrides.append(f"eval.eps={args.eps!r}")
+    if args.seed is not None:
+        overrides.append(f"eval.seed={args.seed}")
+    return overrides
+
+
+def _fmt_pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _print_results(results: dict, key: str | None) -> None:
+    """Print the suite ``key`` just evaluated, with its own points and clean accuracy, and its verdicts."""
+    res = results.get("suites", {}).get(key)
+    if res is None:
+        return
+    print(f"suite {key}: {results['dataset']} {results['split']}, first {res['n']} points, {res['norm']} eps = "
+          f"{res['eps']:.4g}, seed {res['seed']}")
+    print(f"  clean accuracy: {res['clean_accuracy']:.4f}")
+    for entry in res["attacks"]:
+        print(f"  {entry['name']:<34} accuracy after: {entry['accuracy']:.4f}  ({entry['n_attacked']} attacked,"
+              f" {entry['seconds']:.1f}s)")
+    print(f"  worst case (robust accuracy): {res['robust_accuracy']:.4f}")
+    for verdict in res.get("sanity", []):
+        print(("  WARN " if not verdict["ok"] else "  ok   ") + verdict["message"])
+    others = [f"{name} {r['robust_accuracy']:.4f} (n={r['n']})" for name, r in results["suites"].items() if name != key]
+    if others:
+        print(f"earlier evaluations in results.json, each on its own points: {'; '.join(others)}")
 
 
 def cmd_demo(args) -> int:
-    from .config import from_dict
-    from .train import train
+    from .demo import run_demo
 
-    out = train(from_dict(DEMO_CONFIG), args.out, quiet=args.quiet)
-    results = json.loads((Path(out) / "results.json").read_text())
-    _print_results(results, results.get("last_suite"))
-    print(f"run folder: {out}")
+    summary = run_demo(args.out, overrides=_config_overrides(args), quiet=args.quiet)
+    print(summary["text"])
     return 0
 
 
@@ -176,15 +214,19 @@ def cmd_train(args) -> int:
     from .train import train
 
     if args.resume:
-        if args.config or args.set or args.out or args.data_dir:
-            raise UserError("--resume takes the run's own config; do not combine it with --config, --set, --data-dir or --out")
+        given = [flag for flag, value in (("--config", args.config), ("--set", args.set), ("--out", args.out),
+                                          ("--data-dir", args.data_dir), ("--device", args.device), ("--n", args.n),
+                                          ("--eps", args.eps), ("--seed", args.seed), ("--no-eval", args.no_eval))
+                 if value]
+        if given:
+            raise UserError(f"--resume takes the run's own config; do not combine it with {', '.join(given)}")
         out = train(None, args.resume, resume=True, quiet=args.quiet, tensorboard=args.tensorboard)
     else:
         if not args.out:
             raise UserError("train needs --out RUN_FOLDER (or --resume RUN)")
-        overrides = list(args.set)
-        if args.data_dir:
-            overrides.append(f"data.data_dir={json.dumps(args.data_dir)}")
+        overrides = _config_overrides(args)
+        if args.no_eval:
+            overrides.append("eval.after_train=false")
         out = train(load_config(args.config, overrides), args.out, quiet=args.quiet, tensorboard=args.tensorboard)
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun only rank 0 reports
@@ -201,18 +243,19 @@ def cmd_evaluate(args) -> int:
 
     results = evaluate_run(args.run, suite=args.suite, n=args.n, eps=args.eps, norm=args.norm,
                            data_dir=args.data_dir, seed=args.seed, batch_size=args.batch_size,
-                           device=args.device, quiet=args.quiet)
+                           device=args.device or "auto", quiet=args.quiet, overrides=args.set)
     if results:  # empty on ranks other than 0 under torchrun
         _print_results(results, results.get("last_suite"))
     return 0
 
 
 def cmd_analyse(args) -> int:
-    from .analysis import analyse_run
+    from .analysis import analyse_run, summary_lines
 
-    if args.n < 1:
-        raise UserError(f"--n {args.n}: give at least one test point")
-    summary = analyse_run(args.run, n=args.n, other_run=args.other, data_dir=args.data_dir, quiet=args.quiet)
+    summary = analyse_run(args.run, n=args.n, other_run=args.other, data_dir=args.data_dir, quiet=args.quiet,
+                          device=args.device or "auto", overrides=args.set + _eval_overrides(args, n_key=None))
+    for line in summary_lines(summary):
+        print(line)
     for name, path in summary["paths"].items():
         print(f"{name:>18}: {path}")
     return 0
@@ -228,14 +271,16 @@ def cmd_prototypes(args) -> int:
     if args.out:
         save_prototypes(args.out, prototypes, {"k": args.classes, "D": args.dim, "metric": args.metric,
                                                "epochs": args.epochs, "lr": args.lr, "seed": args.seed})
-        print(f"wrote {args.out}")
+        print(f"wrote {args.out}; train with them: repulsor train --set prototypes.file={args.out}"
+              f" --set prototypes.dim={args.dim} ...")
     return 0
 
 
 def cmd_compare(args) -> int:
     from .compare import compare, format_tables
 
-    report = compare(args.config, args.out, quiet=args.quiet, only=args.only)
+    report = compare(args.config, args.out, quiet=args.quiet, only=args.only,
+                     overrides=_config_overrides(args, n_key="compare.eval_n"))
     print(format_tables(report))
     print(f"comparison folder: {args.out} (comparison.json, tables.md, robustness_curves.png, epochs.png)")
     return 0
@@ -244,8 +289,9 @@ def cmd_compare(args) -> int:
 def cmd_report(args) -> int:
     from .report import build_report
 
-    result = build_report(args.paths, args.out, n=args.n, data_dir=args.data_dir, device=args.device,
-                          quiet=args.quiet, neighbours=not args.no_neighbours)
+    result = build_report(args.paths, args.out, n=args.n, data_dir=args.data_dir, device=args.device or "auto",
+                          quiet=args.quiet, neighbours=not args.no_neighbours,
+                          overrides=args.set + _eval_overrides(args, n_key=None))
     print(f"wrote {result['html']} and {result['md']} ({result['seconds']:.1f}s)")
     return 0
 
@@ -261,6 +307,18 @@ def cmd_export(args) -> int:
     return 0
 
 
+# What a Ctrl-C outside training leaves, and how to go on (training says it itself).
+CONTINUE = {
+    "demo": "run the same command again to continue",
+    "train": "run the same command again",
+    "evaluate": "the attacks already finished are saved; run the same command again to continue",
+    "analyse": "nothing was written; run the same command again",
+    "prototypes": "nothing was written; run the same command again",
+    "compare": "finished runs and suites are saved; run the same command again to continue",
+    "report": "the report was not written; run the same command again",
+    "export": "nothing was written; run the same command again",
+}
+
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "prototypes": cmd_prototypes,
             "compare": cmd_compare, "report": cmd_report, "export": cmd_export, "analyse": cmd_analyse}
 
@@ -269,11 +327,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except Interrupted as error:
+        print(f"repulsor: interrupted: {' '.join(str(error).split())}", file=sys.stderr)
+        return 130
     except UserError as error:
         print(f"repulsor: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("repulsor: interrupted", file=sys.stderr)
+        print(f"repulsor: interrupted: {CONTINUE[args.command]}", file=sys.stderr)
         return 130
 
 

@@ -48,9 +48,10 @@ import torch
 from . import checkpoint as ckpt
 from .analysis import _curve_eps_values, plot_metrics_over_epochs, plot_robustness_curves, read_metrics, robustness_curve
 from .attacks import evaluating
-from .config import _SECTION_TYPES, Config, _coerce, from_dict, load_config, parse_fraction, read_toml, to_dict
+from .config import (_SECTION_TYPES, Config, _coerce, apply_overrides, from_dict, load_config, parse_fraction,
+                     parse_override, read_toml, resolve_paths, to_dict)
 from .data import DATASETS
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .methods import METHODS
 from .runtime import code_version, resolve_device
 from .train import LAST, MODEL, TrainingStopped, train
@@ -205,17 +206,19 @@ def _run_config(shared: dict, override: dict, method: str, where: str, eval_n: i
     merged = _merge(shared, override)
     merged = _merge(merged, {"train": {"method": method}, "eval": {"after_train": False, "n": eval_n, "suite": suite}})
     try:
-        return from_dict(merged)
+        return resolve_paths(from_dict(merged))
     except UserError as error:
         raise UserError(f"{where}: {error}") from None
 
 
-def load_compare_config(source) -> ComparePlan:
+def load_compare_config(source, overrides: list[str] = ()) -> ComparePlan:
     """Read and validate a compare config.
 
     Args:
         source: a TOML file (path) or the same data as a dict (``{"compare": {...},
             "data": {...}, "method": {"pgd_at": {"train": {"lr": 0.1}}}}``).
+        overrides: ``section.key=value`` strings applied on top of the file: shared
+            sections (``"eval.eps=8/255"``) or the compare table (``"compare.eval_n=200"``).
 
     Returns:
         A ``ComparePlan`` with one validated ``Config`` per run.
@@ -230,6 +233,9 @@ def load_compare_config(source) -> ComparePlan:
         raw = copy.deepcopy(source)
     else:
         raise UserError(f"a compare config is a TOML file or a dict, not {type(source).__name__}")
+    if any(parse_override(text)[0] == "method" for text in overrides):
+        raise UserError("--set method.*: per-method settings belong in the compare config's [method.NAME] tables")
+    apply_overrides(raw, overrides)
     table = raw.pop("compare", None)
     if not isinstance(table, dict):
         raise UserError("the compare config needs a [compare] table with methods = [\"ce\", \"prototype\", ...]")
@@ -387,9 +393,9 @@ def _train_run(run: RunPlan, run_dir: Path, *, quiet: bool, say) -> tuple[str, s
         say(f"{run.name}: training ({run.cfg.train.epochs} epochs) into {run_dir}")
         train(run.cfg, run_dir, quiet=quiet)
         return "trained", None
+    except Interrupted as error:
+        raise Interrupted(f"{error}; or run the same repulsor compare command again to continue") from None
     except TrainingStopped as error:
-        if "stopped by SIG" in str(error):
-            raise UserError(f"{error}; or run the same repulsor compare command again to continue") from None
         say(f"{run.name}: training failed: {error}")
         return "failed", str(error)
 
@@ -582,7 +588,7 @@ def _epochs(plan: ComparePlan, out: Path, runs: list[RunPlan], *, files: dict) -
     return written["runs"]
 
 
-def compare(config, out_dir, *, quiet: bool = False, only=None) -> dict:
+def compare(config, out_dir, *, quiet: bool = False, only=None, overrides: list[str] = ()) -> dict:
     """Train, evaluate and compare every method of a compare config under one protocol.
 
     Resumable at every level: a run with ``model.safetensors`` is not retrained, a run
@@ -597,13 +603,14 @@ def compare(config, out_dir, *, quiet: bool = False, only=None) -> dict:
         only: run names (methods, or ``prototype-D<dim>`` sweep runs) to train and
             evaluate now; the others are left as they are. The report covers every run
             that has finished training.
+        overrides: ``section.key=value`` changes of the config (see ``load_compare_config``).
 
     Returns:
         The content of ``out_dir/comparison.json``: ``protocol``, ``config``, ``runs``
         (name -> numbers), ``table1``, ``transfer``, ``curves``, ``epochs``, ``files``.
         Also writes ``tables.md``, ``robustness_curves.png/.json``, ``epochs.png/.csv``.
     """
-    plan = load_compare_config(config)
+    plan = load_compare_config(config, overrides)
     selected = _select(plan, only)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -617,7 +624,7 @@ def compare(config, out_dir, *, quiet: bool = False, only=None) -> dict:
     status = _train_and_evaluate(plan, selected, out, protocol, n_test, quiet=quiet, say=say)
     runs = {r.name: _run_report(plan, r, out / r.name, status[r.name], protocol, n_test) for r in plan.runs}
     finished = [r for r in plan.runs if (out / r.name / MODEL).exists()]
-    device = resolve_device("auto")
+    device = resolve_device(plan.base.train.device)
     models = {r.name: evaluate_mod.load_model(out / r.name, device=device) for r in finished}
     n_eval = min(plan.eval_n, n_test)
 

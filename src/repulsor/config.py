@@ -30,11 +30,12 @@ class DataConfig:
     train_subset: int = 0  # use only the first N training images (0 = all); for CPU presets
     split_seed: int = 0
     augment: str = "auto"  # auto (crop+flip for CIFAR, none otherwise) | none | crop_flip
+    crop_padding: int = 4  # crop_flip (and auto on CIFAR): translations of up to this many pixels
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "mlp"  # resnet18 | preact_resnet18 | wrn | small_cnn | mlp
+    name: str = "mlp"  # resnet18 | preact_resnet18 | wrn | small_cnn | mlp | fast_cifar
     width: float = 1.0
     depth: int = 34  # wrn only
     widen_factor: int = 10  # wrn only
@@ -58,12 +59,17 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 0.1  # peak learning rate
     lr_min: float = 0.0  # cyclic schedule's lower bound
+    warmup: float = 0.4  # cyclic schedule: fraction of training at which the rate peaks
     schedule: str = "cyclic"  # cyclic | onecycle | multistep | constant
     milestones: list[int] = field(default_factory=list)  # multistep, in epochs
     gamma: float = 0.1  # multistep decay factor
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
+    bias_lr_scale: float = 1.0  # biases (1-d *.bias parameters) train at lr * this and weight decay / this
+    label_smoothing: float = 0.0  # methods whose loss is cross-entropy only
+    lookahead_every: int = 0  # every N steps pull the weights to their slow average (0 = off)
+    lookahead_decay: float = 0.95  # per step; its N-th power, ramped in by (progress)^3, weights the slow average
     grad_clip: float = 0.0  # 0 = off
     precision: str = "auto"  # auto (bf16 on CPU, fp16 on CUDA) | fp32 | bf16 | fp16
     channels_last: bool = False
@@ -119,7 +125,7 @@ _SECTION_TYPES = {
 CHOICES = {
     ("data", "name"): ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100"),
     ("data", "augment"): ("auto", "none", "crop_flip"),
-    ("model", "name"): ("resnet18", "preact_resnet18", "wrn", "small_cnn", "mlp"),
+    ("model", "name"): ("resnet18", "preact_resnet18", "wrn", "small_cnn", "mlp", "fast_cifar"),
     ("prototypes", "metric"): ("linf", "l2", "cosine"),
     ("prototypes", "distance"): ("cosine", "linf", "l2"),
     ("train", "schedule"): ("cyclic", "onecycle", "multistep", "constant"),
@@ -132,6 +138,7 @@ CHOICES = {
 RANGES = {
     ("data", "val_size"): (0.0, None, True),
     ("data", "train_subset"): (0, None, True),
+    ("data", "crop_padding"): (0, None, True),
     ("model", "width"): (0.0, None, False),
     ("model", "depth"): (10, None, True),
     ("model", "widen_factor"): (1, None, True),
@@ -142,6 +149,11 @@ RANGES = {
     ("train", "batch_size"): (1, None, True),
     ("train", "lr"): (0.0, None, False),
     ("train", "lr_min"): (0.0, None, True),
+    ("train", "warmup"): (0.0, 1.0, False),
+    ("train", "bias_lr_scale"): (0.0, None, False),
+    ("train", "label_smoothing"): (0.0, 0.99, True),
+    ("train", "lookahead_every"): (0, None, True),
+    ("train", "lookahead_decay"): (0.0, 1.0, True),
     ("train", "gamma"): (0.0, 1.0, False),
     ("train", "momentum"): (0.0, 1.0, True),
     ("train", "weight_decay"): (0.0, None, True),
@@ -274,6 +286,10 @@ def _check_consistency(config: Config) -> None:
 
     if method not in METHODS:
         raise UserError(f"train.method = {method!r} is not one of {', '.join(METHODS)}")
+    if config.train.label_smoothing and "label_smoothing" not in METHODS[method].options:
+        raise UserError(f"train.label_smoothing = {config.train.label_smoothing:g} applies to cross-entropy losses only;"
+                        f" the {method} loss is not one: set it to 0 (in a compare config, set it under"
+                        " [method.NAME.train] for the cross-entropy methods)")
     if METHODS[method].uses_prototypes and config.prototypes.dim < info.num_classes:
         raise UserError(
             f"prototypes.dim = {config.prototypes.dim} is smaller than the {info.num_classes} classes of"
@@ -332,13 +348,43 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         A validated, frozen ``Config``.
     """
     raw: dict = read_toml(path) if path is not None else {}
+    return from_dict(apply_overrides(raw, overrides))
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set each ``section.key=value`` of ``overrides`` in the nested dict ``raw`` (in place) and return it."""
     for text in overrides:
         section, key, value = parse_override(text)
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
+        if not isinstance(raw.setdefault(section, {}), dict):
             raise UserError(f"config section [{section}] must be a table")
         raw[section][key] = value
-    return from_dict(raw)
+    return raw
+
+
+# What a command that reads a trained run may change for itself: how it is evaluated and where
+# its data lies, never what was trained.
+RUN_OVERRIDABLE = {"eval": None, "data": ("data_dir", "test_dir")}
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
+    """A run's saved config with ``eval.*`` and data-folder overrides applied for one command."""
+    for text in overrides:
+        section, key, _ = parse_override(text)
+        allowed = RUN_OVERRIDABLE.get(section, ())
+        if allowed is not None and key not in allowed:
+            raise UserError(f"--set {text}: a trained run's {section}.{key} cannot change; when reading a run only"
+                            " eval.* and data.data_dir / data.test_dir can be set")
+    return load_config(Path(run_dir) / "config.toml", overrides)
+
+
+def resolve_paths(config: Config) -> Config:
+    """The config with its folders and files made absolute, so a run resolves them from any folder."""
+    def absolute(text: str) -> str:
+        return str(Path(text).expanduser().resolve()) if text else text
+
+    data = replace(config.data, data_dir=absolute(config.data.data_dir), test_dir=absolute(config.data.test_dir))
+    prototypes = replace(config.prototypes, file=absolute(config.prototypes.file))
+    return replace(config, data=data, prototypes=prototypes)
 
 
 def to_dict(config: Config) -> dict:

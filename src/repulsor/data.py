@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import default_file_mode
 from .errors import UserError
 
 __all__ = [
@@ -206,6 +207,7 @@ def _download_file(remote: _Remote, folder: Path) -> Path:
     for base in remote.urls:
         url = base + remote.filename
         fd, tmp_name = tempfile.mkstemp(prefix=f".{remote.filename}.", suffix=".part", dir=folder)
+        os.fchmod(fd, default_file_mode())
         os.close(fd)
         tmp = Path(tmp_name)
         try:

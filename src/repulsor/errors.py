@@ -7,3 +7,11 @@ class UserError(Exception):
     The command line prints ``str(error)`` on one line and exits with status 2,
     without a traceback. The message names what is wrong and how to fix it.
     """
+
+
+class Interrupted(UserError):
+    """The user stopped a command (Ctrl-C, SIGTERM) after its work so far was saved.
+
+    The command line prints the message, which says how to continue, and exits with
+    status 130, whichever command was stopped.
+    """

@@ -9,6 +9,7 @@ so that an interrupted suite resumes at the next attack.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .attacks import evaluating, geometry, get_attack
-from .config import Config, load_config
+from .config import Config, load_config, load_run_config
 from .data import load_dataset
 from .errors import UserError
 from .runtime import code_version, derive_seed, init_process_group, resolve_device
@@ -248,22 +249,39 @@ def load_model(run_dir: str | Path, *, device: str | torch.device = "cpu") -> to
     return model.to(device).eval()
 
 
-def load_test_split(cfg: Config, n: int | None, data_dir: str | None = None):
-    """The first ``n`` test points of the run's data set (``data.test_dir`` if the config names one)."""
+def load_test_split(cfg: Config, n: int | None, data_dir: str | None = None, *, say=None):
+    """The first ``n`` test points of the run's data set (``data.test_dir`` if the config names one).
+
+    When ``n`` exceeds the split, all of it is used and ``say`` (default: a note on stderr)
+    tells so, so that nobody reads "first 100000 points" over a 360-point test set.
+    """
     folder = data_dir or cfg.data.test_dir or cfg.data.data_dir or None
     x, y = load_dataset(cfg.data.name, "test", data_dir=folder, split_seed=cfg.data.split_seed)
     if n is not None:
+        if n > len(y):
+            (say or _note)(f"asked for the first {n} test points, but the {cfg.data.name} test split has {len(y)}:"
+                           f" using all {len(y)}")
         x, y = x[:n], y[:n]
     return x, y, folder
 
 
+def _note(text: str) -> None:
+    print(f"repulsor: note: {text}", file=sys.stderr, flush=True)
+
+
 def evaluate_run(run_dir: str | Path, *, suite: str | None = None, n: int | None = None, eps: float | None = None,
                  norm: str | None = None, data_dir: str | None = None, seed: int | None = None,
-                 batch_size: int | None = None, device: str = "auto", quiet: bool = False) -> dict:
-    """Evaluate a run on its test split and merge the result into ``RUN/results.json``."""
+                 batch_size: int | None = None, device: str = "auto", quiet: bool = False,
+                 overrides: list[str] = ()) -> dict:
+    """Evaluate a run on its test split and merge the result into ``RUN/results.json``.
+
+    ``overrides`` (``"eval.batch_size=64"``, ``"data.test_dir=..."``) change the run's
+    evaluation settings for this call only; explicit arguments take precedence over them.
+    """
     run_dir = Path(run_dir)
     model = load_model(run_dir)
-    cfg = load_config(run_dir / "config.toml")
+    saved = load_config(run_dir / "config.toml").eval
+    cfg = load_run_config(run_dir, overrides)
     e = cfg.eval
     # "is None", not "or": --n 0 must be refused, not silently replaced by the default.
     suite, n, eps = suite or e.suite, e.n if n is None else n, e.eps if eps is None else eps
@@ -277,6 +295,10 @@ def evaluate_run(run_dir: str | Path, *, suite: str | None = None, n: int | None
     model = model.to(dev)
     x, y, folder = load_test_split(cfg, n, data_dir)
     group = init_process_group(dev)
+    if not quiet and group.is_main:
+        names = ", ".join(s.name for s in suite_specs(suite))
+        print(f"[evaluate] suite {suite} ({names}) on the first {len(y)} {cfg.data.name} test points, {norm}"
+              f" eps = {eps:.4g}, seed {seed}", flush=True)
     # Under torchrun every rank attacks its own shard of the points; counts are summed.
     shard = slice(group.rank, None, group.world_size)
     state_path = run_dir / "eval" / f"{suite}-state{'-rank%d' % group.rank if group.distributed else ''}.safetensors"
@@ -297,7 +319,7 @@ def evaluate_run(run_dir: str | Path, *, suite: str | None = None, n: int | None
     suites = merged.get("suites", {})
     # A suite at the run's own threat model is stored under its name; at another one, the
     # threat model is part of the key, so evaluations at several eps sit side by side.
-    key = suite if (eps, norm) == (e.eps, e.norm) else f"{suite}@{norm}:{eps:.4g}"
+    key = suite if (eps, norm) == (saved.eps, saved.norm) else f"{suite}@{norm}:{eps:.4g}"
     suites[key] = dict(result)
     merged["suites"] = suites
     # The flat contract: every attack of every suite evaluated so far, each with its suite.

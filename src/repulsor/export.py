@@ -328,6 +328,7 @@ def export_model(model: nn.Module, cfg, out_dir, *, source: str = "a model", res
         "repulsor_version": __version__,
     }
     out = Path(out_dir)
+    _check_export_dir(out)
     state = {k: v.detach().to("cpu").clone().contiguous() for k, v in module.state_dict().items()}
     text = model_source(module, spec, title=f"{builder} {head}-head classifier for {info.name} (exported by repulsor)",
                         source=source)
@@ -346,6 +347,19 @@ def export_model(model: nn.Module, cfg, out_dir, *, source: str = "a model", res
             "readme": str(out / "README.md"), "spec": spec, "max_abs_diff": diff}
 
 
+EXPORT_FILES = ("model.py", "model.safetensors", "README.md")
+
+
+def _check_export_dir(out: Path) -> None:
+    """Refuse to write over an earlier export (as train refuses a folder that holds a run)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder")
+    held = [name for name in EXPORT_FILES if (out / name).exists()]
+    if held:
+        raise UserError(f"{out} already holds an export ({', '.join(held)}); choose another --out or delete"
+                        f" {out} first")
+
+
 def export_run(run_dir, out_dir) -> dict:
     """Export the trained model of a run folder (see ``export_model``)."""
     from .config import load_config
@@ -354,8 +368,7 @@ def export_run(run_dir, out_dir) -> dict:
     run_dir, out = Path(run_dir), Path(out_dir)
     if out.exists() and out.resolve() == run_dir.resolve():
         raise UserError(f"--out {out} is the run folder itself; export into a new folder, e.g. {run_dir}/export")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder")
+    _check_export_dir(out)
     model = load_model(run_dir)
     cfg = load_config(run_dir / "config.toml")
     results = None
@@ -420,7 +433,7 @@ def _readme(spec: dict, source: str, results: dict | None) -> str:
         "",
         "## Attack it",
         "",
-        "With AutoAttack (`pip install git+https://github.com/fra31/auto-attack`):",
+        "With AutoAttack (`pip install --no-deps git+https://github.com/fra31/auto-attack`; `--no-deps` keeps your torch):",
         "",
         "```python",
         "from autoattack import AutoAttack",
@@ -429,7 +442,7 @@ def _readme(spec: dict, source: str, results: dict | None) -> str:
         "x_adv = adversary.run_standard_evaluation(x_test, y_test, bs=256)   # x_test in [0, 1], NCHW",
         "```",
         "",
-        "With torchattacks (`pip install torchattacks`):",
+        "With torchattacks (`pip install --no-deps torchattacks scipy`; without `--no-deps` it pulls torchvision and may replace your torch):",
         "",
         "```python",
         "import torchattacks",

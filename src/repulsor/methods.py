@@ -94,10 +94,15 @@ def _attack(ctx: TrainContext, x, y, *, loss, early_stop=False):
     ).detach()
 
 
+def _cross_entropy(ctx: TrainContext, scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the class scores, with ``train.label_smoothing`` (0 = none)."""
+    return F.cross_entropy(scores.float(), y, label_smoothing=ctx.cfg.label_smoothing)
+
+
 def ce_loss(ctx: TrainContext, x, y):
     """Cross-entropy on clean inputs: the paper's Regular baseline."""
     scores = ctx.model(x)
-    return F.cross_entropy(scores.float(), y), scores.detach(), Passes(1, 1)
+    return _cross_entropy(ctx, scores, y), scores.detach(), Passes(1, 1)
 
 
 def prototype_loss(ctx: TrainContext, x, y):
@@ -111,7 +116,7 @@ def pgd_at_loss(ctx: TrainContext, x, y):
     x_adv = _attack(ctx, x, y, loss="ce")
     scores = ctx.model(x_adv)
     steps = ctx.cfg.attack_steps
-    return F.cross_entropy(scores.float(), y), scores.detach(), Passes(steps + 1, steps + 1)
+    return _cross_entropy(ctx, scores, y), scores.detach(), Passes(steps + 1, steps + 1)
 
 
 def fgsm_rs_loss(ctx: TrainContext, x, y):
@@ -122,7 +127,7 @@ def fgsm_rs_loss(ctx: TrainContext, x, y):
         loss="ce", restarts=1, random_start=True, early_stop=False, seed=ctx.seed,
     ).detach()
     scores = ctx.model(x_adv)
-    return F.cross_entropy(scores.float(), y), scores.detach(), Passes(2, 2)
+    return _cross_entropy(ctx, scores, y), scores.detach(), Passes(2, 2)
 
 
 def _kl_to(clean_probs: torch.Tensor):
@@ -145,7 +150,7 @@ def trades_loss(ctx: TrainContext, x, y):
     clean, adv = scores[: len(x)].float(), scores[len(x) :].float()
     robust = F.kl_div(F.log_softmax(adv, dim=1), F.softmax(clean, dim=1), reduction="batchmean")
     steps = ctx.cfg.attack_steps
-    loss = F.cross_entropy(clean, y) + ctx.cfg.trades_beta * robust
+    loss = _cross_entropy(ctx, clean, y) + ctx.cfg.trades_beta * robust
     return loss, clean.detach(), Passes(steps + 3, steps + 2)
 
 
@@ -209,7 +214,7 @@ def _pcl_objective(ctx: TrainContext, x, y):
     scores, features = ctx.model(x, return_features=True)
     centres = ctx.raw_model.centres
     pc = sum(conformity_loss(f, c, y, ctx.cfg.pcl_push) for f, c in zip(features, centres))
-    return F.cross_entropy(scores.float(), y) + ctx.cfg.pcl_weight * pc, scores
+    return _cross_entropy(ctx, scores, y) + ctx.cfg.pcl_weight * pc, scores
 
 
 def pcl_loss(ctx: TrainContext, x, y):
@@ -233,27 +238,31 @@ def _register(method: Method) -> None:
     METHODS[method.name] = method
 
 
-_register(Method("ce", ce_loss, summary="cross-entropy on clean inputs (the paper's Regular run)"))
+# Settings read by every method whose loss is cross-entropy (and by no other).
+_CE = ("label_smoothing",)
+
+_register(Method("ce", ce_loss, summary="cross-entropy on clean inputs (the paper's Regular run)", options=_CE))
 _register(Method("prototype", prototype_loss, head="prototype",
                  summary="repulsive prototypes, clean inputs only (the paper's method)"))
 _register(Method("hpn", prototype_loss, head="prototype", distance="cosine",
                  summary="hyperspherical prototype networks (Mettes et al.): cosine prototypes, Eq. 6"))
 _register(Method("mmc", prototype_loss, head="prototype", distance="sqeuclid", prototypes="mmc",
                  summary="Max-Mahalanobis centres (Pang et al.): loss ||z - mu_y||^2"))
-_register(Method("pgd_at", pgd_at_loss, adversarial=True, summary="PGD adversarial training (Madry et al.)"))
+_register(Method("pgd_at", pgd_at_loss, adversarial=True, summary="PGD adversarial training (Madry et al.)",
+                 options=_CE))
 _register(Method("trades", trades_loss, adversarial=True, summary="TRADES (Zhang et al.)",
-                 options=("trades_beta",)))
+                 options=("trades_beta", *_CE)))
 _register(Method("fgsm_rs", fgsm_rs_loss, adversarial=True, watch_overfitting=True,
                  summary="fast FGSM training with random start (Wong et al.)",
-                 options=("fgsm_alpha", "overfit_drop")))
+                 options=("fgsm_alpha", "overfit_drop", *_CE)))
 _register(Method("prototype_at", prototype_at_loss, head="prototype", adversarial=True,
                  summary="prototype loss on PGD examples"))
 _register(Method("pcl", pcl_loss, head="pcl",
                  summary="prototype conformity loss (Mustafa et al.): CE + learned centres in hidden spaces",
-                 options=("pcl_weight", "pcl_push")))
+                 options=("pcl_weight", "pcl_push", *_CE)))
 _register(Method("pcl_at", pcl_at_loss, head="pcl", adversarial=True,
                  summary="prototype conformity loss on clean and PGD examples (Mustafa et al.)",
-                 options=("pcl_weight", "pcl_push")))
+                 options=("pcl_weight", "pcl_push", *_CE)))
 _register(Method("prototype_trades", prototype_trades_loss, head="prototype", adversarial=True,
                  summary="prototype loss + beta * (1 - cos(f(x), f(x_adv))), TRADES-style",
                  options=("trades_beta",)))

@@ -30,6 +30,7 @@ import base64
 import html
 import importlib
 import json
+import os
 import re
 import shutil
 import time
@@ -47,9 +48,6 @@ from .runtime import resolve_device
 
 evaluate_mod = importlib.import_module("repulsor.evaluate")
 
-DEFAULT_N = 200  # test points attacked on the fly for the figures
-BRIEF_POINTS = 300  # test points attacked over all method runs of a comparison (unless n is given) ...
-DEFAULT_N_BRIEF = 100  # ... at most this many per run
 CURVE_N = 100  # points of a robustness curve computed by the report
 GRID_COLUMNS = 8  # test points in the clean / adversarial / perturbation grid
 NEIGHBOUR_POOL = 2000  # training images searched for nearest neighbours
@@ -70,8 +68,8 @@ def format_eps(eps, norm: str) -> str:
     """``0.0314 (8/255)`` for L-inf, the plain number for L2."""
     if eps is None:
         return "–"
-    if norm == "linf":
-        return f"{eps:.4g} ({eps * 255:.3g}/255)"
+    if norm == "linf" and analysis.is_grey_levels(eps):
+        return f"{eps:.4g} ({round(eps * 255)}/255)"
     return f"{eps:.4g}"
 
 
@@ -131,8 +129,19 @@ class Details:
 
 def _inline_html(text: str) -> str:
     escaped = html.escape(str(text))
+    escaped = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', escaped)
     escaped = re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
     return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escaped)
+
+
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "reading-the-report.md"
+
+
+def guide_link(out: Path) -> str:
+    """A Markdown link from the report folder to the reading guide (plain text where it is not installed)."""
+    if not GUIDE.is_file():
+        return "`docs/reading-the-report.md` in the repulsor repository"
+    return f"[docs/reading-the-report.md]({os.path.relpath(GUIDE, out.resolve())})"
 
 
 CSS = """
@@ -293,8 +302,12 @@ def markdown_blocks(text: str, *, shift: int = 1, skip_title: bool = True) -> li
 # (everything else comes from repulsor.analysis)
 
 
-def plot_training_curves(records: list[dict], path, title: str = "Training") -> dict:
-    """Training loss and accuracy per epoch (left) and the learning rate (right); writes PNG."""
+def plot_training_curves(records: list[dict], path, title: str = "Training", *, peak_lr: float | None = None) -> dict:
+    """Training loss and accuracy per epoch (left) and the learning rate (right); writes PNG.
+
+    The learning-rate axis starts at 0 and reaches the schedule's peak (``peak_lr``), so that the
+    end-of-epoch value of a one-epoch cyclic run (almost 0) does not become an axis of 1e-11.
+    """
     png = analysis._png_path(path)
     fig = analysis._new_figure(9.0, 3.4)
     ax_loss = fig.add_subplot(1, 2, 1)
@@ -314,12 +327,16 @@ def plot_training_curves(records: list[dict], path, title: str = "Training") -> 
     points = [(e, 100 * v) for e, v in zip(epochs, acc) if v is not None]
     if points:
         twin = ax_loss.twinx()
-        twin.plot(*zip(*points), color="C1", linestyle="--", label="training accuracy")
+        twin.plot(*zip(*points), color="C1", linestyle="--", marker="s", markersize=3, label="training accuracy")
         twin.set_ylabel("training accuracy (%)", color="C1")
+        twin.set_ylim(0, 100)
     ax_loss.set_title("loss (solid) and accuracy (dashed) on training batches", fontsize=9)
     points = [(e, v) for e, v in zip(epochs, lr) if v is not None]
     if points:
         ax_lr.plot(*zip(*points), color="C2", marker="o", markersize=3)
+    top = max([v for _, v in points] + [peak_lr or 0.0])
+    if top > 0:
+        ax_lr.set_ylim(0, 1.1 * top)
     ax_lr.set_xlabel("epoch")
     ax_lr.set_ylabel("learning rate at the end of the epoch")
     ax_lr.set_title("learning rate", fontsize=9)
@@ -328,6 +345,7 @@ def plot_training_curves(records: list[dict], path, title: str = "Training") -> 
 
     for ax in (ax_loss, ax_lr):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(0.5, max(epochs, default=1) + 0.5)  # whole epochs, even for a one-epoch run
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     analysis._save_figure(fig, png)
@@ -487,9 +505,11 @@ def plot_adversarial_grid(x, x_adv, y, pred_clean, pred_adv, class_names, path, 
 
 
 class _Context:
-    def __init__(self, out: Path, *, n: int | None, data_dir, device, quiet: bool, neighbours: bool):
+    def __init__(self, out: Path, *, n: int | None, data_dir, device, quiet: bool, neighbours: bool,
+                 overrides: list[str] = ()):
         self.out = out
-        self.n = n  # None: DEFAULT_N per run, a share of BRIEF_POINTS per method of a comparison
+        self.n = n  # None: each run's eval.n
+        self.overrides = list(overrides)  # eval.* and data folders, for every run of the report
         self.data_dir = data_dir
         self.device = resolve_device(device)
         self.quiet = quiet
@@ -518,6 +538,9 @@ class _Context:
         if key not in self._test:
             self._test[key] = evaluate_mod.load_test_split(cfg, None, self.data_dir)[:2]
         x, y = self._test[key]
+        if n > len(y):
+            self.say(f"note: asked for the first {n} test points, but the {cfg.data.name} test split has {len(y)}:"
+                     f" using all {len(y)}")
         return x[:n], y[:n]
 
 
@@ -539,6 +562,22 @@ def _analysis_summary(run_dir: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+def overview_accuracies(results: dict | None) -> tuple[str, str]:
+    """The overview's clean and per-suite cells: every number with its own n.
+
+    The clean accuracy shown is the one measured on the most points (a 200-point suite never
+    headlines over a 10,000-point one); each suite's worst case carries the n it was measured on.
+    """
+    suites = (results or {}).get("suites") or {}
+    if not suites:
+        return "–", "–"
+    largest = max(suites.values(), key=lambda res: res.get("n") or 0)
+    clean = f"{format_accuracy(largest.get('clean_accuracy'))} (n={largest.get('n', '?')})"
+    worst = ", ".join(f"{name}: {format_accuracy(res.get('robust_accuracy'))} (n={res.get('n', '?')})"
+                      for name, res in sorted(suites.items(), key=lambda item: -(item[1].get("n") or 0)))
+    return clean, worst
 
 
 def _suite_blocks(name: str, res: dict, results: dict) -> list:
@@ -571,13 +610,13 @@ def _suite_blocks(name: str, res: dict, results: dict) -> list:
                             [["WARN" if not v.get("ok") else "ok", v.get("name", "?"), _fmt(v.get("value")),
                               v.get("message", "")] for v in sanity],
                             ["warn" if not v.get("ok") else "" for v in sanity],
-                            caption="Gradient-masking sanity checks (docs/reading-the-report.md explains each)."))
+                            caption="Gradient-masking sanity checks (the reading guide linked in the overview explains each)."))
     elif name in ("standard", "adaptive"):
         blocks.append(Para("No sanity checks recorded for this suite.", note=True))
     return blocks
 
 
-def _training_blocks(run_dir: Path, figdir: Path, label: str) -> list:
+def _training_blocks(run_dir: Path, figdir: Path, label: str, peak_lr: float | None = None) -> list:
     blocks = [Heading(3, "Training")]
     training = run_dir / "training.json"
     if training.is_file():
@@ -602,7 +641,7 @@ def _training_blocks(run_dir: Path, figdir: Path, label: str) -> list:
     for r in stops:
         blocks.append(Para(f"Training stopped at epoch {r['epoch']}: {r['stopped']}", warn=bool(r.get("catastrophic_overfitting"))))
     if records:
-        written = plot_training_curves(records, figdir / "training.png", title=f"Training of {label}")
+        written = plot_training_curves(records, figdir / "training.png", title=f"Training of {label}", peak_lr=peak_lr)
         blocks.append(Figure(Path(written["png"]), "Training loss and accuracy on the training batches (left; for "
                              "adversarial methods, on the adversarial batches) and the learning rate (right), per epoch."))
         written = analysis.plot_metrics_over_epochs({label: metrics}, figdir / "validation.png",
@@ -620,7 +659,7 @@ def _training_blocks(run_dir: Path, figdir: Path, label: str) -> list:
 def _run_blocks(run_dir: Path, ctx: _Context, *, label: str, heading: str, brief: bool = False,
                 n: int | None = None) -> list:
     """Every section of one run."""
-    from .config import load_config
+    from .config import load_run_config
     from .data import DATASETS
     from .methods import METHODS
 
@@ -628,7 +667,7 @@ def _run_blocks(run_dir: Path, ctx: _Context, *, label: str, heading: str, brief
     slug = ctx.slug(label)
     figdir = ctx.out / "figures" / slug
     figdir.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(run_dir / "config.toml")
+    cfg = load_run_config(run_dir, ctx.overrides)
     info = DATASETS[cfg.data.name]
     method = METHODS.get(cfg.train.method)
     results = ckpt.read_json(run_dir / "results.json", "results file") if (run_dir / "results.json").is_file() else None
@@ -643,7 +682,7 @@ def _run_blocks(run_dir: Path, ctx: _Context, *, label: str, heading: str, brief
     blocks.append(Details("Resolved config (config.toml)", (run_dir / "config.toml").read_text(encoding="utf-8"), "toml"))
 
     if not brief:
-        blocks += _training_blocks(run_dir, figdir, label)
+        blocks += _training_blocks(run_dir, figdir, label, peak_lr=cfg.train.lr)
 
     blocks.append(Heading(3, "Evaluation"))
     worst, warns = {}, 0
@@ -654,13 +693,11 @@ def _run_blocks(run_dir: Path, ctx: _Context, *, label: str, heading: str, brief
             warns += sum(1 for v in res.get("sanity", []) if not v.get("ok"))
     else:
         blocks.append(Para(f"Not evaluated yet (no results.json): run `repulsor evaluate {run_dir}`.", note=True))
-    ctx.overview.append([label, info.name, cfg.train.method, cfg.model.name,
-                         format_accuracy((results or {}).get("clean_accuracy")),
-                         ", ".join(f"{k}: {format_accuracy(v)}" for k, v in worst.items()) or "–",
+    ctx.overview.append([label, info.name, cfg.train.method, cfg.model.name, *overview_accuracies(results),
                          f"{warns} WARN" if warns else "ok" if results else "–"])
     ctx.overview_classes.append("warn" if warns else "")
 
-    blocks += _model_blocks(run_dir, ctx, cfg, info, figdir, label, brief=brief, n=n or ctx.n or DEFAULT_N)
+    blocks += _model_blocks(run_dir, ctx, cfg, info, figdir, label, brief=brief, n=n or ctx.n or cfg.eval.n)
     ctx.timings[label] = round(time.time() - started, 2)
     return blocks
 
@@ -844,7 +881,7 @@ def _compare_blocks(compare_dir: Path, ctx: _Context) -> list:
     runs += [name for name in found if name not in runs]
     ctx.timings[label] = round(time.time() - started, 2)
     trained = [name for name in runs if (compare_dir / name / "model.safetensors").is_file()]
-    n = ctx.n or max(20, min(DEFAULT_N_BRIEF, BRIEF_POINTS // max(1, len(trained))))
+    n = ctx.n  # None: each run's eval.n (a comparison's eval_n)
     for name in runs:
         run_dir = compare_dir / name
         if not (run_dir / "config.toml").is_file():
@@ -858,21 +895,23 @@ def _compare_blocks(compare_dir: Path, ctx: _Context) -> list:
 
 
 def build_report(paths, out_dir, *, n: int | None = None, data_dir: str | None = None, device: str = "auto",
-                 quiet: bool = True, neighbours: bool = True, title: str | None = None) -> dict:
+                 quiet: bool = True, neighbours: bool = True, title: str | None = None,
+                 overrides: list[str] = ()) -> dict:
     """Write ``OUT/report.html`` and ``OUT/report.md`` for run and comparison folders.
 
     Args:
         paths: run folders (``config.toml``) and comparison folders (``comparison.json``).
         out_dir: the report folder (created); figures go to ``OUT/figures/``.
         n: the first n test points attacked on the fly for the figures (PGD-20 of the
-            ``quick`` suite at the run's eval threat model); default 200 for runs and 100
-            for a run, and for each method run of a comparison 300 / (number of runs),
-            between 20 and 100.
+            ``quick`` suite at the run's eval threat model); default: each run's ``eval.n``
+            (for the method runs of a comparison, its ``eval_n``).
         data_dir: test-data folder overriding the runs' configs.
         device: ``auto``, ``cpu``, ``cuda``...
         quiet: no progress lines.
         neighbours: draw the nearest-neighbour grid (loads the training split).
         title: the page title.
+        overrides: ``eval.*`` and data-folder settings changed for every run of the report
+            (``"eval.eps=0.1"``).
 
     Returns:
         ``{"html", "md", "seconds", "timings"}``.
@@ -905,7 +944,7 @@ def build_report(paths, out_dir, *, n: int | None = None, data_dir: str | None =
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(f"cannot create report folder {out}: {error.strerror}") from None
-    ctx = _Context(out, n=n, data_dir=data_dir, device=device, quiet=quiet, neighbours=neighbours)
+    ctx = _Context(out, n=n, data_dir=data_dir, device=device, quiet=quiet, neighbours=neighbours, overrides=overrides)
     body = []
     for path, kind in zip(paths, kinds):
         if kind == "compare":
@@ -917,9 +956,10 @@ def build_report(paths, out_dir, *, n: int | None = None, data_dir: str | None =
     seconds = time.time() - started
     head = [Heading(2, "Overview", anchor="overview"),
             Para(f"Generated by repulsor {__version__} in {seconds:.1f} s. Accuracies are fractions of the first n "
-                 "test points; the worst case of a suite is the accuracy after its whole cascade. How to read every "
-                 "table and figure: `docs/reading-the-report.md`."),
-            Table(["run", "data set", "method", "model", "clean", "worst case per suite", "sanity checks"],
+                 "test points, each shown with its own n; the worst case of a suite is the accuracy after its whole "
+                 f"cascade. How to read every table and figure: {guide_link(out)}."),
+            Table(["run", "data set", "method", "model", "clean (on the most points)", "worst case per suite",
+                   "sanity checks"],
                   ctx.overview, ctx.overview_classes)]
     blocks = head + body
     page_title = title or "repulsor report: " + ", ".join(p.resolve().name for p in paths)

@@ -24,11 +24,11 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .attacks import evaluating, pgd
-from .config import Config, load_config, to_dict, to_toml
+from .config import Config, load_config, resolve_paths, to_dict, to_toml
 from .data import DATASETS, augment, default_augmentation, load_dataset
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .methods import METHODS, Method, TrainContext, mmc_centres
-from .models import build_model
+from .models import build_model, fit_to_data
 from .prototypes import check_prototypes, generate_prototypes, load_prototypes, save_prototypes
 from .runtime import (ProcessGroup, autocast, derive_seed, generator, init_process_group, resolve_device,
                       resolve_precision)
@@ -46,15 +46,16 @@ def lr_at(cfg, progress: float) -> float:
     """The learning rate at ``progress`` = epochs done as a float (e.g. 2.5 = half-way through epoch 3).
 
     cyclic: triangular (Smith 2017) in the single-cycle form of Wong et al.: ``lr_min`` up to
-    ``lr`` over the first 40% of training, back down to ``lr_min`` at the end.
+    ``lr`` over the first ``warmup`` fraction of training (40% by default), back down to
+    ``lr_min`` at the end.
     onecycle: linear warm-up over 30% of training, then cosine annealing to zero.
     multistep: ``lr`` times ``gamma`` for every milestone epoch passed.
     """
     t = cfg.train
     frac = progress / t.epochs
     if t.schedule == "cyclic":
-        peak = 0.4
-        rise = frac / peak if frac < peak else (1 - frac) / (1 - peak)
+        peak = t.warmup
+        rise = frac / peak if frac < peak else (1 - frac) / (1 - peak) if peak < 1 else 1.0
         return t.lr_min + (t.lr - t.lr_min) * max(0.0, min(1.0, rise))
     if t.schedule == "onecycle":
         warm = 0.3
@@ -109,6 +110,16 @@ def build_method_model(cfg: Config, method: Method, prototypes: torch.Tensor | N
                        pcl=method.head == "pcl")
 
 
+def run_status(out: Path) -> str:
+    """``empty`` (no run), ``unfinished`` (a config, no final weights) or ``finished``."""
+    out = Path(out)
+    if (out / MODEL).exists():
+        return "finished"
+    if (out / "config.toml").is_file() or (out / LAST).exists():
+        return "unfinished"
+    return "empty"
+
+
 def _check_run_dir(out: Path, resume: bool) -> None:
     """Refuse an unusable run folder before any work is done and before anything is written."""
     if resume:
@@ -120,8 +131,13 @@ def _check_run_dir(out: Path, resume: bool) -> None:
         return
     if out.exists() and not out.is_dir():
         raise UserError(f"cannot create run folder {out}: a file of that name exists; choose another --out")
-    if (out / LAST).exists() or (out / MODEL).exists():
-        raise UserError(f"{out} already holds a run; resume it with --resume {out} or choose another --out")
+    status = run_status(out)
+    if status == "finished":
+        raise UserError(f"{out} already holds a run (finished); evaluate it with: repulsor evaluate {out}, or choose"
+                        " another --out")
+    if status == "unfinished" and (out / LAST).exists():
+        raise UserError(f"{out} already holds a run (unfinished); continue it with: repulsor train --resume {out},"
+                        " or choose another --out")
     parent = out.parent  # the nearest existing ancestor must be a folder
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -164,8 +180,63 @@ def _augmentation(cfg: Config) -> dict:
     if cfg.data.augment == "none":
         return {"crop_padding": 0, "flip": False}
     if cfg.data.augment == "crop_flip":
-        return {"crop_padding": 4, "flip": True}
-    return default_augmentation(cfg.data.name)
+        return {"crop_padding": cfg.data.crop_padding, "flip": True}
+    aug = default_augmentation(cfg.data.name)
+    return {**aug, "crop_padding": cfg.data.crop_padding} if aug["crop_padding"] else aug
+
+
+def make_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
+    """SGD; biases (1-d ``*.bias``) in their own group at ``bias_lr_scale`` times the rate and
+    weight decay divided by it. Frozen parameters are left out. Each group's ``lr_scale`` is
+    applied by the schedule."""
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    biases = [p for name, p in params if t.bias_lr_scale != 1.0 and p.dim() == 1 and name.endswith("bias")]
+    others = [p for name, p in params if not any(p is b for b in biases)]
+    groups = [{"params": others, "lr_scale": 1.0, "weight_decay": t.weight_decay}]
+    if biases:
+        groups.append({"params": biases, "lr_scale": t.bias_lr_scale, "weight_decay": t.weight_decay / t.bias_lr_scale})
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov)
+
+
+class Lookahead:
+    """Slow weights that the trained weights are pulled to every ``every`` steps (Zhang et al.'s
+    lookahead, in the form of the fast CIFAR recipes): ``slow = d * slow + (1 - d) * fast`` and
+    then ``fast = slow``, with ``d = decay ** every * progress ** 3``, so the average starts from
+    the fast weights and weighs history more as training ends. Floating-point buffers (batch-norm
+    statistics) are averaged with the parameters. The slow weights are part of the checkpoint,
+    so a resumed run takes exactly the same steps.
+    """
+
+    PREFIX = "lookahead."
+
+    def __init__(self, model: torch.nn.Module, every: int, decay: float):
+        self.every, self.decay = every, decay
+        self.slow = {name: t.detach().clone() for name, t in self._tensors(model)}
+
+    @staticmethod
+    def _tensors(model):
+        return [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
+
+    @torch.no_grad()
+    def step(self, model: torch.nn.Module, step: int, progress: float) -> None:
+        """After optimiser step number ``step`` (1-based, counted over the whole run)."""
+        if step % self.every:
+            return
+        self.pull(model, self.decay ** self.every * progress ** 3)
+
+    @torch.no_grad()
+    def pull(self, model: torch.nn.Module, decay: float) -> None:
+        for name, fast in self._tensors(model):
+            slow = self.slow[name]
+            slow.mul_(decay).add_(fast.to(slow.dtype), alpha=1 - decay)
+            fast.copy_(slow)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {self.PREFIX + name: t for name, t in self.slow.items()}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name in self.slow:
+            self.slow[name].copy_(tensors[self.PREFIX + name])
 
 
 def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -222,10 +293,13 @@ class _StopSignal:
             signal.signal(sig, old)
 
 
-def _save_checkpoint(path: Path, model, optimizer, scaler, state: State, cfg: Config) -> None:
+def _save_checkpoint(path: Path, model, optimizer, scaler, state: State, cfg: Config,
+                     lookahead: Lookahead | None = None) -> None:
     tensors = ckpt.model_state(model)
     opt_tensors, opt_meta = ckpt.optimizer_state(optimizer)
     tensors.update(opt_tensors)
+    if lookahead is not None:
+        tensors.update(lookahead.state())
     meta = {
         "config": to_dict(cfg),
         "state": state.__dict__,
@@ -287,8 +361,7 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
     """
     out = Path(out)
     _check_run_dir(out, resume)
-    if resume:
-        cfg = load_config(out / "config.toml")
+    cfg = load_config(out / "config.toml") if resume else resolve_paths(cfg)
     device = resolve_device(cfg.train.device)
     group = init_process_group(device)
     t = cfg.train
@@ -308,6 +381,8 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
         raise UserError(f"train.batch_size = {batch} is larger than the {len(x_train)} training images;"
                         f" use at most {len(x_train)}")
     prototypes = resolve_prototypes(cfg, method, info.num_classes)
+    if not quiet and group.is_main:
+        print(plan_text(cfg, len(x_train), steps_per_epoch, resumed=resume), flush=True)
 
     _prepare_run_dir(out, cfg, resume, group)
     group.barrier()
@@ -317,12 +392,15 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
             "k": info.num_classes, "D": prototypes.shape[1], "metric": cfg.prototypes.metric,
             "epochs": cfg.prototypes.epochs, "lr": cfg.prototypes.lr, "seed": cfg.prototypes.seed})
     model = build_method_model(cfg, method, prototypes).to(device)
+    fit_to_data(model, x_train)  # data-dependent layers (fast_cifar's whitening); a resumed run reloads them
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = resolve_precision(t.precision, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
-                                weight_decay=t.weight_decay, nesterov=t.nesterov)
+    optimizer = make_optimizer(model, t)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    lookahead = Lookahead(model, t.lookahead_every, t.lookahead_decay) if t.lookahead_every else None
+    if device.type != "cpu":  # the training set and its augmentation live on the training device
+        x_train, y_train = x_train.to(device), y_train.to(device)
 
     state = State()
     if resume and not (out / LAST).exists():
@@ -334,6 +412,8 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
         tensors, meta = ckpt.load_tensors(out / LAST)
         ckpt.load_model_state(model, tensors, out / LAST)
         ckpt.load_optimizer_state(optimizer, tensors, meta["optimizer"])
+        if lookahead is not None:
+            lookahead.load(tensors)
         if meta.get("scaler"):
             scaler.load_state_dict(meta["scaler"])
         state = State(**meta["state"])
@@ -371,7 +451,7 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
                 y = y_train[index][group.rank :: group.world_size].to(device)
                 lr = lr_at(cfg, epoch + step / steps_per_epoch)
                 for group_ in optimizer.param_groups:
-                    group_["lr"] = lr
+                    group_["lr"] = lr * group_["lr_scale"]
                 ctx = TrainContext(train_model, model, t, seed=derive_seed(t.seed, "attack", epoch, step))
                 with autocast(device, amp_dtype):
                     loss, scores, passes = method.loss(ctx, x, y)
@@ -392,6 +472,12 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
+                if lookahead is not None:
+                    done, total = epoch * steps_per_epoch + step + 1, t.epochs * steps_per_epoch
+                    if done < total:
+                        lookahead.step(model, done, done / total)
+                    else:  # the last step leaves the slow weights in the model, as the recipe does
+                        lookahead.pull(model, 1.0)
                 sums = group.all_reduce_sum(
                     [loss.item() * len(y), (scores.argmax(1) == y).sum().item(), len(y)], device)
                 state.sums = {k: state.sums[k] + v for k, v in zip(("loss", "correct", "seen"), sums)}
@@ -408,7 +494,7 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
                 stopped_by = stop.received
                 break
             state = _end_epoch(cfg, out, model, optimizer, scaler, state, method, x_val, y_val, device,
-                               group, steps_per_epoch, started, quiet, writer)
+                               group, steps_per_epoch, started, quiet, writer, lookahead)
             if state.finished or stop.received:
                 stopped_by = stop.received
                 break
@@ -416,9 +502,10 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
     state.elapsed += time.time() - started
     if stopped_by and not state.finished:
         if group.is_main:
-            _save_checkpoint(out / LAST, model, optimizer, scaler, state, cfg)
+            _save_checkpoint(out / LAST, model, optimizer, scaler, state, cfg, lookahead)
         _log(out, f"stopped by {stopped_by} at epoch {state.epoch + 1} step {state.step}; checkpoint saved", group)
-        raise TrainingStopped(f"stopped by {stopped_by}; checkpoint saved; continue with: repulsor train --resume {out}")
+        raise Interrupted(f"stopped by {stopped_by} at epoch {state.epoch + 1} step {state.step}; checkpoint saved;"
+                          f" continue with: repulsor train --resume {out}")
 
     state.finished = True
     if group.is_main:
@@ -428,8 +515,22 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
         from .evaluate import evaluate_run
 
         # Every rank takes part: under torchrun the evaluation shards its points over the ranks.
-        evaluate_run(out, quiet=quiet)
+        evaluate_run(out, quiet=quiet, device=cfg.train.device)
     return out
+
+
+def plan_text(cfg: Config, n_train: int, steps_per_epoch: int, *, resumed: bool = False) -> str:
+    """What a training run will do, said before it starts (and what follows it)."""
+    t, e = cfg.train, cfg.eval
+    head = "resuming" if resumed else "training"
+    text = (f"[train] {head} {t.method} ({cfg.model.name}) on {n_train} {cfg.data.name} images: {t.epochs} epochs of"
+            f" {steps_per_epoch} steps of {t.batch_size}")
+    if e.after_train:
+        text += (f"; then evaluating suite {e.suite} on the first {e.n} test points at {e.norm} eps = {e.eps:.4g}"
+                 " (--no-eval skips it)")
+    else:
+        text += "; no evaluation afterwards (eval.after_train = false)"
+    return text
 
 
 def catastrophic_overfitting(peak: float, now: float, n: int, drop: float) -> bool:
@@ -447,7 +548,7 @@ def catastrophic_overfitting(peak: float, now: float, n: int, drop: float) -> bo
 
 
 def _end_epoch(cfg, out, model, optimizer, scaler, state: State, method, x_val, y_val, device, group,
-               steps_per_epoch, started, quiet, writer=None) -> State:
+               steps_per_epoch, started, quiet, writer=None, lookahead=None) -> State:
     """Validate, log, select, checkpoint; decide whether training stops."""
     t = cfg.train
     epoch = state.epoch
@@ -470,7 +571,7 @@ def _end_epoch(cfg, out, model, optimizer, scaler, state: State, method, x_val, 
         if metric > state.best_metric:
             state.best_metric, state.best_epoch, state.bad_epochs = metric, epoch + 1, 0
             if group.is_main:
-                _save_checkpoint(out / BEST, model, optimizer, scaler, state, cfg)
+                _save_checkpoint(out / BEST, model, optimizer, scaler, state, cfg, lookahead)
         else:
             state.bad_epochs += 1
         if t.early_stopping and state.bad_epochs >= t.patience:
@@ -487,7 +588,7 @@ def _end_epoch(cfg, out, model, optimizer, scaler, state: State, method, x_val, 
         state.finished, state.stopped = True, reason
     if group.is_main:
         _append(out / "metrics.jsonl", json.dumps(record))
-        _save_checkpoint(out / LAST, model, optimizer, scaler, state, cfg)
+        _save_checkpoint(out / LAST, model, optimizer, scaler, state, cfg, lookahead)
         line = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
         _log(out, line, group)
         if not quiet:

@@ -22,6 +22,7 @@ from .geometry import geometry
 from .losses import cw
 
 _TINY = 1e-12
+_SIGN_DRAWS = 10  # L-inf proposals: draws of window signs tried until the image changes
 # Iterations (on a 10,000-query scale) after which p halves, as in the paper.
 _P_SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
@@ -120,22 +121,22 @@ def _init(x: torch.Tensor, eps: float, norm: str, generator) -> torch.Tensor:
 
 
 def _propose_linf(x, x_best, eps, side, generator):
-    """Set a random square of the perturbation to ±eps per channel (paper, Alg. 2)."""
+    """Set a random square of the perturbation to ±eps per channel (paper, Alg. 2).
+
+    Where a draw of signs would leave the image unchanged (the window already holds those
+    signs, or the pixels sit at a box bound), the signs are redrawn, up to ``_SIGN_DRAWS``
+    draws in all; the draws are made and compared at once, and each example takes its first
+    draw that changes it (the last one when none does).
+    """
     m, c, h, w = x.shape
     row, col = _positions(m, side, h, w, generator, x.device)
     mask = _window_mask(row, col, side, h, w, x.device)
     delta = x_best - x
-    proposal = x_best
-    pending = torch.ones(m, dtype=torch.bool, device=x.device)
-    # Resample the signs (a few times) where the proposal would not change the image.
-    for _ in range(10):
-        candidate = (x + torch.where(mask, eps * _signs((m, c, 1, 1), generator, x), delta)).clamp(0, 1)
-        proposal = torch.where(pending.view(-1, 1, 1, 1), candidate, proposal)
-        changed = ((proposal - x_best).abs() > 1e-7).flatten(1).any(dim=1)
-        pending = pending & ~changed
-        if not pending.any():
-            break
-    return proposal
+    signs = _signs((_SIGN_DRAWS, m, c, 1, 1), generator, x)
+    candidates = (x + torch.where(mask, eps * signs, delta)).clamp(0, 1)  # [draws, m, C, H, W]
+    changed = ((candidates - x_best).abs() > 1e-7).flatten(2).any(dim=2)  # [draws, m]
+    first = torch.where(changed.any(dim=0), changed.to(torch.uint8).argmax(dim=0), _SIGN_DRAWS - 1)
+    return candidates[first, torch.arange(m, device=x.device)]
 
 
 def _propose_l2(x, x_best, eps, side, generator):

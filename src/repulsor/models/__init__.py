@@ -12,6 +12,7 @@ import numbers
 from torch import nn
 
 from ..errors import UserError
+from .fast import FastCIFAR, fast_cifar
 from .heads import DISTANCES, Network, Normalize, PrototypeClassifier, build_model
 from .pcl import PCLClassifier
 from .resnet import preact_resnet18, resnet18
@@ -24,6 +25,7 @@ MODELS = {
     "wrn": wrn,
     "small_cnn": small_cnn,
     "mlp": mlp,
+    "fast_cifar": fast_cifar,
 }
 
 
@@ -39,7 +41,7 @@ def build_body(name: str, *, in_channels: int, out_dim: int, width: float = 1.0,
     """Build a body by name.
 
     Args:
-        name: one of ``MODELS`` (resnet18, preact_resnet18, wrn, small_cnn, mlp).
+        name: one of ``MODELS`` (resnet18, preact_resnet18, wrn, small_cnn, mlp, fast_cifar).
         in_channels: image channels C.
         out_dim: output size (k for a linear head, D for prototypes).
         width: channel multiplier (> 0); counts are rounded and kept >= 4. Small values such
@@ -70,6 +72,22 @@ def build_body(name: str, *, in_channels: int, out_dim: int, width: float = 1.0,
 
 
 __all__ = [
-    "DISTANCES", "MODELS", "Network", "Normalize", "PCLClassifier", "PrototypeClassifier", "build_body", "build_model",
-    "mlp", "preact_resnet18", "resnet18", "small_cnn", "wrn",
+    "DISTANCES", "FastCIFAR", "MODELS", "Network", "Normalize", "PCLClassifier", "PrototypeClassifier", "build_body", "build_model",
+    "fast_cifar", "fit_to_data", "mlp", "preact_resnet18", "resnet18", "small_cnn", "wrn",
 ]
+
+
+def fit_to_data(model: nn.Module, x) -> bool:
+    """Fit the data-dependent layers of a fresh model (fast_cifar's patch whitening) to training
+    images ``x`` in [0, 1]; returns whether there were any. Every ``Network`` inside ``model``
+    normalises ``x`` as its forward pass would."""
+    import torch
+
+    fitted = False
+    for network in (m for m in model.modules() if isinstance(m, Network)):
+        if hasattr(network.body, "fit"):
+            device = next(network.parameters()).device
+            with torch.no_grad():
+                network.body.fit(network.normalize(x.to(device).float()))
+            fitted = True
+    return fitted

@@ -311,3 +311,15 @@ def test_fast_cifar_recipe_trains_and_resumes_exactly(tmp_path, shared_data):
         assert torch.equal(a[name], b[name]), name
     metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["val_clean"] > 0.5  # two epochs of 2048 images already learn something
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch):
+    import repulsor.runtime as runtime
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert runtime.resolve_precision("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert runtime.resolve_precision("auto", cpu) is None  # fp32: bf16 is 10-20x slower without AVX-512 BF16
+    assert runtime.resolve_precision("bf16", cpu) == torch.bfloat16  # asked for explicitly: still honoured
+    assert runtime.precision_name(None) == "fp32"

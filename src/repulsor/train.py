@@ -30,8 +30,8 @@ from .errors import Interrupted, UserError
 from .methods import METHODS, Method, TrainContext, mmc_centres
 from .models import build_model, fit_to_data
 from .prototypes import check_prototypes, generate_prototypes, load_prototypes, save_prototypes
-from .runtime import (ProcessGroup, autocast, derive_seed, generator, init_process_group, resolve_device,
-                      resolve_precision)
+from .runtime import (ProcessGroup, autocast, cpu_has_native_bf16, derive_seed, generator, init_process_group,
+                      precision_name, resolve_device, resolve_precision)
 
 LAST = "checkpoints/last.safetensors"
 BEST = "checkpoints/best.safetensors"
@@ -396,6 +396,10 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = resolve_precision(t.precision, device)
+    if device.type == "cpu" and amp_dtype == torch.bfloat16 and not cpu_has_native_bf16() and group.is_main:
+        print("repulsor: note: train.precision = bf16 on a CPU without native bf16 (no AVX-512 BF16 or AMX):"
+              " training runs 10-20x slower than in fp32 here; set train.precision = \"auto\" or \"fp32\"",
+              file=sys.stderr, flush=True)
     optimizer = make_optimizer(model, t)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     lookahead = Lookahead(model, t.lookahead_every, t.lookahead_decay) if t.lookahead_every else None
@@ -619,6 +623,8 @@ def _finish(cfg, out: Path, model, optimizer, scaler, state: State, quiet: bool)
         "examples_seen": state.passes["examples"],
         "forward_passes_per_example": state.passes["forward"] / max(1.0, state.passes["examples"]),
         "backward_passes_per_example": state.passes["backward"] / max(1.0, state.passes["examples"]),
+        # What "auto" became on this machine (bf16 only where the CPU or GPU runs it natively).
+        "precision": precision_name(resolve_precision(t.precision, next(model.parameters()).device)),
     }
     ckpt.save_tensors(out / MODEL, ckpt.model_state(model),
                       {"config": to_dict(cfg), "selected": selected, "best_epoch": state.best_epoch, "cost": cost})

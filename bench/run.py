@@ -54,7 +54,7 @@ from repulsor.data import DATASETS
 from repulsor.methods import METHODS, TrainContext
 from repulsor.models import build_model, fit_to_data
 from repulsor.prototypes import generate_prototypes
-from repulsor.runtime import autocast
+from repulsor.runtime import autocast, precision_name, resolve_precision
 from repulsor.train import build_method_model, head_distance, make_optimizer
 
 CPU = torch.device("cpu")
@@ -204,7 +204,7 @@ def fast_cifar_step_fn(method_name: str, *, batch: int):
     """One training step of configs/cifar10-fast.toml's recipe on a random CIFAR-shaped batch."""
     raw = {"data": {"name": "cifar10"}, "model": {"name": "fast_cifar"},
            "train": {"method": method_name, "batch_size": batch, "lr": 1.5, "momentum": 0.85, "nesterov": True,
-                     "weight_decay": 1.95e-6, "bias_lr_scale": 64.0, "precision": "bf16", "channels_last": True,
+                     "weight_decay": 1.95e-6, "bias_lr_scale": 64.0, "precision": "auto", "channels_last": True,
                      "label_smoothing": 0.2 if method_name == "ce" else 0.0}}
     cfg = from_dict(raw)
     torch.manual_seed(0)
@@ -216,8 +216,10 @@ def fast_cifar_step_fn(method_name: str, *, batch: int):
     model = model.to(memory_format=torch.channels_last).train()
     optimizer = make_optimizer(model, cfg.train)
 
+    amp = resolve_precision(cfg.train.precision, CPU)
+
     def step():
-        with autocast(CPU, torch.bfloat16):
+        with autocast(CPU, amp):
             loss, _, _ = method.loss(TrainContext(model, model, cfg.train), x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -229,12 +231,12 @@ def fast_cifar_step_fn(method_name: str, *, batch: int):
 
 def fast_cifar_section(report, s: dict, peak16: float, quick: bool) -> None:
     batch = FAST_BATCH if not quick else 256
-    log(f"[5b] fast_cifar training step, batch {batch}, bf16 + channels_last")
+    log(f"[5b] fast_cifar training step, batch {batch}, precision auto + channels_last")
     steps = {name: fast_cifar_step_fn(name, batch=batch) for name in ("ce", "prototype")}
     timed = interleaved(steps, warmup=1, repeats=3 if quick else 5)
     flops = count_flops(steps["ce"])
     for name, (seconds, times) in timed.items():
-        report.add("fast_cifar", f"{name} training step, batch {batch} (bf16+CL)",
+        report.add("fast_cifar", f"{name} training step, batch {batch} ({precision_name(resolve_precision('auto', CPU))}+CL)",
                    f"{seconds * 1e3:.0f} ms ({spread(times)}); {flops / seconds / 1e9:.0f} GFLOP/s ="
                    f" {flops / seconds / peak16:.1%} of the bf16 matmul peak")
     report.add("fast_cifar", "training step FLOPs (FlopCounterMode, fwd+bwd)",

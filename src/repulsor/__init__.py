@@ -9,7 +9,7 @@ The Python API:
 - ``train(config, out_dir)``: the training loop; ``load_config(path, overrides)`` reads a config.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .config import load_config
 from .data import load_dataset

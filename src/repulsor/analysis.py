@@ -217,7 +217,7 @@ def robustness_curve(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *
 
 def is_grey_levels(eps: float) -> bool:
     """Whether ``eps`` is a whole number of grey levels (k/255), so that "k/255" reads naturally."""
-    return eps > 0 and abs(eps * 255 - round(eps * 255)) < 1e-6
+    return abs(eps * 255 - round(eps * 255)) < 1e-6
 
 
 def plot_robustness_curves(curves: dict[str, list[dict]], path, title: str = "Robustness curve (PGD-20)", *,
@@ -790,7 +790,7 @@ def plot_metrics_over_epochs(metrics_paths, path, title: str = "Validation accur
 
 def _curve_eps_values(eps: float, norm: str) -> list[float]:
     """From the run's eps to twice it in 9 steps (8/255..16/255 at the default threat model)."""
-    if norm == "linf" and abs(eps * 255 - round(eps * 255)) < 1e-6:
+    if norm == "linf" and is_grey_levels(eps):
         steps = round(eps * 255)
         return [min(i, 255) / 255 for i in range(steps, 2 * steps + 1, max(1, steps // 8))]
     return [min(eps * (1 + i / 8), 1.0) if norm == "linf" else eps * (1 + i / 8) for i in range(9)]

@@ -27,20 +27,19 @@ def _formatter(prog):
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
-def _add_common(parser, *, evaluates: bool = True, sets: str = "the config") -> None:
+def _add_common(parser, *, sets: str = "the config") -> None:
     """The flags every command that loads data or models takes, with one meaning everywhere."""
     parser.add_argument("--data-dir", help="folder of the data set (official files or .npz); default: the config's "
                                            "data folder, or $REPULSOR_DATA/NAME")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the config's train.device, auto)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help=f"override a value of {sets}, e.g. --set eval.batch_size=128 (repeatable)")
-    if evaluates:
-        parser.add_argument("--n", type=int, help="evaluate on the first N test points, unshuffled (default: the "
-                                                  "config's eval.n)")
-        parser.add_argument("--eps", type=_fraction, help="perturbation size of the evaluation in [0, 1], e.g. 8/255 "
-                                                          "(default: the config's eval.eps)")
-        parser.add_argument("--seed", type=int, help="seed of the evaluation's random starts and queries (default: "
-                                                     "the config's eval.seed)")
+    parser.add_argument("--n", type=int, help="evaluate on the first N test points, unshuffled (default: the "
+                                              "config's eval.n)")
+    parser.add_argument("--eps", type=_fraction, help="perturbation size of the evaluation in [0, 1], e.g. 8/255 "
+                                                      "(default: the config's eval.eps)")
+    parser.add_argument("--seed", type=int, help="seed of the evaluation's random starts and queries (default: "
+                                                 "the config's eval.seed)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or progress lines (nor the plan said"
                                                              " before a run starts)")
 
@@ -176,10 +175,6 @@ def _eval_overrides(args, *, n_key: str | None = "eval.n") -> list[str]:
     if args.seed is not None:
         overrides.append(f"eval.seed={args.seed}")
     return overrides
-
-
-def _fmt_pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
 
 
 def _print_results(results: dict, key: str | None) -> None:

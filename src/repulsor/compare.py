@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .analysis import _curve_eps_values, plot_metrics_over_epochs, plot_robustness_curves, read_metrics, robustness_curve
+from .analysis import (_curve_eps_values, is_grey_levels, plot_metrics_over_epochs, plot_robustness_curves, read_metrics,
+                       robustness_curve)
 from .attacks import evaluating
 from .config import (_SECTION_TYPES, Config, _coerce, apply_overrides, from_dict, load_config, parse_fraction,
                      parse_override, read_toml, resolve_paths, to_dict)
@@ -400,11 +401,6 @@ def _train_run(run: RunPlan, run_dir: Path, *, quiet: bool, say) -> tuple[str, s
         return "failed", str(error)
 
 
-def _suite_done(results: dict, suite: str, n: int, protocol: dict) -> bool:
-    entry = results.get("suites", {}).get(suite)
-    return bool(entry) and entry.get("n") == n and all(entry.get(k) == v for k, v in protocol.items())
-
-
 def _read_results(run_dir: Path) -> dict:
     path = run_dir / "results.json"
     return ckpt.read_json(path, "results file") if path.exists() else {}
@@ -474,7 +470,7 @@ def _run_report(plan: ComparePlan, run: RunPlan, run_dir: Path, status: tuple, p
     suites = {}
     for suite in plan.suites:
         n = min(plan.n_for(suite), n_test)
-        if _suite_done(results, suite, n, protocol_keys(protocol)):
+        if evaluate_mod.suite_done(results, suite, n, protocol_keys(protocol)):
             entry = results["suites"][suite]
             suites[suite] = {
                 "n": entry["n"], "clean_accuracy": entry["clean_accuracy"], "robust_accuracy": entry["robust_accuracy"],
@@ -540,7 +536,7 @@ def _train_and_evaluate(plan: ComparePlan, selected: list[RunPlan], out: Path, p
         results = _read_results(out / run.name)
         for suite in plan.suites:
             n = min(plan.n_for(suite), n_test)
-            if _suite_done(results, suite, n, protocol_keys(protocol)):
+            if evaluate_mod.suite_done(results, suite, n, protocol_keys(protocol)):
                 continue
             say(f"{run.name}: evaluating suite {suite} on {n} test points")
             results = evaluate_mod.evaluate_run(out / run.name, suite=suite, n=n, quiet=quiet, **protocol)
@@ -711,8 +707,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _fmt_eps(eps: float, norm: str) -> str:
-    grey = eps * 255
-    return f"{round(grey)}/255" if norm == "linf" and abs(grey - round(grey)) < 1e-6 else f"{eps:g}"
+    return f"{round(eps * 255)}/255" if norm == "linf" and is_grey_levels(eps) else f"{eps:g}"
 
 
 def _protocol_line(p: dict, suites: str) -> str:

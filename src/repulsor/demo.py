@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .config import apply_overrides, from_dict, load_config, resolve_paths, to_dict
 from .errors import Interrupted, UserError
-from .evaluate import evaluate_run, suite_specs
+from .evaluate import evaluate_run, suite_done, suite_specs
 from .train import run_status, train
 
 DEMO_CONFIG = {
@@ -39,11 +39,6 @@ DEMO_SUITES = ("quick", "standard")
 def demo_config(overrides: list[str] = ()):
     """The demo's config with ``section.key=value`` overrides applied."""
     return resolve_paths(from_dict(apply_overrides(copy.deepcopy(DEMO_CONFIG), overrides)))
-
-
-def _suite_done(results: dict, suite: str, n: int, eps: float) -> bool:
-    res = (results.get("suites") or {}).get(suite)
-    return bool(res) and res.get("n") == n and res.get("eps") == eps
 
 
 def run_demo(out: str | Path, *, overrides: list[str] = (), quiet: bool = False) -> dict:
@@ -76,12 +71,12 @@ def run_demo(out: str | Path, *, overrides: list[str] = (), quiet: bool = False)
     except Interrupted as error:
         raise Interrupted(f"{error}; or run repulsor demo --out {out} again") from None
     results_path = out / "results.json"
+    results = read_json(results_path, "results file") if results_path.exists() else {}
     for suite in DEMO_SUITES:
-        results = read_json(results_path, "results file") if results_path.exists() else {}
+        # n as evaluated: eval.n, or the whole test split where that is smaller (the first suite says).
         n = min(cfg.eval.n, (results.get("suites", {}).get(DEMO_SUITES[0]) or {}).get("n", cfg.eval.n))
-        if not _suite_done(results, suite, n, cfg.eval.eps):
-            evaluate_run(out, suite=suite, quiet=quiet, device=cfg.train.device)
-    results = read_json(results_path, "results file")
+        if not suite_done(results, suite, n, {"eps": cfg.eval.eps}):
+            results = evaluate_run(out, suite=suite, quiet=quiet, device=cfg.train.device)
     return {"out": str(out), "status": done, "results": results, "text": summary_text(out, cfg, results)}
 
 

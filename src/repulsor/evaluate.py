@@ -258,11 +258,24 @@ def load_test_split(cfg: Config, n: int | None, data_dir: str | None = None, *, 
     folder = data_dir or cfg.data.test_dir or cfg.data.data_dir or None
     x, y = load_dataset(cfg.data.name, "test", data_dir=folder, split_seed=cfg.data.split_seed)
     if n is not None:
-        if n > len(y):
-            (say or _note)(f"asked for the first {n} test points, but the {cfg.data.name} test split has {len(y)}:"
-                           f" using all {len(y)}")
-        x, y = x[:n], y[:n]
+        x, y = first_points(x, y, n, cfg.data.name, say=say)
     return x, y, folder
+
+
+def first_points(x: torch.Tensor, y: torch.Tensor, n: int, name: str, *, say=None):
+    """The first ``n`` points of a test split; all of them, said through ``say`` (default: a note
+    on stderr), when ``n`` exceeds the split."""
+    if n > len(y):
+        (say or _note)(f"asked for the first {n} test points, but the {name} test split has {len(y)}: using all"
+                       f" {len(y)}")
+    return x[:n], y[:n]
+
+
+def suite_done(results: dict, suite: str, n: int, protocol: dict) -> bool:
+    """Whether ``results`` (a run's results.json) holds ``suite`` on ``n`` points under ``protocol``
+    (e.g. ``{"eps": 0.1, "norm": "linf"}``), so that resuming work need not evaluate it again."""
+    entry = (results.get("suites") or {}).get(suite)
+    return bool(entry) and entry.get("n") == n and all(entry.get(k) == v for k, v in protocol.items())
 
 
 def _note(text: str) -> None:

@@ -538,10 +538,7 @@ class _Context:
         if key not in self._test:
             self._test[key] = evaluate_mod.load_test_split(cfg, None, self.data_dir)[:2]
         x, y = self._test[key]
-        if n > len(y):
-            self.say(f"note: asked for the first {n} test points, but the {cfg.data.name} test split has {len(y)}:"
-                     f" using all {len(y)}")
-        return x[:n], y[:n]
+        return evaluate_mod.first_points(x, y, n, cfg.data.name, say=lambda text: self.say(f"note: {text}"))
 
 
 def _copy_analysis(run_dir: Path, name: str, figdir: Path) -> Path | None:

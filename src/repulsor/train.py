@@ -189,9 +189,11 @@ def make_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
     """SGD; biases (1-d ``*.bias``) in their own group at ``bias_lr_scale`` times the rate and
     weight decay divided by it. Frozen parameters are left out. Each group's ``lr_scale`` is
     applied by the schedule."""
-    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    biases = [p for name, p in params if t.bias_lr_scale != 1.0 and p.dim() == 1 and name.endswith("bias")]
-    others = [p for name, p in params if not any(p is b for b in biases)]
+    biases, others = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            is_bias = t.bias_lr_scale != 1.0 and p.dim() == 1 and name.endswith("bias")
+            (biases if is_bias else others).append(p)
     groups = [{"params": others, "lr_scale": 1.0, "weight_decay": t.weight_decay}]
     if biases:
         groups.append({"params": biases, "lr_scale": t.bias_lr_scale, "weight_decay": t.weight_decay / t.bias_lr_scale})
@@ -392,7 +394,8 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
             "k": info.num_classes, "D": prototypes.shape[1], "metric": cfg.prototypes.metric,
             "epochs": cfg.prototypes.epochs, "lr": cfg.prototypes.lr, "seed": cfg.prototypes.seed})
     model = build_method_model(cfg, method, prototypes).to(device)
-    fit_to_data(model, x_train)  # data-dependent layers (fast_cifar's whitening); a resumed run reloads them
+    if not (resume and (out / LAST).exists()):  # a resumed run reloads them from its checkpoint
+        fit_to_data(model, x_train)  # data-dependent layers (fast_cifar's whitening)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = resolve_precision(t.precision, device)

@@ -80,7 +80,7 @@ __all__ = [
 def fit_to_data(model: nn.Module, x) -> bool:
     """Fit the data-dependent layers of a fresh model (fast_cifar's patch whitening) to training
     images ``x`` in [0, 1]; returns whether there were any. Every ``Network`` inside ``model``
-    normalises ``x`` as its forward pass would."""
+    normalises the first ``body.fit_samples`` images as its forward pass would."""
     import torch
 
     fitted = False
@@ -88,6 +88,6 @@ def fit_to_data(model: nn.Module, x) -> bool:
         if hasattr(network.body, "fit"):
             device = next(network.parameters()).device
             with torch.no_grad():
-                network.body.fit(network.normalize(x.to(device).float()))
+                network.body.fit(network.normalize(x[: network.body.fit_samples].to(device).float()))
             fitted = True
     return fitted

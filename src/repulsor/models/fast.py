@@ -120,9 +120,11 @@ class FastCIFAR(nn.Module):
         self.linear = nn.Linear(cin, out_dim, bias=False)
         self.scale = 1 / 9
 
+    fit_samples = WHITEN_SAMPLES  # training images ``fit`` needs (models.fit_to_data passes no more)
+
     def fit(self, x: torch.Tensor) -> None:
-        """Set the whitening filters from normalised training images (``WHITEN_SAMPLES`` of them suffice)."""
-        self.whiten.fit(x[:WHITEN_SAMPLES])
+        """Set the whitening filters from normalised training images (``fit_samples`` of them suffice)."""
+        self.whiten.fit(x[: self.fit_samples])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.groups(F.gelu(self.whiten(x)))

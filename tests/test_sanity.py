@@ -26,8 +26,8 @@ from repulsor.sanity import (
 
 K = 4
 NAMES = [check_name(check) for check in CHECKS]
-EXPECTED_NAMES = ["unbounded", "more_iterations", "black_box_vs_white_box", "zero_gradients", "loss_rises",
-                  "autocast_agreement", "deterministic"]
+EXPECTED_NAMES = ["unbounded", "more_iterations", "black_box_vs_white_box", "zero_gradients",
+                  "shattered_gradients", "loss_rises", "autocast_agreement", "deterministic"]
 # At eps = 0.15 about half of the test points resist PGD, so the attack checks compare
 # non-trivial accuracies.
 EPS = {"linf": 0.15, "l2": 0.5}
@@ -177,7 +177,7 @@ class BatchSpy(nn.Module):
 # ---------------------------------------------------------------------- tests
 
 
-def test_checks_are_the_documented_seven():
+def test_checks_are_the_documented_eight():
     assert NAMES == EXPECTED_NAMES
 
 

@@ -5,12 +5,14 @@ The Python API:
 - ``load_dataset(name, split, data_dir=...) -> (x, y)``: images [N, C, H, W] in [0, 1], labels [N].
 - ``load_model(run_dir) -> nn.Module``: a trained run's model, [0, 1] images -> class scores.
 - ``evaluate(model, x, y, suite=...) -> dict``: clean accuracy and a worst-case attack cascade.
+- ``bpda(step, backward=None) -> nn.Module``: a non-differentiable step that gradient attacks see through.
 - ``generate_prototypes(k, D, ...) -> Tensor [k, D]``: repulsive prototypes (Eq. 5).
 - ``train(config, out_dir)``: the training loop; ``load_config(path, overrides)`` reads a config.
 """
 
 __version__ = "0.2.0"
 
+from .attacks import bpda
 from .config import load_config
 from .data import load_dataset
 from .errors import UserError
@@ -18,4 +20,4 @@ from .evaluate import evaluate, load_model
 from .prototypes import generate_prototypes
 from .train import train
 
-__all__ = ["UserError", "evaluate", "generate_prototypes", "load_config", "load_dataset", "load_model", "train"]
+__all__ = ["UserError", "bpda", "evaluate", "generate_prototypes", "load_config", "load_dataset", "load_model", "train"]

@@ -82,9 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", formatter_class=_formatter, help="clean and robust accuracy of a run",
                         epilog="examples:\n  repulsor evaluate runs/demo\n"
                                "  repulsor evaluate runs/mnist --suite standard --n 500 --eps 0.3\n"
+                               "  repulsor evaluate runs/mnist --suite rand --n 100\n"
+                               "  repulsor evaluate runs/mnist-prototype --surrogate runs/mnist-ce\n"
                                "Ctrl-C keeps the attacks already finished: run the same command again to continue.")
     ev.add_argument("run", help="run folder written by repulsor train")
-    ev.add_argument("--suite", help="quick | paper | standard | adaptive (default: the run's eval.suite)")
+    ev.add_argument("--suite", help="quick | paper | standard | adaptive | rand (default: the run's eval.suite;"
+                    " rand: EOT attacks for a randomised model)")
+    ev.add_argument("--surrogate", metavar="RUN", help="another run whose model crafts a transfer attack, added at"
+                    " the end of the cascade (for a model without useful gradients)")
     ev.add_argument("--norm", choices=("linf", "l2"), help="threat model (default: the run's eval.norm)")
     ev.add_argument("--batch-size", type=int, help="examples per attack call (default: the run's eval.batch_size)")
     _add_common(ev, sets="the run's config for this command (eval.* and data folders)")
@@ -185,7 +190,13 @@ def _print_results(results: dict, key: str | None) -> None:
     print(f"suite {key}: {results['dataset']} {results['split']}, first {res['n']} points, {res['norm']} eps = "
           f"{res['eps']:.4g}, seed {res['seed']}")
     print(f"  clean accuracy: {res['clean_accuracy']:.4f}")
+    if res.get("votes", 1) > 1:
+        print(f"  the model is randomised: a point counts as correct only if all {res['votes']} forward passes"
+              " classify it correctly")
     for entry in res["attacks"]:
+        if entry.get("status", "done") != "done":
+            print(f"  {entry['name']:<34} not applicable: {entry.get('reason', '')}")
+            continue
         print(f"  {entry['name']:<34} accuracy after: {entry['accuracy']:.4f}  ({entry['n_attacked']} attacked,"
               f" {entry['seconds']:.1f}s)")
     print(f"  worst case (robust accuracy): {res['robust_accuracy']:.4f}")
@@ -238,7 +249,8 @@ def cmd_evaluate(args) -> int:
 
     results = evaluate_run(args.run, suite=args.suite, n=args.n, eps=args.eps, norm=args.norm,
                            data_dir=args.data_dir, seed=args.seed, batch_size=args.batch_size,
-                           device=args.device or "auto", quiet=args.quiet, overrides=args.set)
+                           device=args.device or "auto", quiet=args.quiet, overrides=args.set,
+                           surrogate=args.surrogate)
     if results:  # empty on ranks other than 0 under torchrun
         _print_results(results, results.get("last_suite"))
     return 0

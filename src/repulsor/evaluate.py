@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .attacks import evaluating, geometry, get_attack
+from . import sanity
+from .attacks import GRADIENT_ATTACKS, evaluating, geometry, get_attack
 from .config import Config, load_config, load_run_config
 from .data import load_dataset
 from .errors import UserError
@@ -79,7 +81,21 @@ SUITES: dict[str, list[AttackSpec]] = {
         AttackSpec("apgd-t-proto-margin", "apgd_t", 100, 1, {"n_targets": 9, "loss": "proto_margin"},
                    needs_prototypes=True),
     ],
+    # For randomised defences, as AutoAttack's "rand" version: APGD-CE and APGD-DLR with
+    # Expectation over Transformation, 20 gradient samples averaged per step.
+    "rand": [
+        AttackSpec("apgd-ce (eot 20)", "apgd", 100, 1, {"eot": 20}, loss="ce"),
+        AttackSpec("apgd-dlr (eot 20)", "apgd", 100, 1, {"eot": 20}, loss="dlr"),
+    ],
 }
+
+# Appended to any suite when a surrogate model is given: APGD-CE on the surrogate, the
+# examples checked on the model (which then needs forward passes only).
+TRANSFER = AttackSpec("transfer (apgd-ce on the surrogate)", "transfer", 100, 1, {"via": "apgd"}, loss="ce")
+
+# A randomised model (two forward passes differ) counts a point as correct only if it is
+# classified correctly in every one of this many passes, so a lucky pass is no robustness.
+RANDOMISED_VOTES = 10
 
 
 def _is_prototype_model(model) -> bool:
@@ -101,6 +117,15 @@ def suite_specs(name: str) -> list[AttackSpec]:
         raise UserError(f"unknown suite {name!r}: choose one of {', '.join(SUITES)}") from None
 
 
+def _correct_every_time(model, x: torch.Tensor, y: torch.Tensor, votes: int) -> torch.Tensor:
+    """Bool [N] on ``y``'s device: classified as ``y`` in every one of ``votes`` forward passes."""
+    correct = torch.ones(len(y), dtype=torch.bool, device=y.device)
+    with torch.no_grad():
+        for _ in range(votes):
+            correct &= model(x).argmax(1) == y
+    return correct
+
+
 def _predict(model, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
     out = []
     with torch.no_grad():
@@ -112,30 +137,40 @@ def _predict(model, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite: str = "quick",
              eps: float = 8 / 255, norm: str = "linf", batch_size: int = 256, seed: int = 0,
              device: str | torch.device | None = None, quiet: bool = True, state_path: str | Path | None = None,
-             checks: bool | None = None) -> dict:
+             checks: bool | None = None, surrogate: torch.nn.Module | None = None, votes: int | None = None) -> dict:
     """Clean accuracy and the worst case over a suite of attacks, for any logits model.
 
     Args:
         model: an ``nn.Module`` mapping images [N, C, H, W] in [0, 1] to class scores [N, k];
             normalisation belongs inside it. Its mode is set to eval for the evaluation and
-            restored afterwards; its weights are not changed.
+            restored afterwards; its weights are not changed. A model without an input
+            gradient (a non-differentiable step inside) is evaluated too: its gradient
+            attacks are recorded as not applicable (wrap the step with ``repulsor.bpda``).
         x: images [N, C, H, W] in [0, 1]; y: labels [N] (int64).
-        suite: ``quick``, ``paper``, ``standard`` or ``adaptive`` (see ``SUITES``).
+        suite: ``quick``, ``paper``, ``standard``, ``adaptive`` or ``rand`` (see ``SUITES``).
         eps: perturbation size in [0, 1] pixel units (8/255 for L-inf, 0.5 for L2).
         norm: ``linf`` or ``l2``.
         batch_size: examples per attack call.
-        seed: makes every random start and query reproducible.
+        seed: makes every random start and query reproducible (and, for a randomised
+            model, its random draws).
         device: where to run; default: the model's device.
         quiet: no progress bar.
         state_path: a safetensors file where the cascade's state is saved after every
             attack, so that an interrupted evaluation resumes at the next attack.
-        checks: run the gradient-masking sanity checks (default: for standard and adaptive).
+        checks: run the gradient-masking sanity checks (default: for standard, adaptive
+            and rand).
+        surrogate: a differentiable model over the same classes; when given, a transfer
+            attack (``TRANSFER``: APGD-CE on the surrogate) ends the cascade.
+        votes: forward passes per accuracy decision; a point counts as correct only if all
+            of them classify it correctly. Default: 1 for a deterministic model,
+            ``RANDOMISED_VOTES`` for one whose two forward passes differ.
 
     Returns:
         A dict: ``n``, ``clean_accuracy``, ``attacks`` (one entry per attack: name, attack,
-        loss, norm, eps, steps, restarts, n_attacked, accuracy after it, seconds),
-        ``robust_accuracy`` (the worst case), ``suite``, ``seed``, ``precision`` ("fp32"),
-        and, with checks, ``sanity`` (a list of verdicts).
+        loss, norm, eps, steps, restarts, eot, status ("done" or "not applicable", with a
+        ``reason``), n_attacked, accuracy after it, seconds), ``robust_accuracy`` (the worst
+        case), ``suite``, ``seed``, ``precision`` ("fp32"), ``randomised``, ``votes``, and,
+        with checks, ``sanity`` (a list of verdicts).
     """
     specs = [_resolve_loss(s, model) for s in suite_specs(suite)]
     if not _is_prototype_model(model):
@@ -146,76 +181,131 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite:
         raise UserError(f"eps = {eps:g} is outside [0, 1] (images are in [0, 1]): {hint}")
     if x.dim() != 4 or len(x) != len(y):
         raise UserError(f"expected images [N, C, H, W] and labels [N]; got {tuple(x.shape)} and {tuple(y.shape)}")
+    if votes is not None and (isinstance(votes, bool) or not isinstance(votes, int) or votes < 1):
+        raise UserError(f"votes must be a whole number >= 1; got {votes!r}")
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     device = torch.device(device)
-    with evaluating(model):
-        predictions = _predict(model, x, batch_size, device)
-        robust = predictions == y.cpu()
+    with ExitStack() as stack:
+        # A randomised model draws from the global generator: seed it here, and leave the
+        # caller's generator as it was.
+        stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
+        torch.manual_seed(derive_seed(seed, "model randomness"))
+        stack.enter_context(evaluating(model))
+        if surrogate is not None:
+            stack.enter_context(evaluating(surrogate))
+        randomised = len(y) > 0 and sanity.is_randomised(model, x, device=device, batch_size=batch_size)
+        votes = votes or (RANDOMISED_VOTES if randomised else 1)
+        gradient = len(y) == 0 or sanity.has_input_gradient(model, x, y, device=device)
+        if surrogate is not None:
+            specs.append(TRANSFER)
+        elif not gradient:
+            specs.append(TRANSFER)  # recorded as not applicable: it says what would measure the model
+        robust = torch.cat([_correct_every_time(model, x[i : i + batch_size].to(device), y[i : i + batch_size].to(device),
+                                                votes).cpu() for i in range(0, len(y), batch_size)]) \
+            if len(y) else torch.zeros(0, dtype=torch.bool)
         clean_accuracy = robust.sum().item() / len(y) if len(y) else 0.0
         x_worst = x.clone().cpu()
         entries, done = [], 0
+        key = _state_key(suite, len(x), eps, norm, seed, transfer=surrogate is not None)
         if state_path is not None and Path(state_path).exists():
             tensors, meta = ckpt.load_tensors(state_path, "evaluation state")
-            if meta.get("key") == _state_key(suite, len(x), eps, norm, seed):
+            if meta.get("key") == key:
                 robust, x_worst, entries = tensors["robust"].bool(), tensors["x_worst"], meta["entries"]
                 done = len(entries)
+        cascade = Cascade(model, x, y, x_worst, robust, eps=eps, norm=norm, batch_size=batch_size, device=device,
+                          quiet=quiet, votes=votes, surrogate=surrogate)
         for index, spec in enumerate(specs):
             if index < done:
                 continue
-            entries.append(_run_attack(model, spec, x, y, x_worst, robust, eps=eps, norm=norm,
-                                       batch_size=batch_size, seed=derive_seed(seed, spec.name), device=device,
-                                       quiet=quiet, n_total=len(y)))
+            reason = _not_applicable(spec, gradient, surrogate)
+            entries.append(cascade.skip(spec, reason) if reason else cascade.run(spec, derive_seed(seed, spec.name)))
             if state_path is not None:
                 ckpt.save_tensors(state_path, {"robust": robust.to(torch.uint8), "x_worst": x_worst},
-                                  {"key": _state_key(suite, len(x), eps, norm, seed), "entries": entries})
+                                  {"key": key, "entries": entries})
         result = {
             "suite": suite, "n": len(y), "norm": norm, "eps": eps, "seed": seed, "precision": "fp32",
+            "randomised": bool(randomised), "votes": votes,
             "clean_accuracy": clean_accuracy, "attacks": entries,
             "robust_accuracy": robust.sum().item() / len(y) if len(y) else 0.0,
         }
-        if checks if checks is not None else suite in ("standard", "adaptive"):
-            from .sanity import run_checks
-
-            result["sanity"] = run_checks(model, x, y, entries, eps=eps, norm=norm, seed=seed,
-                                          device=device, batch_size=batch_size, quiet=quiet)
+        if checks if checks is not None else suite in ("standard", "adaptive", "rand"):
+            result["sanity"] = sanity.run_checks(model, x, y, entries, eps=eps, norm=norm, seed=seed,
+                                                 device=device, batch_size=batch_size, quiet=quiet)
     result["x_adv"] = x_worst  # popped by callers that write files; handy for analyses
     return result
 
 
-def _state_key(suite: str, n: int, eps: float, norm: str, seed: int) -> str:
-    return f"{suite}|{n}|{eps!r}|{norm}|{seed}"
+def _state_key(suite: str, n: int, eps: float, norm: str, seed: int, *, transfer: bool = False) -> str:
+    return f"{suite}|{n}|{eps!r}|{norm}|{seed}" + ("|transfer" if transfer else "")
 
 
-def _run_attack(model, spec: AttackSpec, x, y, x_worst, robust, *, eps, norm, batch_size, seed, device, quiet,
-                n_total) -> dict:
-    """Run one attack on the points still robust; update ``robust`` and ``x_worst`` in place."""
-    attack = get_attack(spec.attack)
-    kwargs = spec.kwargs(eps, norm)
-    geom = geometry(norm)
-    index = robust.nonzero().squeeze(1)
-    started = time.time()
-    bar = tqdm(total=len(index), desc=spec.name, unit="pt", disable=quiet, leave=False, dynamic_ncols=True)
-    for start in range(0, len(index), batch_size):
-        chunk = index[start : start + batch_size]
-        xb, yb = x[chunk].to(device), y[chunk].to(device)
-        x_adv = attack(model, xb, yb, seed=derive_seed(seed, start), **kwargs).detach()
-        # A bug in an attack must never inflate or deflate a result: check the threat model.
-        excess = (geom.norm(x_adv - xb) - eps).max().item() if len(xb) else 0.0
-        if excess > 1e-5 or x_adv.min() < 0 or x_adv.max() > 1:
-            raise RuntimeError(f"{spec.name} left the threat model (norm excess {excess:g}); this is a repulsor bug")
-        with torch.no_grad():
-            fooled = (model(x_adv).argmax(1) != yb).cpu()
-        robust[chunk[fooled]] = False
-        x_worst[chunk[fooled]] = x_adv[fooled].cpu()
-        bar.update(len(chunk))
-    bar.close()
-    return {
-        "name": spec.name, "attack": spec.attack, "loss": kwargs.get("loss", ""), "norm": norm, "eps": eps,
-        "steps": spec.steps, "restarts": spec.restarts, "n": n_total, "n_attacked": len(index),
-        "accuracy": robust.sum().item() / n_total if n_total else 0.0,
-        "seconds": round(time.time() - started, 3),
-    }
+def _not_applicable(spec: AttackSpec, gradient: bool, surrogate) -> str:
+    """Why ``spec`` cannot run on this model ("" when it can)."""
+    if spec.attack == "transfer":
+        return "" if surrogate is not None else "no surrogate model given (evaluate(..., surrogate=) or --surrogate RUN)"
+    if spec.attack in GRADIENT_ATTACKS and not gradient:
+        return "no input gradient"
+    return ""
+
+
+@dataclass
+class Cascade:
+    """The cascade's state: the points still ``robust`` [N] and each point's worst case
+    ``x_worst`` (CPU), updated in place by every attack on the points still robust."""
+
+    model: torch.nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    x_worst: torch.Tensor
+    robust: torch.Tensor
+    eps: float
+    norm: str
+    batch_size: int
+    device: torch.device
+    quiet: bool
+    votes: int = 1
+    surrogate: torch.nn.Module | None = None
+
+    def _entry(self, spec: AttackSpec, kwargs: dict, n_attacked: int, seconds: float) -> dict:
+        n = len(self.y)
+        return {
+            "name": spec.name, "attack": spec.attack, "loss": kwargs.get("loss", ""), "norm": self.norm,
+            "eps": self.eps, "steps": spec.steps, "restarts": spec.restarts, "eot": spec.settings.get("eot", 1),
+            "n": n, "n_attacked": n_attacked, "accuracy": self.robust.sum().item() / n if n else 0.0,
+            "seconds": round(seconds, 3), "status": "done",
+        }
+
+    def skip(self, spec: AttackSpec, reason: str) -> dict:
+        """The entry of an attack that cannot run on this model: nothing attacked, accuracy unchanged."""
+        return dict(self._entry(spec, spec.kwargs(self.eps, self.norm), 0, 0.0), status="not applicable",
+                    reason=reason)
+
+    def run(self, spec: AttackSpec, seed: int) -> dict:
+        """Run one attack on the points still robust; update ``robust`` and ``x_worst`` in place."""
+        attack = get_attack(spec.attack)
+        kwargs = spec.kwargs(self.eps, self.norm)
+        if spec.attack == "transfer":
+            kwargs["surrogate"] = self.surrogate
+        geom = geometry(self.norm)
+        index = self.robust.nonzero().squeeze(1)
+        started = time.time()
+        bar = tqdm(total=len(index), desc=spec.name, unit="pt", disable=self.quiet, leave=False, dynamic_ncols=True)
+        for start in range(0, len(index), self.batch_size):
+            chunk = index[start : start + self.batch_size]
+            xb, yb = self.x[chunk].to(self.device), self.y[chunk].to(self.device)
+            x_adv = attack(self.model, xb, yb, seed=derive_seed(seed, start), **kwargs).detach()
+            # A bug in an attack must never inflate or deflate a result: check the threat model.
+            excess = (geom.norm(x_adv - xb) - self.eps).max().item() if len(xb) else 0.0
+            if excess > 1e-5 or x_adv.min() < 0 or x_adv.max() > 1:
+                raise RuntimeError(f"{spec.name} left the threat model (norm excess {excess:g}); this is a repulsor bug")
+            fooled = (~_correct_every_time(self.model, x_adv, yb, self.votes)).cpu()
+            self.robust[chunk[fooled]] = False
+            self.x_worst[chunk[fooled]] = x_adv[fooled].cpu()
+            bar.update(len(chunk))
+        bar.close()
+        kwargs.pop("surrogate", None)
+        return self._entry(spec, kwargs, len(index), time.time() - started)
 
 
 def load_model(run_dir: str | Path, *, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -285,11 +375,12 @@ def _note(text: str) -> None:
 def evaluate_run(run_dir: str | Path, *, suite: str | None = None, n: int | None = None, eps: float | None = None,
                  norm: str | None = None, data_dir: str | None = None, seed: int | None = None,
                  batch_size: int | None = None, device: str = "auto", quiet: bool = False,
-                 overrides: list[str] = ()) -> dict:
+                 overrides: list[str] = (), surrogate: str | Path | None = None) -> dict:
     """Evaluate a run on its test split and merge the result into ``RUN/results.json``.
 
     ``overrides`` (``"eval.batch_size=64"``, ``"data.test_dir=..."``) change the run's
     evaluation settings for this call only; explicit arguments take precedence over them.
+    ``surrogate``: another run folder whose model crafts a transfer attack (``TRANSFER``).
     """
     run_dir = Path(run_dir)
     model = load_model(run_dir)
@@ -306,6 +397,7 @@ def evaluate_run(run_dir: str | Path, *, suite: str | None = None, n: int | None
     suite_specs(suite)  # an unknown suite fails before any work
     dev = resolve_device(device)
     model = model.to(dev)
+    surrogate_model = None if surrogate is None else load_model(surrogate, device=dev)
     x, y, folder = load_test_split(cfg, n, data_dir)
     group = init_process_group(dev)
     if not quiet and group.is_main:
@@ -316,7 +408,7 @@ def evaluate_run(run_dir: str | Path, *, suite: str | None = None, n: int | None
     shard = slice(group.rank, None, group.world_size)
     state_path = run_dir / "eval" / f"{suite}-state{'-rank%d' % group.rank if group.distributed else ''}.safetensors"
     result = evaluate(model, x[shard], y[shard], suite=suite, eps=eps, norm=norm, batch_size=batch_size, seed=seed,
-                      device=dev, quiet=quiet or not group.is_main, state_path=state_path)
+                      device=dev, quiet=quiet or not group.is_main, state_path=state_path, surrogate=surrogate_model)
     result.pop("x_adv")
     if group.distributed:
         result = _combine_shards(result, group, dev, len(y))
@@ -333,6 +425,8 @@ def evaluate_run(run_dir: str | Path, *, suite: str | None = None, n: int | None
     # A suite at the run's own threat model is stored under its name; at another one, the
     # threat model is part of the key, so evaluations at several eps sit side by side.
     key = suite if (eps, norm) == (saved.eps, saved.norm) else f"{suite}@{norm}:{eps:.4g}"
+    if surrogate is not None:
+        result["surrogate"] = str(Path(surrogate).resolve())
     suites[key] = dict(result)
     merged["suites"] = suites
     # The flat contract: every attack of every suite evaluated so far, each with its suite.

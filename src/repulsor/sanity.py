@@ -13,8 +13,11 @@ is robust; AutoAttack automates some of them. Each check here is one symptom:
 - ``autocast_agreement``: input gradients under autocast (bf16 on the CPU, fp16 on CUDA)
   must point the same way as in fp32 and must not vanish more often (fp16 underflow
   masked the gradients of the original authors' code).
-- ``deterministic``: two forward passes must give the same scores; a randomised model
-  needs an EOT attack, which the cascade does not run.
+- ``shattered_gradients``: the scores must reach the input through autograd, with an
+  input gradient that is not zero everywhere; otherwise only BPDA (``repulsor.bpda``), a
+  transfer or a black-box attack can measure the model.
+- ``deterministic``: two forward passes must give the same scores, unless the cascade's
+  attacks averaged gradient samples (EOT, the ``rand`` suite).
 
 Every check reuses the attacks of ``repulsor.attacks`` (never a PGD of its own), runs on
 the first ``CHECK_POINTS`` points with seeds derived from the evaluation's seed, takes
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attacks import LOSSES, evaluating, pgd
+from .attacks import GRADIENT_ATTACKS, LOSSES, evaluating, pgd
 from .runtime import derive_seed
 
 CHECK_POINTS = 200  # the checks run on the first 200 points: cheap beside the cascade
@@ -277,12 +280,14 @@ def black_box_drops(entries: list) -> list[tuple[str, float]]:
     seen_white_box = False
     previous = None
     for entry in entries:
+        if entry.get("status", "done") != "done":
+            continue  # not applicable: it attacked nothing
         if entry.get("attack") == "square":
             if seen_white_box:
                 before = previous["accuracy"]
                 drops.append((entry.get("name", "square"), before - entry["accuracy"]))
-        else:
-            seen_white_box = True
+        elif entry.get("attack") in GRADIENT_ATTACKS:
+            seen_white_box = True  # a transfer attack is no white-box attack on this model
         previous = entry
     return drops
 
@@ -395,34 +400,104 @@ def check_autocast_agreement(inp: CheckInput) -> dict:
     )
 
 
-def check_deterministic(inp: CheckInput) -> dict:
-    """Two forward passes on the same inputs must give the same scores.
+def score_spread(model, x: torch.Tensor, *, device, batch_size: int) -> tuple[float, float]:
+    """``(largest difference, tolerance)`` between two forward passes on the images ``x``.
 
-    Tolerance: 1e-6 times the largest absolute score (room for non-deterministic GPU
-    reductions). A randomised model must be attacked with Expectation over
-    Transformation, which the cascade's attacks do not do.
+    The tolerance is 1e-6 times the largest absolute score (room for non-deterministic GPU
+    reductions); a model whose difference exceeds it draws randomness at every pass. Scores
+    that are NaN in both passes count as equal.
     """
-    name = "deterministic"
-    if inp.n == 0:
-        return _skipped(name, "no points to check")
     largest_diff, largest_score = 0.0, 0.0
     with torch.no_grad():
-        for _, xb, _ in inp.batches():
-            first, second = inp.model(xb).float(), inp.model(xb).float()
+        for start in range(0, len(x), batch_size):
+            xb = x[start : start + batch_size].to(device)
+            first, second = model(xb).float(), model(xb).float()
             diff = (first - second).abs()
             diff = torch.where(torch.isnan(first) & torch.isnan(second), torch.zeros_like(diff), diff)
             largest_diff = max(largest_diff, float(torch.nan_to_num(diff, nan=math.inf).max()))
             finite = first[torch.isfinite(first)]
             if finite.numel():
                 largest_score = max(largest_score, float(finite.abs().max()))
-    threshold = DETERMINISM_RTOL * largest_score
-    ok = largest_diff <= threshold
-    advice = "" if ok else "; a randomised model needs an EOT attack, which the suites do not run"
+    return largest_diff, DETERMINISM_RTOL * largest_score
+
+
+def is_randomised(model, x: torch.Tensor, *, device, batch_size: int) -> bool:
+    """Whether two forward passes on the first ``CHECK_POINTS`` images of ``x`` differ."""
+    largest_diff, tolerance = score_spread(model, x[:CHECK_POINTS], device=device, batch_size=batch_size)
+    return largest_diff > tolerance
+
+
+def has_input_gradient(model, x: torch.Tensor, y: torch.Tensor, *, device) -> bool:
+    """Whether the model's scores reach its input through autograd (a few points suffice).
+
+    False for a model with a non-differentiable step (``(x > 0.5).float()``, a ``no_grad``
+    preprocessor, ``.detach()``): no gradient attack can run on it without ``bpda``.
+    """
+    xb = x[:8].to(device).detach().requires_grad_(True)
+    with torch.enable_grad():
+        return bool(model(xb).requires_grad)
+
+
+def _eot_samples(entries: list) -> int:
+    """The most gradient samples per step that a gradient attack of the cascade used."""
+    return max((entry.get("eot", 1) for entry in entries if entry.get("status", "done") == "done"), default=1)
+
+
+def check_deterministic(inp: CheckInput) -> dict:
+    """Two forward passes on the same inputs must give the same scores (``score_spread``).
+
+    A randomised model hides its gradients behind the noise of single samples: it must be
+    attacked with Expectation over Transformation (the ``rand`` suite). Warns when the
+    scores differ and no attack of the cascade averaged gradient samples; when one did, the
+    verdict is ok and says so.
+    """
+    name = "deterministic"
+    if inp.n == 0:
+        return _skipped(name, "no points to check")
+    largest_diff, threshold = score_spread(inp.model, inp.x, device=inp.device, batch_size=inp.batch_size)
+    deterministic = largest_diff <= threshold
+    samples = _eot_samples(inp.entries)
+    if deterministic:
+        advice = ""
+    elif samples > 1:
+        advice = (f"; the model is randomised, and the cascade's attacks averaged {samples} gradient samples per step"
+                  " (EOT) and counted a point as robust only if every one of several evaluations was correct")
+    else:
+        advice = ("; the model is randomised: evaluate it with the rand suite (EOT attacks), e.g. repulsor evaluate"
+                  " RUN --suite rand or evaluate(..., suite=\"rand\")")
     return _verdict(
-        name, ok,
+        name, deterministic or samples > 1,
         f"deterministic: two forward passes differ by at most {largest_diff:.3g} in the scores "
         f"(expected at most {threshold:.3g}{advice})",
         largest_diff,
+    )
+
+
+def check_shattered_gradients(inp: CheckInput) -> dict:
+    """The model must have an input gradient, and not one that is zero at every point.
+
+    Shattered gradients (Athalye et al., 2018) come from a non-differentiable step inside the
+    model: a threshold or a ``no_grad`` preprocessor cuts autograd off (the gradient
+    attacks are then not applicable), a rounding step gives a zero derivative everywhere.
+    Either way only a black-box or transfer attack, or BPDA, can measure the model. Warns
+    when the scores do not reach the input through autograd, or when the CW margin's input
+    gradient is exactly zero (or not finite) at every checked point.
+    """
+    name = "shattered_gradients"
+    if inp.n == 0:
+        return _skipped(name, "no points to check")
+    advice = "wrap the non-differentiable step with repulsor.bpda(...) (or give a surrogate for a transfer attack)"
+    if not has_input_gradient(inp.model, inp.x, inp.y, device=inp.device):
+        return _verdict(name, False, "shattered gradients: the scores do not depend on the input through autograd, so"
+                        f" the gradient attacks were not applicable; {advice}", 1.0)
+    grads = input_gradients(inp.model, inp.x, inp.y, "cw", device=inp.device, batch_size=inp.batch_size)
+    useless = useless_gradients(grads).double().mean().item()
+    ok = useless < 1.0
+    return _verdict(
+        name, ok,
+        f"shattered gradients: the CW loss has an all-zero input gradient at {_pct(useless)} of {inp.n} points"
+        + (f" (expected below 100%); {advice}" if not ok else " (expected below 100%)"),
+        useless,
     )
 
 
@@ -432,10 +507,17 @@ CHECKS = [
     check_more_iterations,
     check_black_box_vs_white_box,
     check_zero_gradients,
+    check_shattered_gradients,
     check_loss_rises,
     check_autocast_agreement,
     check_deterministic,
 ]
+
+
+# Checks that run gradient attacks or take input gradients: skipped, with the reason, for a
+# model without an input gradient (shattered_gradients reports that model).
+NEEDS_INPUT_GRADIENT = frozenset({check_unbounded, check_more_iterations, check_zero_gradients, check_loss_rises,
+                                  check_autocast_agreement})
 
 
 def check_name(check) -> str:
@@ -473,8 +555,12 @@ def run_checks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, entries
                      batch_size=max(1, int(batch_size)))
     verdicts = []
     with evaluating(model):
+        gradient = inp.n == 0 or has_input_gradient(model, inp.x, inp.y, device=device)
         for check in CHECKS:
             name = check_name(check)
+            if not gradient and check in NEEDS_INPUT_GRADIENT:
+                verdicts.append(_skipped(name, "the model has no input gradient (see shattered gradients)"))
+                continue
             try:
                 verdicts.append(check(inp))
             except Exception as error:  # noqa: BLE001 - reported, never hidden

@@ -7,6 +7,7 @@ run it inside ``with evaluating(model):``. ``ATTACKS`` maps names to attacks.
 
 from ..errors import UserError
 from .apgd import apgd, apgd_targeted
+from .bpda import BPDA, bpda, transfer
 from .context import evaluating
 from .fab import fab, fab_targeted
 from .geometry import GEOMETRIES, geometry
@@ -21,7 +22,11 @@ ATTACKS = {
     "apgd_t": apgd_targeted,
     "fab_t": fab_targeted,
     "square": square,
+    "transfer": transfer,
 }
+
+# Attacks that need the model's input gradient; the others need forward passes only.
+GRADIENT_ATTACKS = frozenset({"fgsm", "pgd", "apgd", "apgd_t", "fab_t"})
 
 
 def get_attack(name: str):
@@ -34,10 +39,13 @@ def get_attack(name: str):
 
 __all__ = [
     "ATTACKS",
+    "BPDA",
+    "GRADIENT_ATTACKS",
     "GEOMETRIES",
     "LOSSES",
     "apgd",
     "apgd_targeted",
+    "bpda",
     "evaluating",
     "fab",
     "fab_targeted",
@@ -47,4 +55,5 @@ __all__ = [
     "get_loss",
     "pgd",
     "square",
+    "transfer",
 ]

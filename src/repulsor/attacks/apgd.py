@@ -22,6 +22,7 @@ from .context import (
     random_start,
     require_classes,
     scores_no_grad,
+    with_eot,
     wrong_classes_by_score,
 )
 from .losses import dlr_targeted, get_loss
@@ -43,6 +44,7 @@ def apgd(
     seed: int = 0,
     targets: torch.Tensor | None = None,
     return_trace: bool = False,
+    eot: int = 1,
 ):
     """APGD (Croce & Hein, ICML 2020): step-size-free PGD with momentum.
 
@@ -73,6 +75,9 @@ def apgd(
         targets: target classes [N] (int64) for a targeted loss, or None (default).
         return_trace: also return the mean loss over the batch at each iterate of the first
             restart, shape [steps + 1] (frozen examples count with their loss when frozen).
+        eot: gradient samples per step, >= 1 (default 1): for a randomised model, loss,
+            scores and input gradient are averaged over ``eot`` forward and backward passes
+            (Expectation over Transformation); 1 is plain APGD at no extra cost.
 
     Returns:
         ``x_adv`` [N, C, H, W] on ``x.device``, or ``(x_adv, trace)`` with ``return_trace``.
@@ -82,7 +87,7 @@ def apgd(
     restarts = check_int("restarts", restarts, minimum=1)
     rho = check_number("rho", rho, strict=True, maximum=1.0)
     targets = check_targets(targets, y)
-    loss_fn = get_loss(loss)
+    loss_fn = with_eot(get_loss(loss), eot)
     generator = make_generator(seed)
     n = x.shape[0]
     x_adv = x.clone()
@@ -106,6 +111,7 @@ def apgd_targeted(
     restarts: int = 1,
     seed: int = 0,
     loss="dlr_targeted",
+    eot: int = 1,
 ) -> torch.Tensor:
     """Targeted APGD (APGD-T, Croce & Hein, ICML 2020): APGD toward each likely wrong class.
 
@@ -128,6 +134,9 @@ def apgd_targeted(
         seed: seed of the random starts (default 0); every target uses the same starts.
         loss: a targeted loss name or callable (default ``"dlr_targeted"``, which needs
             k >= 4 classes; ``"ce_targeted"`` works for any k >= 2).
+        eot: gradient samples per step, >= 1 (default 1): for a randomised model, loss,
+            scores and input gradient are averaged over ``eot`` forward and backward passes
+            (Expectation over Transformation); 1 is plain APGD-T at no extra cost.
 
     Returns:
         ``x_adv`` [N, C, H, W] on ``x.device``.
@@ -138,11 +147,13 @@ def apgd_targeted(
     restarts = check_int("restarts", restarts, minimum=1)
     loss_fn = get_loss(loss)
     make_generator(seed)  # validates the seed before any work
+    with_eot(loss_fn, eot)  # validates eot before any work
 
     clean = scores_no_grad(model, x, y)
     k = clean.shape[1]
     if loss_fn is dlr_targeted:
         require_classes("targeted DLR loss", clean, 4, "use --loss ce_targeted or cw")
+    loss_fn = with_eot(loss_fn, eot)
     require_classes("a targeted attack", clean, 2)
     # Rank the wrong classes by clean score; the true class goes last and is never used.
     ranking = wrong_classes_by_score(clean, y)

@@ -201,22 +201,53 @@ def keep_worst_case(active, run_x, run_loss, run_fooled, x_adv, best_loss, foole
     x_adv[chosen], best_loss[chosen], fooled[chosen] = run_x[better], run_loss[better], run_fooled[better]
 
 
+class Averaged:
+    """A loss averaged over ``samples`` forward and backward passes: Expectation over
+    Transformation (Athalye et al., ICML 2018) for models that draw randomness per pass.
+
+    ``loss_and_grad`` returns the mean loss, the mean scores and the mean input gradient of
+    the samples, one backward pass at a time (memory of one pass). Build it with ``with_eot``.
+    """
+
+    def __init__(self, loss_fn, samples: int):
+        self.loss_fn, self.samples = loss_fn, samples
+
+    def __call__(self, model, x, y, target=None):
+        return self.loss_fn(model, x, y, target)
+
+
+def with_eot(loss_fn, eot):
+    """``loss_fn`` averaged over ``eot`` gradient samples per step; ``eot = 1`` returns
+    ``loss_fn`` itself, so an attack without EOT runs exactly as before."""
+    eot = check_int("eot", eot, minimum=1)
+    return loss_fn if eot == 1 else Averaged(loss_fn, eot)
+
+
 def loss_and_grad(model, loss_fn, x_adv: torch.Tensor, y: torch.Tensor, target, need_grad: bool = True):
     """Per-example loss [N], scores [N, k] and the input gradient [N, ...] at ``x_adv``.
 
     The gradient is taken with ``torch.autograd.grad`` with respect to the input only, so no
     parameter ``.grad`` is created even when parameters require gradients. Returns detached
-    tensors; the gradient is None when ``need_grad`` is False (the last iterate).
+    tensors; the gradient is None when ``need_grad`` is False (the last iterate). For an
+    ``Averaged`` loss all three are means over its samples.
     """
-    if not need_grad:
-        with torch.no_grad():
-            loss, scores = loss_fn(model, x_adv, y, target)
-        return loss.detach(), scores.detach(), None
-    x_adv = x_adv.detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss, scores = loss_fn(model, x_adv, y, target)
-        grad = input_grad(loss, x_adv)
-    return loss.detach(), scores.detach(), grad.detach()
+    samples = loss_fn.samples if isinstance(loss_fn, Averaged) else 1
+    total = None
+    for _ in range(samples):
+        if not need_grad:
+            with torch.no_grad():
+                loss, scores = loss_fn(model, x_adv, y, target)
+            grad = None
+        else:
+            x_in = x_adv.detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss, scores = loss_fn(model, x_in, y, target)
+                grad = input_grad(loss, x_in).detach()
+        sample = (loss.detach(), scores.detach(), grad)
+        total = sample if total is None else tuple(None if a is None else a + b for a, b in zip(total, sample))
+    if samples == 1:
+        return total
+    return tuple(None if value is None else value / samples for value in total)
 
 
 def input_grad(value: torch.Tensor, x_adv: torch.Tensor, *, retain_graph: bool = False) -> torch.Tensor:

@@ -97,22 +97,29 @@ def project_hyperplane_box(p: torch.Tensor, w: torch.Tensor, c: torch.Tensor, no
 # ------------------------------------------------------------------------ one FAB run
 
 
-def _linearise(model, xc: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, norm: str):
+def _linearise(model, xc: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, norm: str, eot: int = 1):
     """Value ``g`` [m] and input gradient ``w`` [m, D] of the score difference f_s - f_y.
 
     ``s`` is ``target`` when given; otherwise (untargeted FAB) the class whose linearised
-    boundary is closest, ``|g_s| / ||w_s||_q`` with ``q`` the dual norm.
+    boundary is closest, ``|g_s| / ||w_s||_q`` with ``q`` the dual norm. With ``eot`` > 1
+    the scores and their input gradients are means over ``eot`` forward and backward passes.
     """
-    xr = xc.detach().requires_grad_(True)
-    with torch.enable_grad():
-        scores = model_scores(model, xr, y, target)
-        if target is not None:
-            diff = score_of(scores, target) - score_of(scores, y)
-            return diff.detach(), input_grad(diff, xr).flatten(1)
-        k = scores.shape[1]
-        grads = [input_grad(scores[:, j], xr, retain_graph=j < k - 1).flatten(1) for j in range(k)]
-    jac = torch.stack(grads, dim=1)  # [m, k, D]
-    scores = scores.detach()
+    total = None
+    for _ in range(eot):
+        xr = xc.detach().requires_grad_(True)
+        with torch.enable_grad():
+            scores = model_scores(model, xr, y, target)
+            if target is not None:
+                diff = score_of(scores, target) - score_of(scores, y)
+                sample = (diff.detach(), input_grad(diff, xr).flatten(1))
+            else:
+                k = scores.shape[1]
+                grads = [input_grad(scores[:, j], xr, retain_graph=j < k - 1).flatten(1) for j in range(k)]
+                sample = (scores.detach(), torch.stack(grads, dim=1))  # [m, k], [m, k, D]
+        total = sample if total is None else (total[0] + sample[0], total[1] + sample[1])
+    if target is not None:
+        return total[0] / eot, total[1] / eot
+    scores, jac = total[0] / eot, total[1] / eot
     rows = torch.arange(xc.shape[0], device=xc.device)
     g_all = scores - score_of(scores, y).unsqueeze(1)
     w_all = jac - jac[rows, y].unsqueeze(1)
@@ -123,7 +130,7 @@ def _linearise(model, xc: torch.Tensor, y: torch.Tensor, target: torch.Tensor | 
     return g_all[rows, s], w_all[rows, s]
 
 
-def _fab_run(model, x, y, target, *, eps, norm, steps, restarts, alpha_max, eta, beta, generator):
+def _fab_run(model, x, y, target, *, eps, norm, steps, restarts, alpha_max, eta, beta, generator, eot):
     """FAB toward one class per example (or untargeted when ``target`` is None).
 
     Returns ``(best, best_norm)``: the smallest adversarial point found per example and
@@ -149,7 +156,7 @@ def _fab_run(model, x, y, target, *, eps, norm, steps, restarts, alpha_max, eta,
         bn = best_norm[idx]
         bx = best[idx]
         for _ in range(steps):
-            g, w = _linearise(model, xc, yo, to, norm)
+            g, w = _linearise(model, xc, yo, to, norm, eot)
             xc_flat = xc.flatten(1)
             # The linearised boundary: g + <w, z - xc> = 0, seen from xc and from xo.
             d_cur = project_hyperplane_box(xc_flat, w, -g, norm)
@@ -187,7 +194,8 @@ def _finish(model, x, y, best, best_norm, eps, norm, result):
     return success
 
 
-def _fab_attack(model, x, y, *, target, n_targets, eps, norm, steps, restarts, alpha_max, eta, beta, seed):
+def _fab_attack(model, x, y, *, target, n_targets, eps, norm, steps, restarts, alpha_max, eta, beta, seed,
+                eot):
     """``fab`` (``n_targets`` None) and ``fab_targeted`` (``target`` None): check every
     argument (one clear line on failure), then run FAB once per round on the points still
     correctly classified and not yet broken inside the eps-ball.
@@ -203,6 +211,7 @@ def _fab_attack(model, x, y, *, target, n_targets, eps, norm, steps, restarts, a
     alpha_max = check_number("alpha_max", alpha_max, maximum=1.0)
     eta = check_number("eta", eta, minimum=1.0)
     beta = check_number("beta", beta, strict=True, maximum=1.0)
+    eot = check_int("eot", eot, minimum=1)
     generator = make_generator(seed)
     target = check_targets(target, y)
     result = x.clone()
@@ -223,7 +232,7 @@ def _fab_attack(model, x, y, *, target, n_targets, eps, norm, steps, restarts, a
             break
         best, best_norm = _fab_run(
             model, x[idx], y[idx], None if round_target is None else round_target[idx], eps=eps, norm=norm,
-            steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta, generator=generator,
+            steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta, generator=generator, eot=eot,
         )
         sub = result[idx]
         success = _finish(model, x[idx], y[idx], best, best_norm, eps, norm, sub)
@@ -246,6 +255,7 @@ def fab(
     eta: float = 1.05,
     beta: float = 0.9,
     seed: int = 0,
+    eot: int = 1,
 ) -> torch.Tensor:
     """FAB (Croce & Hein, ICML 2020), untargeted or toward given target classes.
 
@@ -270,6 +280,9 @@ def fab(
         eta: extrapolation factor beyond the linearised boundary (default 1.05, >= 1).
         beta: backward-step factor toward ``x`` after a success (default 0.9, in (0, 1]).
         seed: seed of the attack's own CPU generator (default 0); the global RNG is untouched.
+        eot: gradient samples per step (default 1): for a randomised model, the scores and
+            their input gradients are averaged over ``eot`` passes (Expectation over
+            Transformation).
 
     Returns:
         ``x_adv`` [N, C, H, W]: for each correctly classified example whose smallest
@@ -278,7 +291,7 @@ def fab(
     """
     return _fab_attack(
         model, x, y, target=target, n_targets=None, eps=eps, norm=norm, seed=seed,
-        steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta,
+        steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta, eot=eot,
     )
 
 
@@ -296,6 +309,7 @@ def fab_targeted(
     eta: float = 1.05,
     beta: float = 0.9,
     seed: int = 0,
+    eot: int = 1,
 ) -> torch.Tensor:
     """FAB-T, the targeted FAB of AutoAttack's standard cascade (Croce & Hein, ICML 2020).
 
@@ -323,6 +337,9 @@ def fab_targeted(
         eta: extrapolation factor beyond the linearised boundary (default 1.05, >= 1).
         beta: backward-step factor toward ``x`` after a success (default 0.9, in (0, 1]).
         seed: seed of the attack's own CPU generator (default 0); the global RNG is untouched.
+        eot: gradient samples per step (default 1): for a randomised model, the scores and
+            their input gradients are averaged over ``eot`` passes (Expectation over
+            Transformation).
 
     Returns:
         ``x_adv`` [N, C, H, W]: the smallest adversarial point found for each broken
@@ -330,5 +347,5 @@ def fab_targeted(
     """
     return _fab_attack(
         model, x, y, target=None, n_targets=n_targets, eps=eps, norm=norm, seed=seed,
-        steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta,
+        steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta, eot=eot,
     )

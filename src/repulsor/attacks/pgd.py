@@ -13,6 +13,7 @@ from .context import (
     loss_and_grad,
     make_generator,
     random_start as draw_start,
+    with_eot,
 )
 from .losses import get_loss
 from ..errors import UserError
@@ -34,6 +35,7 @@ def pgd(
     early_stop: bool = True,
     seed: int = 0,
     return_trace: bool = False,
+    eot: int = 1,
 ):
     """Projected gradient ascent on an attack loss (Madry et al., ICLR 2018).
 
@@ -66,6 +68,9 @@ def pgd(
         return_trace: also return the mean loss over the batch at each iterate of the first
             restart, shape [steps + 1] (examples frozen by early stopping count with their
             loss when frozen); for the "loss rises" sanity check.
+        eot: gradient samples per step, >= 1 (default 1): for a randomised model, loss,
+            scores and input gradient are averaged over ``eot`` forward and backward passes
+            (Expectation over Transformation); 1 is plain PGD at no extra cost.
 
     Returns:
         ``x_adv`` [N, C, H, W] on ``x.device``, or ``(x_adv, trace)`` with ``return_trace``.
@@ -75,7 +80,7 @@ def pgd(
     steps = check_int("steps", steps, minimum=0)
     restarts = check_int("restarts", restarts, minimum=1)
     targets = check_targets(targets, y)
-    loss_fn = get_loss(loss)
+    loss_fn = with_eot(get_loss(loss), eot)
     if restarts > 1 and not random_start:
         raise UserError("restarts > 1 without random_start repeat the same run; set random_start=True")
     generator = make_generator(seed)
@@ -153,6 +158,7 @@ def fgsm(
     random_start: bool = False,
     alpha: float | None = None,
     seed: int = 0,
+    eot: int = 1,
 ) -> torch.Tensor:
     """Fast gradient sign method (Goodfellow et al., ICLR 2015); with ``random_start`` the
     FGSM-RS step of Wong et al. ("Fast is better than free", ICLR 2020).
@@ -171,6 +177,9 @@ def fgsm(
         alpha: step length in pixel units; default None means ``eps`` without random start
             and ``1.25 * eps`` with it (Wong et al.'s choice).
         seed: seed of the random start (default 0).
+        eot: gradient samples per step, >= 1 (default 1): for a randomised model, loss,
+            scores and input gradient are averaged over ``eot`` forward and backward passes
+            (Expectation over Transformation); 1 is plain FGSM at no extra cost.
 
     Returns:
         ``x_adv`` [N, C, H, W].
@@ -179,9 +188,9 @@ def fgsm(
     if alpha is None:
         alpha = 1.25 * eps if random_start else eps
     if eps == 0:  # the ball is a point; validate the rest as pgd would, then return x
-        check_attack_inputs(x, y, eps, norm), get_loss(loss)
+        check_attack_inputs(x, y, eps, norm), with_eot(get_loss(loss), eot)
         return x.detach().clone()
     return pgd(
         model, x, y, eps=eps, alpha=alpha, steps=1, norm=norm, loss=loss,
-        random_start=random_start, early_stop=False, seed=seed,
+        random_start=random_start, early_stop=False, seed=seed, eot=eot,
     )

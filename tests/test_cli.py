@@ -1,10 +1,12 @@
 """The command line as a new user meets it: one language for every command, help examples that
 run as written, interruptions that say how to continue, files a colleague can read."""
 
+import json
 import importlib
 import os
 import re
 import shlex
+import shutil
 import stat
 from pathlib import Path
 
@@ -206,3 +208,19 @@ def test_python_dash_m_is_the_same_command_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         runpy.run_module("repulsor", run_name="__main__")
     assert stop.value.code == 0 and capsys.readouterr().out.startswith("repulsor ")
+
+
+@pytest.mark.slow
+def test_evaluate_rand_suite_and_a_surrogate_on_a_run(run, tmp_path, capsys):
+    run = Path(shutil.copytree(run, tmp_path / "run"))
+    assert cli.main(["evaluate", str(run), "--suite", "rand", "--n", "20", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "suite rand" in out and "apgd-ce (eot 20)" in out and "apgd-dlr (eot 20)" in out
+    assert "randomised" not in out  # a trained run is deterministic: one pass per decision
+    assert cli.main(["evaluate", str(run), "--suite", "quick", "--n", "20", "--quiet", "--surrogate", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "transfer (apgd-ce on the surrogate)" in out
+    results = json.loads((run / "results.json").read_text())
+    assert results["suites"]["quick"]["surrogate"] == str(run.resolve())
+    assert cli.main(["evaluate", str(run), "--surrogate", str(run / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err

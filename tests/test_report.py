@@ -26,6 +26,7 @@ from repulsor.report import (
     format_accuracy,
     markdown_blocks,
     render_html,
+    suite_blocks,
 )
 from repulsor.train import train
 
@@ -232,3 +233,23 @@ def test_guide_is_a_link_relative_to_the_report(tmp_path):
         assert (tmp_path / "report" / target).resolve() == GUIDE
     else:
         assert "docs/reading-the-report.md" in link
+
+
+def test_not_applicable_attacks_and_randomised_models_are_shown_plainly():
+    entry = {"name": "apgd-ce", "attack": "apgd", "loss": "ce", "steps": 100, "restarts": 1, "n_attacked": 0,
+             "accuracy": 0.9, "seconds": 0.0, "status": "not applicable", "reason": "no input gradient"}
+    square = dict(entry, name="square", attack="square", loss="", steps=5000, n_attacked=90, accuracy=0.4,
+                  seconds=3.0, status="done")
+    res = {"suite": "standard", "n": 100, "norm": "linf", "eps": 0.1, "seed": 0, "clean_accuracy": 0.9,
+           "robust_accuracy": 0.4, "votes": 10, "randomised": True, "attacks": [entry, square],
+           "sanity": [{"name": "shattered_gradients", "ok": False, "value": 1.0,
+                       "message": "shattered gradients: ... wrap the non-differentiable step with repulsor.bpda(...)"}]}
+    blocks = suite_blocks("standard", res, {"dataset": "digits", "split": "test"})
+    page = render_html("t", blocks)
+    assert "apgd-ce: not applicable (no input gradient)" in page
+    assert "Not applicable to this model, so not run: apgd-ce (no input gradient)" in page
+    assert "all 10 forward passes classify it correctly" in page
+    assert "repulsor.bpda" in page
+    table = next(b for b in blocks if isinstance(b, Table))
+    assert table.row_classes[1] == "warn" and table.rows[1][6] == "–"  # no accuracy claimed for it
+    assert table.rows[2][6] != "–"

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import sanity
-from .attacks import GRADIENT_ATTACKS, evaluating, geometry, get_attack
+from .attacks import GRADIENT_ATTACKS, correct_every_time, evaluating, geometry, get_attack
 from .config import Config, load_config, load_run_config
 from .data import load_dataset
 from .errors import UserError
@@ -117,15 +117,6 @@ def suite_specs(name: str) -> list[AttackSpec]:
         raise UserError(f"unknown suite {name!r}: choose one of {', '.join(SUITES)}") from None
 
 
-def _correct_every_time(model, x: torch.Tensor, y: torch.Tensor, votes: int) -> torch.Tensor:
-    """Bool [N] on ``y``'s device: classified as ``y`` in every one of ``votes`` forward passes."""
-    correct = torch.ones(len(y), dtype=torch.bool, device=y.device)
-    with torch.no_grad():
-        for _ in range(votes):
-            correct &= model(x).argmax(1) == y
-    return correct
-
-
 def _predict(model, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
     out = []
     with torch.no_grad():
@@ -201,7 +192,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite:
             specs.append(TRANSFER)
         elif not gradient:
             specs.append(TRANSFER)  # recorded as not applicable: it says what would measure the model
-        robust = torch.cat([_correct_every_time(model, x[i : i + batch_size].to(device), y[i : i + batch_size].to(device),
+        robust = torch.cat([correct_every_time(model, x[i : i + batch_size].to(device), y[i : i + batch_size].to(device),
                                                 votes).cpu() for i in range(0, len(y), batch_size)]) \
             if len(y) else torch.zeros(0, dtype=torch.bool)
         clean_accuracy = robust.sum().item() / len(y) if len(y) else 0.0
@@ -231,7 +222,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite:
         }
         if checks if checks is not None else suite in ("standard", "adaptive", "rand"):
             result["sanity"] = sanity.run_checks(model, x, y, entries, eps=eps, norm=norm, seed=seed,
-                                                 device=device, batch_size=batch_size, quiet=quiet)
+                                                 device=device, batch_size=batch_size, quiet=quiet, votes=votes)
     result["x_adv"] = x_worst  # popped by callers that write files; handy for analyses
     return result
 
@@ -299,7 +290,7 @@ class Cascade:
             excess = (geom.norm(x_adv - xb) - self.eps).max().item() if len(xb) else 0.0
             if excess > 1e-5 or x_adv.min() < 0 or x_adv.max() > 1:
                 raise RuntimeError(f"{spec.name} left the threat model (norm excess {excess:g}); this is a repulsor bug")
-            fooled = (~_correct_every_time(self.model, x_adv, yb, self.votes)).cpu()
+            fooled = (~correct_every_time(self.model, x_adv, yb, self.votes)).cpu()
             self.robust[chunk[fooled]] = False
             self.x_worst[chunk[fooled]] = x_adv[fooled].cpu()
             bar.update(len(chunk))

@@ -577,7 +577,11 @@ def overview_accuracies(results: dict | None) -> tuple[str, str]:
     return clean, worst
 
 
-def _suite_blocks(name: str, res: dict, results: dict) -> list:
+def suite_blocks(name: str, res: dict, results: dict) -> list:
+    """The blocks of one suite of ``results.json``: protocol, cascade table, sanity checks.
+
+    ``res`` is ``results["suites"][name]``; nothing but these two dicts is read.
+    """
     blocks = [Heading(4, f"Suite `{name}`")]
     norm = res.get("norm", "linf")
     blocks.append(Para(
@@ -585,9 +589,23 @@ def _suite_blocks(name: str, res: dict, results: dict) -> list:
         f"{res.get('n', results.get('n'))} points (unshuffled), norm {norm}, eps = {format_eps(res.get('eps'), norm)}, "
         f"seed {res.get('seed', '?')}, {res.get('precision', 'fp32')}, model in eval mode. Cascade: each attack runs "
         "only on the points that every earlier attack failed on."))
+    if res.get("votes", 1) > 1:
+        blocks.append(Para(f"The model is randomised (two forward passes differ): a point counts as correct only if "
+                           f"all {res['votes']} forward passes classify it correctly, for the clean accuracy and after "
+                           "every attack, so that a lucky pass is not counted as robustness.", note=True))
+    skipped = [e for e in res.get("attacks", []) if e.get("status", "done") != "done"]
+    if skipped:
+        blocks.append(Para("Not applicable to this model, so not run: " + "; ".join(
+            f"{e.get('name', '?')} ({e.get('reason', '')})" for e in skipped) + ". They leave the accuracy unchanged; "
+            "the worst case below rests on the attacks that ran.", warn=True))
     rows = [["", "clean (no attack)", "", "", "", "", format_accuracy(res.get("clean_accuracy")), ""]]
     classes = [""]
     for i, entry in enumerate(res.get("attacks", []), 1):
+        if entry.get("status", "done") != "done":
+            rows.append([str(i), f"{entry.get('name', '?')}: not applicable ({entry.get('reason', '')})", "–", "–", "–",
+                         "0", "–", "–"])
+            classes.append("warn")
+            continue
         rows.append([str(i), entry.get("name", "?"), entry.get("loss") or "–", _fmt(entry.get("steps")),
                      _fmt(entry.get("restarts")), _fmt(entry.get("n_attacked")), format_accuracy(entry.get("accuracy")),
                      _fmt_seconds(entry.get("seconds"))])
@@ -608,7 +626,7 @@ def _suite_blocks(name: str, res: dict, results: dict) -> list:
                               v.get("message", "")] for v in sanity],
                             ["warn" if not v.get("ok") else "" for v in sanity],
                             caption="Gradient-masking sanity checks (the reading guide linked in the overview explains each)."))
-    elif name in ("standard", "adaptive"):
+    elif name in ("standard", "adaptive", "rand"):
         blocks.append(Para("No sanity checks recorded for this suite.", note=True))
     return blocks
 
@@ -685,7 +703,7 @@ def _run_blocks(run_dir: Path, ctx: _Context, *, label: str, heading: str, brief
     worst, warns = {}, 0
     if results and results.get("suites"):
         for name, res in results["suites"].items():
-            blocks += _suite_blocks(name, res, results)
+            blocks += suite_blocks(name, res, results)
             worst[name] = res.get("robust_accuracy")
             warns += sum(1 for v in res.get("sanity", []) if not v.get("ok"))
     else:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attacks import GRADIENT_ATTACKS, LOSSES, evaluating, pgd
+from .attacks import GRADIENT_ATTACKS, LOSSES, correct_every_time, evaluating, pgd
 from .runtime import derive_seed
 
 CHECK_POINTS = 200  # the checks run on the first 200 points: cheap beside the cascade
@@ -58,6 +58,8 @@ class CheckInput:
     seed: int
     device: torch.device
     batch_size: int
+    eot: int = 1  # gradient samples per step, as the cascade's strongest EOT attack
+    votes: int = 1  # forward passes per correctness decision, as the cascade counted
 
     @property
     def n(self) -> int:
@@ -109,10 +111,9 @@ def _still_correct(inp: CheckInput, x: torch.Tensor, y: torch.Tensor, *, tag: st
         xb = x[start : start + inp.batch_size].to(inp.device)
         yb = y[start : start + inp.batch_size].to(inp.device)
         x_adv = pgd(inp.model, xb, yb, eps=eps, alpha=alpha, steps=steps, norm=inp.norm, loss=loss,
-                    restarts=restarts, random_start=random_start,
+                    restarts=restarts, random_start=random_start, eot=inp.eot,
                     seed=derive_seed(inp.seed, "sanity", tag, start))
-        with torch.no_grad():
-            out.append((inp.model(x_adv).argmax(1) == yb).cpu())
+        out.append(correct_every_time(inp.model, x_adv, yb, inp.votes).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 
 
@@ -126,7 +127,7 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def input_gradients(model, x: torch.Tensor, y: torch.Tensor, loss: str, *, device, batch_size: int,
-                    autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+                    autocast_dtype: torch.dtype | None = None, eot: int = 1) -> torch.Tensor:
     """Per-example input gradients of an attack loss, as the attacks would see them.
 
     Args:
@@ -136,6 +137,7 @@ def input_gradients(model, x: torch.Tensor, y: torch.Tensor, loss: str, *, devic
         device: where to compute; batch_size: examples per forward/backward pass.
         autocast_dtype: run the forward pass under ``torch.autocast`` with this dtype, or
             None for plain fp32.
+        eot: gradient samples averaged per example (for a randomised model), default 1.
 
     Returns:
         float32 tensor [N, C*H*W] on the CPU. A loss that does not depend on the input
@@ -147,18 +149,20 @@ def input_gradients(model, x: torch.Tensor, y: torch.Tensor, loss: str, *, devic
     for start in range(0, len(x), batch_size):
         xb = x[start : start + batch_size].to(device).detach().requires_grad_(True)
         yb = y[start : start + batch_size].to(device)
-        with torch.enable_grad():
-            if autocast_dtype is None:
-                values, _ = loss_fn(model, xb, yb)
-            else:
-                with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype):
+        total = torch.zeros_like(xb)
+        for _ in range(eot):
+            with torch.enable_grad():
+                if autocast_dtype is None:
                     values, _ = loss_fn(model, xb, yb)
-            grad = None
-            if values.requires_grad:
-                (grad,) = torch.autograd.grad(values.float().sum(), xb, allow_unused=True)
-        if grad is None:
-            grad = torch.zeros_like(xb)
-        out.append(grad.detach().float().flatten(1).cpu())
+                else:
+                    with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype):
+                        values, _ = loss_fn(model, xb, yb)
+                grad = None
+                if values.requires_grad:
+                    (grad,) = torch.autograd.grad(values.float().sum(), xb, allow_unused=True)
+            if grad is not None:
+                total += grad.detach().float()
+        out.append((total / eot).flatten(1).cpu())
     return torch.cat(out) if out else torch.empty(0, x[0].numel() if len(x) else 0)
 
 
@@ -325,7 +329,8 @@ def check_zero_gradients(inp: CheckInput) -> dict:
         return _skipped(name, "no points to check")
     fractions = {}
     for loss in ("ce", "cw"):
-        grads = input_gradients(inp.model, inp.x, inp.y, loss, device=inp.device, batch_size=inp.batch_size)
+        grads = input_gradients(inp.model, inp.x, inp.y, loss, device=inp.device, batch_size=inp.batch_size,
+                                eot=inp.eot)
         fractions[loss] = useless_gradients(grads).double().mean().item()
     worst = max(fractions.values())
     tolerance = inp.tolerance
@@ -353,7 +358,7 @@ def check_loss_rises(inp: CheckInput) -> dict:
     total = None
     for start, xb, yb in inp.batches():
         _, trace = pgd(inp.model, xb, yb, eps=inp.eps, alpha=inp.eps / 4, steps=20, norm=inp.norm, loss="cw",
-                       early_stop=False, return_trace=True, seed=derive_seed(inp.seed, "sanity", name, start))
+                       early_stop=False, return_trace=True, eot=inp.eot, seed=derive_seed(inp.seed, "sanity", name, start))
         # The trace is a mean over the batch: weigh it by the batch size for the overall mean.
         weighted = trace.double().cpu() * len(yb)
         total = weighted if total is None else total + weighted
@@ -384,7 +389,7 @@ def check_autocast_agreement(inp: CheckInput) -> dict:
     dtype = _autocast_dtype(inp.device)
     if dtype is None:
         return _skipped(name, f"no autocast dtype is known for device {inp.device.type}")
-    common = dict(device=inp.device, batch_size=inp.batch_size)
+    common = dict(device=inp.device, batch_size=inp.batch_size, eot=inp.eot)
     reference = input_gradients(inp.model, inp.x, inp.y, "ce", **common)
     low = input_gradients(inp.model, inp.x, inp.y, "ce", autocast_dtype=dtype, **common)
     cosine, zero_ref, zero_low = gradient_agreement(reference, low)
@@ -526,7 +531,7 @@ def check_name(check) -> str:
 
 
 def run_checks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, entries: list, *, eps: float,
-               norm: str, seed: int, device, batch_size: int, quiet: bool = True) -> list[dict]:
+               norm: str, seed: int, device, batch_size: int, quiet: bool = True, votes: int = 1) -> list[dict]:
     """Run every gradient-masking sanity check of ``CHECKS``.
 
     Args:
@@ -540,6 +545,9 @@ def run_checks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, entries
         seed: the evaluation's seed; every check derives its own from it.
         device: where the model lives; batch_size: examples per attack call.
         quiet: accepted for the caller's convenience; the checks never print.
+        votes: forward passes per correctness decision, as the cascade counted (1 for a
+            deterministic model). The checks' attacks average as many gradient samples
+            per step as the cascade's strongest EOT attack did.
 
     Returns:
         One dict per check, in ``CHECKS`` order: ``name`` (str), ``ok`` (bool), ``message``
@@ -552,7 +560,7 @@ def run_checks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, entries
     device = torch.device(device) if device is not None else next(model.parameters()).device
     inp = CheckInput(model=model, x=x[:CHECK_POINTS].detach().cpu(), y=y[:CHECK_POINTS].detach().cpu(),
                      entries=list(entries), eps=float(eps), norm=norm, seed=int(seed), device=device,
-                     batch_size=max(1, int(batch_size)))
+                     batch_size=max(1, int(batch_size)), eot=_eot_samples(entries), votes=int(votes))
     verdicts = []
     with evaluating(model):
         gradient = inp.n == 0 or has_input_gradient(model, inp.x, inp.y, device=device)

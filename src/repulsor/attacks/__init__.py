@@ -8,7 +8,7 @@ run it inside ``with evaluating(model):``. ``ATTACKS`` maps names to attacks.
 from ..errors import UserError
 from .apgd import apgd, apgd_targeted
 from .bpda import BPDA, bpda, transfer
-from .context import evaluating
+from .context import correct_every_time, evaluating
 from .fab import fab, fab_targeted
 from .geometry import GEOMETRIES, geometry
 from .losses import LOSSES, get_loss
@@ -46,6 +46,7 @@ __all__ = [
     "apgd",
     "apgd_targeted",
     "bpda",
+    "correct_every_time",
     "evaluating",
     "fab",
     "fab_targeted",

@@ -165,6 +165,16 @@ def scores_no_grad(model, x: torch.Tensor, y, target=None) -> torch.Tensor:
         return model_scores(model, x, y, target)
 
 
+def correct_every_time(model, x: torch.Tensor, y: torch.Tensor, votes: int = 1) -> torch.Tensor:
+    """Bool [N] on ``y``'s device: ``x`` classified as ``y`` in every one of ``votes`` forward
+    passes. For a randomised model a lucky pass must not count as a correct one."""
+    correct = torch.ones(len(y), dtype=torch.bool, device=y.device)
+    with torch.no_grad():
+        for _ in range(votes):
+            correct &= model(x).argmax(1) == y
+    return correct
+
+
 def wrong_classes_by_score(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Class indices [N, k] per example, highest score first, the true class ``y`` last.
 

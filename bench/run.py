@@ -52,10 +52,10 @@ from repulsor.attacks import apgd, apgd_targeted, evaluating, pgd
 from repulsor.config import Config, ModelConfig, TrainConfig, from_dict
 from repulsor.data import DATASETS
 from repulsor.methods import METHODS, TrainContext
-from repulsor.models import build_model, fit_to_data
+from repulsor.models import build_for_method, build_model, fit_to_data, head_distance
 from repulsor.prototypes import generate_prototypes
 from repulsor.runtime import autocast, precision_name, resolve_precision
-from repulsor.train import build_method_model, head_distance, make_optimizer
+from repulsor.train import make_optimizer
 
 CPU = torch.device("cpu")
 EPS_CIFAR, ALPHA_CIFAR = 8 / 255, 2 / 255
@@ -210,7 +210,7 @@ def fast_cifar_step_fn(method_name: str, *, batch: int):
     torch.manual_seed(0)
     method = METHODS[method_name]
     prototypes = generate_prototypes(10, 100, metric="linf", epochs=100, seed=0) if method.uses_prototypes else None
-    model = build_method_model(cfg, method, prototypes)
+    model = build_for_method(cfg, method, prototypes)
     x, y = cifar_batch(batch, channels_last=True)
     fit_to_data(model, x)
     model = model.to(memory_format=torch.channels_last).train()
@@ -299,7 +299,7 @@ PGD_AT_MNIST = {
     "data": {"name": "mnist", "data_dir": str(MNIST_DIR), "train_subset": 10000},
     "model": {"name": "small_cnn", "width": 1.0},
     "train": {"method": "pgd_at", "epochs": 2, "batch_size": 32, "lr": 0.02, "schedule": "cyclic",
-              "eps": EPS_MNIST, "alpha": 0.04, "attack_steps": 10, "val_n": 200, "precision": "bf16"},
+              "eps": EPS_MNIST, "alpha": 0.04, "attack_steps": 10, "val_n": 200, "precision": "auto"},
     "eval": {"after_train": False, "eps": EPS_MNIST},
 }
 

@@ -21,6 +21,17 @@ if os.environ.get("REPULSOR_TEST_THREADS"):
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+# A one-epoch prototype run on the digits that trains in about a second (import it with
+# ``from conftest import TINY``; copy it before changing it).
+TINY = {
+    "data": {"name": "digits"},
+    "model": {"name": "mlp", "width": 0.25},
+    "prototypes": {"dim": 16, "epochs": 10},
+    "train": {"method": "prototype", "epochs": 1, "batch_size": 64, "lr": 0.05, "precision": "fp32",
+              "eps": 0.1, "alpha": 0.025, "val_n": 50, "attack_steps": 2, "val_attack_steps": 2},
+    "eval": {"n": 50, "eps": 0.1, "after_train": False},
+}
+
 
 @pytest.fixture
 def shared_data() -> Path:

@@ -21,15 +21,9 @@ from repulsor.errors import UserError
 from repulsor.evaluate import load_test_split
 from repulsor.train import train
 
+from conftest import TINY
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "data": {"name": "digits"},
-    "model": {"name": "mlp", "width": 0.25},
-    "prototypes": {"dim": 16, "epochs": 10},
-    "train": {"method": "prototype", "epochs": 1, "batch_size": 64, "lr": 0.05, "precision": "fp32",
-              "eps": 0.1, "alpha": 0.025, "val_n": 50, "attack_steps": 2, "val_attack_steps": 2},
-    "eval": {"n": 50, "eps": 0.1, "after_train": False},
-}
 # Commands that load data or models: the common flags, with one meaning everywhere.
 LOADING = ("demo", "train", "evaluate", "analyse", "compare", "report")
 COMMON = ("--data-dir", "--device", "--set", "--n", "--eps", "--seed", "--quiet")

@@ -10,7 +10,7 @@ The Python API:
 - ``train(config, out_dir)``: the training loop; ``load_config(path, overrides)`` reads a config.
 """
 
-__version__ = "0.2.0"
+from .version import __version__  # noqa: F401 - repulsor.__version__
 
 from .attacks import bpda
 from .config import load_config

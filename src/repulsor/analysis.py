@@ -22,9 +22,7 @@ restored afterwards); attacks are ``attacks.pgd``.
 
 from __future__ import annotations
 
-import csv
 import importlib
-import io
 import json
 import math
 from pathlib import Path
@@ -33,11 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .attacks import evaluating, geometry, pgd
+from . import plots
+from .formats import as_number, is_grey_levels
+from .attacks import attack_survivors, batched, evaluating, geometry, pgd
 from .errors import UserError
 from .runtime import derive_seed, resolve_device
 
-DPI = 120
 
 # The package re-exports the functions ``evaluate`` and ``train`` under the names of their
 # modules, so the modules are looked up by their full names (this also lets tests
@@ -63,15 +62,12 @@ def _device_of(model, device):
         return torch.device("cpu")
 
 
-def _scores(model, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+def class_scores(model, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
     """Class scores [N, k] (float32, CPU) of ``model`` on ``x``, batched, without gradients."""
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            out.append(model(x[start : start + batch_size].to(device)).float().cpu())
-    if not out:
+    scores = batched(lambda xb: model(xb).float(), x, batch_size=batch_size, device=device)
+    if scores is None:
         raise UserError("no images given: x is empty")
-    return torch.cat(out)
+    return scores
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor, what: str = "x") -> None:
@@ -87,64 +83,6 @@ def _top_wrong(scores: torch.Tensor, y: torch.Tensor, k: int = 2) -> torch.Tenso
     masked = scores.clone().float()
     masked[torch.arange(len(y)), y] = float("-inf")
     return masked.topk(k, dim=1).indices
-
-
-def _render_png(fig) -> bytes:
-    """The PNG bytes of a matplotlib ``Figure`` drawn on an Agg canvas."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
-    return buffer.getvalue()
-
-
-def _legend(ax) -> None:
-    """A legend inside the axes for a few lines, beside them (not over the data) for many."""
-    if len(ax.get_legend_handles_labels()[0]) <= 4:
-        ax.legend(fontsize=8)
-    else:
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-
-
-def _new_figure(width: float, height: float):
-    """A matplotlib ``Figure`` drawn on an Agg canvas.
-
-    The figure never goes through pyplot, so it needs no display, does not change the
-    global backend of a caller's session, and is not kept alive by pyplot's registry.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save_figure(fig, path: Path) -> None:
-    data = _render_png(fig)
-    fig.clf()
-    ckpt.atomic_write_bytes(path, data)
-
-
-def _csv_text(rows: list[list]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    for row in rows:
-        writer.writerow(["" if value is None else value for value in row])
-    return buffer.getvalue()
-
-
-def label_class_axes(ax, names: list[str]) -> None:
-    """Class names on both axes of a k x k heat map (tick labels shrink for many classes, none past 40)."""
-    k = len(names)
-    if k <= 40:
-        ax.set_xticks(range(k))
-        ax.set_yticks(range(k))
-        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8 if k <= 20 else 5)
-        ax.set_yticklabels(names, fontsize=8 if k <= 20 else 5)
-
-
-def _png_path(path) -> Path:
-    path = Path(path)
-    return path if path.suffix.lower() == ".png" else path.with_name(path.name + ".png")
 
 
 def _ratio(num: int, den: int):
@@ -199,25 +137,15 @@ def robustness_curve(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *
     y = y.cpu()
     curve = []
     with evaluating(model):
-        robust = _scores(model, x, batch_size, device).argmax(1) == y
+        robust = class_scores(model, x, batch_size, device).argmax(1) == y
         for eps in eps_list:
-            index = robust.nonzero().squeeze(1)
             if eps > 0:
-                for start in range(0, len(index), batch_size):
-                    chunk = index[start : start + batch_size]
-                    xb, yb = x[chunk].to(device), y[chunk].to(device)
-                    x_adv = pgd(model, xb, yb, eps=eps, alpha=eps / 4, steps=steps, norm=norm, loss=loss,
-                                seed=derive_seed(seed, "robustness-curve", repr(eps), start))
-                    with torch.no_grad():
-                        fooled = (model(x_adv).argmax(1) != yb).cpu()
-                    robust[chunk[fooled]] = False
+                attack_survivors(model, lambda xb, yb, start, eps=eps: pgd(
+                    model, xb, yb, eps=eps, alpha=eps / 4, steps=steps, norm=norm, loss=loss,
+                    seed=derive_seed(seed, "robustness-curve", repr(eps), start)), x, y, robust,
+                    batch_size=batch_size, device=device)
             curve.append({"eps": eps, "accuracy": robust.float().mean().item(), "n": len(y)})
     return curve
-
-
-def is_grey_levels(eps: float) -> bool:
-    """Whether ``eps`` is a whole number of grey levels (k/255), so that "k/255" reads naturally."""
-    return abs(eps * 255 - round(eps * 255)) < 1e-6
 
 
 def plot_robustness_curves(curves: dict[str, list[dict]], path, title: str = "Robustness curve (PGD-20)", *,
@@ -237,10 +165,10 @@ def plot_robustness_curves(curves: dict[str, list[dict]], path, title: str = "Ro
     geometry(norm)
     if not curves:
         raise UserError("no robustness curves to plot")
-    png = _png_path(path)
+    png = plots.png_path(path)
     grey = norm == "linf" and all(is_grey_levels(entry["eps"]) for curve in curves.values() for entry in curve)
     scale = 255.0 if grey else 1.0
-    fig = _new_figure(5.5, 4.0)
+    fig = plots.new_figure(5.5, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     for i, (label, curve) in enumerate(curves.items()):
         points = sorted((entry["eps"], entry["accuracy"]) for entry in curve)
@@ -251,8 +179,8 @@ def plot_robustness_curves(curves: dict[str, list[dict]], path, title: str = "Ro
     ax.set_title(title)
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
-    _legend(ax)
-    _save_figure(fig, png)
+    plots.legend(ax)
+    plots.save_figure(fig, png)
     json_path = png.with_suffix(".json")
     ckpt.atomic_write_json(json_path, {"title": title, "norm": norm, "curves": {str(k): v for k, v in curves.items()}})
     return {"png": str(png), "json": str(json_path)}
@@ -302,14 +230,14 @@ def plot_confusion(matrix: torch.Tensor, class_names, path, title: str = "Advers
     names = [str(c) for c in class_names]
     if len(names) != k:
         raise UserError(f"{len(names)} class names for a {k}-class confusion matrix")
-    png = _png_path(path)
+    png = plots.png_path(path)
     normalised = row_normalise(matrix)
     side = min(max(4.5, 0.55 * k + 2.5), 12.0)
-    fig = _new_figure(side, side * 0.9)
+    fig = plots.new_figure(side, side * 0.9)
     ax = fig.add_subplot(1, 1, 1)
     image = ax.imshow(normalised.numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the row")
-    label_class_axes(ax, names)
+    plots.label_class_axes(ax, names)
     if k <= 12:
         for i in range(k):
             for j in range(k):
@@ -320,10 +248,10 @@ def plot_confusion(matrix: torch.Tensor, class_names, path, title: str = "Advers
     ax.set_xlabel("adversarial prediction")
     ax.set_ylabel("true class")
     ax.set_title(title)
-    _save_figure(fig, png)
+    plots.save_figure(fig, png)
     csv_path = png.with_suffix(".csv")
     rows = [["true \\ predicted", *names]] + [[names[i], *matrix[i].tolist()] for i in range(k)]
-    ckpt.atomic_write_text(csv_path, _csv_text(rows))
+    ckpt.atomic_write_text(csv_path, plots.csv_text(rows))
     return {"png": str(png), "csv": str(csv_path)}
 
 
@@ -352,8 +280,8 @@ def adversarial_confusion(model: torch.nn.Module, x: torch.Tensor, y: torch.Tens
     device = _device_of(model, device)
     y = y.cpu()
     with evaluating(model):
-        clean = _scores(model, x, batch_size, device).argmax(1)
-        adv = _scores(model, x_adv, batch_size, device).argmax(1)
+        clean = class_scores(model, x, batch_size, device).argmax(1)
+        adv = class_scores(model, x_adv, batch_size, device).argmax(1)
     k = len(class_names)
     correct = clean == y
     matrix = confusion_matrix(y[correct], adv[correct], k)
@@ -489,8 +417,8 @@ def compare_runs_overlap(model_a: torch.nn.Module, model_b: torch.nn.Module, x: 
     summary = {}
     for name, model, x_adv in (("a", model_a, x_adv_a), ("b", model_b, x_adv_b)):
         with evaluating(model):
-            clean = _scores(model, x, batch_size, device).argmax(1)
-            scores = _scores(model, x_adv, batch_size, device)
+            clean = class_scores(model, x, batch_size, device).argmax(1)
+            scores = class_scores(model, x_adv, batch_size, device)
         summary[name] = (clean, scores)
     k_a, k_b = summary["a"][1].shape[1], summary["b"][1].shape[1]
     if k_a != k_b:
@@ -603,16 +531,6 @@ def nearest_training_neighbours(model: torch.nn.Module, x_train: torch.Tensor, y
     return indices, distances
 
 
-def _image_array(img: torch.Tensor):
-    """An image [C, H, W] as (array, cmap) for ``imshow``: grey for 1 channel, RGB for 3."""
-    img = img.detach().float().cpu().clamp(0, 1)
-    if img.dim() != 3 or img.shape[0] not in (1, 3):
-        raise UserError(f"images must be [1 or 3, H, W]; got {tuple(img.shape)}")
-    if img.shape[0] == 1:
-        return img[0].numpy(), "gray"
-    return img.permute(1, 2, 0).numpy(), None
-
-
 def neighbour_grid(x_query: torch.Tensor, y_query: torch.Tensor, pred_query: torch.Tensor, x_train: torch.Tensor,
                    neighbours: torch.Tensor, class_names, path, *, y_train: torch.Tensor | None = None,
                    distances: torch.Tensor | None = None, query_ids=None) -> dict:
@@ -636,7 +554,7 @@ def neighbour_grid(x_query: torch.Tensor, y_query: torch.Tensor, pred_query: tor
     Returns:
         ``{"png": str, "json": str}``.
     """
-    png = _png_path(path)
+    png = plots.png_path(path)
     names = [str(c) for c in class_names]
     q = len(x_query)
     neighbours = torch.as_tensor(neighbours).long().cpu()
@@ -644,7 +562,7 @@ def neighbour_grid(x_query: torch.Tensor, y_query: torch.Tensor, pred_query: tor
         raise UserError(f"neighbours must be [Q, k] with Q = {q}; got {tuple(neighbours.shape)}")
     k = neighbours.shape[1]
     cell = 1.25
-    fig = _new_figure(cell * (k + 1) + 0.3, cell * max(q, 1) + 0.3)
+    fig = plots.new_figure(cell * (k + 1) + 0.3, cell * max(q, 1) + 0.3)
     rows = []
     if q == 0:
         ax = fig.add_subplot(1, 1, 1)
@@ -653,7 +571,7 @@ def neighbour_grid(x_query: torch.Tensor, y_query: torch.Tensor, pred_query: tor
     for i in range(q):
         true, pred = int(y_query[i]), int(pred_query[i])
         ax = fig.add_subplot(q, k + 1, i * (k + 1) + 1)
-        array, cmap = _image_array(x_query[i])
+        array, cmap = plots.image_array(x_query[i])
         ax.imshow(array, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(f"{names[true]}→{names[pred]}", fontsize=7, color="red")
         ax.axis("off")
@@ -663,7 +581,7 @@ def neighbour_grid(x_query: torch.Tensor, y_query: torch.Tensor, pred_query: tor
             ax.axis("off")
             if index < 0:
                 continue
-            array, cmap = _image_array(x_train[index])
+            array, cmap = plots.image_array(x_train[index])
             ax.imshow(array, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
             label = names[int(y_train[index])] if y_train is not None else f"#{index}"
             if distances is not None:
@@ -678,7 +596,7 @@ def neighbour_grid(x_query: torch.Tensor, y_query: torch.Tensor, pred_query: tor
             row["distances"] = [float(v) if math.isfinite(float(v)) else None for v in distances[i]]
         rows.append(row)
     fig.subplots_adjust(wspace=0.1, hspace=0.5)
-    _save_figure(fig, png)
+    plots.save_figure(fig, png)
     json_path = png.with_suffix(".json")
     ckpt.atomic_write_json(json_path, {"rows": rows})
     return {"png": str(png), "json": str(json_path)}
@@ -710,10 +628,6 @@ def read_metrics(path) -> list[dict]:
     return records
 
 
-def _number(value):
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 def plot_metrics_over_epochs(metrics_paths, path, title: str = "Validation accuracy during training") -> dict:
     """Robust (solid) and clean (dashed) validation accuracy per epoch of one or more runs (Figure 4).
 
@@ -736,8 +650,8 @@ def plot_metrics_over_epochs(metrics_paths, path, title: str = "Validation accur
         metrics_paths = {Path(metrics_paths).resolve().parent.name: metrics_paths}
     if not metrics_paths:
         raise UserError("no metrics files to plot")
-    png = _png_path(path)
-    fig = _new_figure(6.0, 4.0)
+    png = plots.png_path(path)
+    fig = plots.new_figure(6.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     rows = [["run", "epoch", "train_loss", "lr", "val_clean", "val_robust"]]
     runs = {}
@@ -746,7 +660,7 @@ def plot_metrics_over_epochs(metrics_paths, path, title: str = "Validation accur
         color = f"C{i % 10}"
         series = {}
         for key in ("val_robust", "val_clean"):
-            series[key] = [(r["epoch"], _number(r.get(key))) for r in records if _number(r.get(key)) is not None]
+            series[key] = [(r["epoch"], as_number(r.get(key))) for r in records if as_number(r.get(key)) is not None]
         if series["val_robust"]:
             epochs, values = zip(*series["val_robust"])
             ax.plot(epochs, [100 * v for v in values], color=color, marker="o", markersize=3, label=f"{label} robust")
@@ -755,8 +669,8 @@ def plot_metrics_over_epochs(metrics_paths, path, title: str = "Validation accur
             ax.plot(epochs, [100 * v for v in values], color=color, linestyle="--", marker="s", markersize=4,
                     markerfacecolor="white", label=f"{label} clean")
         for r in records:
-            rows.append([label, r["epoch"], _number(r.get("train_loss")), _number(r.get("lr")),
-                         _number(r.get("val_clean")), _number(r.get("val_robust"))])
+            rows.append([label, r["epoch"], as_number(r.get("train_loss")), as_number(r.get("lr")),
+                         as_number(r.get("val_clean")), as_number(r.get("val_robust"))])
         summary = {"epochs": len(records)}
         for key, name in (("val_robust", "robust"), ("val_clean", "clean")):
             points = series[key]
@@ -776,19 +690,19 @@ def plot_metrics_over_epochs(metrics_paths, path, title: str = "Validation accur
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        _legend(ax)
+        plots.legend(ax)
     else:
         ax.text(0.5, 0.5, "no validation records", ha="center", va="center", transform=ax.transAxes)
-    _save_figure(fig, png)
+    plots.save_figure(fig, png)
     csv_path = png.with_suffix(".csv")
-    ckpt.atomic_write_text(csv_path, _csv_text(rows))
+    ckpt.atomic_write_text(csv_path, plots.csv_text(rows))
     return {"png": str(png), "csv": str(csv_path), "runs": runs}
 
 
 # ------------------------------------------------------------------ a whole run
 
 
-def _curve_eps_values(eps: float, norm: str) -> list[float]:
+def curve_eps_values(eps: float, norm: str) -> list[float]:
     """From the run's eps to twice it in 9 steps (8/255..16/255 at the default threat model)."""
     if norm == "linf" and is_grey_levels(eps):
         steps = round(eps * 255)
@@ -907,7 +821,7 @@ def analyse_run(run_dir, *, n: int | None = None, other_run=None, eps_values=Non
         other = (_run_label(other_run, run_dir), other_run, other_model, other_result.pop("x_adv"), other_result)
 
     # Figures 2-3: robustness curves.
-    eps_list = list(eps_values) if eps_values is not None else _curve_eps_values(eps, norm)
+    eps_list = list(eps_values) if eps_values is not None else curve_eps_values(eps, norm)
     say(f"robustness curve over {len(eps_list)} eps values")
     curves = {label: robustness_curve(model, x, y, eps_values=eps_list, norm=norm, steps=20, seed=seed,
                                       batch_size=batch_size, device=dev)}
@@ -927,7 +841,7 @@ def analyse_run(run_dir, *, n: int | None = None, other_run=None, eps_values=Non
 
     # Figure 5c: nearest correctly classified training samples of misclassified examples.
     say("nearest training neighbours")
-    summary["neighbours"] = _neighbours(model, cfg, info, x, y, x_adv, out, data_dir=data_dir, k=neighbours_k,
+    summary["neighbours"] = neighbours(model, cfg, info, x, y, x_adv, out, data_dir=data_dir, k=neighbours_k,
                                         pool=neighbour_pool, rows=grid_rows, restrict=neighbours_in, seed=seed,
                                         batch_size=batch_size, device=dev, paths=paths)
 
@@ -987,15 +901,15 @@ def summary_lines(summary: dict) -> list[str]:
     return lines
 
 
-def _neighbours(model, cfg, info, x, y, x_adv, out: Path, *, data_dir, k, pool, rows, restrict, seed, batch_size,
+def neighbours(model, cfg, info, x, y, x_adv, out: Path, *, data_dir, k, pool, rows, restrict, seed, batch_size,
                 device, paths) -> dict:
     """The neighbour grid of ``analyse_run``; returns its summary."""
     x_train, y_train, error = _training_pool(cfg, data_dir, pool)
     if x_train is None:
         return {"skipped": f"training data unavailable: {error}"}
     with evaluating(model):
-        clean = _scores(model, x, batch_size, device).argmax(1)
-        adv = _scores(model, x_adv, batch_size, device).argmax(1)
+        clean = class_scores(model, x, batch_size, device).argmax(1)
+        adv = class_scores(model, x_adv, batch_size, device).argmax(1)
     misclassified = ((clean == y) & (adv != y)).nonzero().squeeze(1)
     generator = torch.Generator().manual_seed(derive_seed(seed, "neighbour-grid") % (2**63))
     chosen = misclassified[torch.randperm(len(misclassified), generator=generator)[:rows]].sort().values

@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .analysis import (_curve_eps_values, is_grey_levels, plot_metrics_over_epochs, plot_robustness_curves, read_metrics,
+from .formats import format_eps
+from .analysis import (curve_eps_values, plot_metrics_over_epochs, plot_robustness_curves, read_metrics,
                        robustness_curve)
 from .attacks import evaluating
 from .config import (_SECTION_TYPES, Config, _coerce, apply_overrides, from_dict, load_config, parse_fraction,
@@ -68,7 +69,7 @@ CURVE_LOSS = "ce"
 #: Sections a method may override; the data and the evaluation protocol are shared.
 OVERRIDE_SECTIONS = ("model", "prototypes", "train")
 #: Keys that do not change what a run computes, ignored when checking an existing run.
-_IGNORED_KEYS = {("train", "device"), ("train", "log_every")}
+_IGNORED_KEYS = {("train", "device")}
 _COMPARE_KEYS = ("methods", "suites", "eval_n", "suite_n", "sweep_dims", "curve_eps", "curve_n", "transfer")
 DASH = "–"
 
@@ -267,7 +268,7 @@ def load_compare_config(source, overrides: list[str] = ()) -> ComparePlan:
                 raise UserError(f"compare.suite_n.{suite}: {suite!r} is not in compare.suites ({', '.join(suites)})")
             suite_n[suite] = _positive_int(n, f"suite_n.{suite}")
     curve_eps = (_curve_grid(table["curve_eps"]) if "curve_eps" in table
-                 else tuple(_curve_eps_values(base.eval.eps, base.eval.norm)))
+                 else tuple(curve_eps_values(base.eval.eps, base.eval.norm)))
     curve_n = _positive_int(table.get("curve_n", eval_n), "curve_n", minimum=0)
     has_source = TRANSFER_SOURCE in methods
     transfer = _coerce("compare", "transfer", table.get("transfer", has_source), bool)
@@ -461,7 +462,8 @@ def _training_record(run_dir: Path) -> dict:
 def _attack_accuracy(suite_result: dict | None, prefix: str):
     if not suite_result:
         return None
-    return next((a["accuracy"] for a in suite_result["attacks"] if a["name"].startswith(prefix)), None)
+    return next((a["accuracy"] for a in suite_result["attacks"]
+                 if a["name"].startswith(prefix) and a.get("status", "done") == "done"), None)
 
 
 def _run_report(plan: ComparePlan, run: RunPlan, run_dir: Path, status: tuple, protocol: dict, n_test: int) -> dict:
@@ -474,8 +476,8 @@ def _run_report(plan: ComparePlan, run: RunPlan, run_dir: Path, status: tuple, p
             entry = results["suites"][suite]
             suites[suite] = {
                 "n": entry["n"], "clean_accuracy": entry["clean_accuracy"], "robust_accuracy": entry["robust_accuracy"],
-                "attacks": [{k: a[k] for k in ("name", "attack", "loss", "steps", "restarts", "accuracy", "seconds")}
-                            for a in entry["attacks"]],
+                "attacks": [{**{k: a[k] for k in ("name", "attack", "loss", "steps", "restarts", "accuracy", "seconds")},
+                             "status": a.get("status", "done")} for a in entry["attacks"]],
                 **({"sanity": entry["sanity"]} if "sanity" in entry else {}),
             }
     n_eval = min(plan.eval_n, n_test)
@@ -706,12 +708,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _fmt_eps(eps: float, norm: str) -> str:
-    return f"{round(eps * 255)}/255" if norm == "linf" and is_grey_levels(eps) else f"{eps:g}"
-
-
 def _protocol_line(p: dict, suites: str) -> str:
-    eps = _fmt_eps(p["eps"], p["norm"])
+    eps = format_eps(p["eps"], p["norm"], short=True)
     return (f"Protocol: {p['dataset']} {p['split']} split{' (' + p['test_dir'] + ')' if p['test_dir'] else ''},"
             f" first {p['n']} points unshuffled, {p['norm']} eps = {eps}, seed {p['seed']}, fp32; {suites};"
             f" accuracies in %; repulsor {p['code_version']}.")

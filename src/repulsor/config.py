@@ -91,7 +91,6 @@ class TrainConfig:
     val_attack_steps: int = 10
     fgsm_alpha: float = 1.25  # fgsm_rs step as a multiple of eps (Wong et al.)
     overfit_drop: float = 0.5  # fgsm_rs: catastrophic overfitting when val robust acc falls by this fraction of its peak
-    log_every: int = 50  # steps between log lines
 
 
 @dataclass(frozen=True)
@@ -122,16 +121,41 @@ _SECTION_TYPES = {
     "eval": EvalConfig,
 }
 
+def _dataset_names() -> tuple:
+    from .data import DATASETS  # late imports: data and models import torch, config should stay light
+
+    return tuple(DATASETS)
+
+
+def _model_names() -> tuple:
+    from .models import MODELS
+
+    return tuple(MODELS)
+
+
+def _norm_names() -> tuple:
+    from .attacks.geometry import GEOMETRIES
+
+    return tuple(GEOMETRIES)
+
+
+def _metric_names() -> tuple:
+    from .prototypes import METRICS
+
+    return tuple(METRICS)
+
+
+# The allowed values of a setting: a tuple, or a function reading the registry that owns the names.
 CHOICES = {
-    ("data", "name"): ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100"),
+    ("data", "name"): _dataset_names,
     ("data", "augment"): ("auto", "none", "crop_flip"),
-    ("model", "name"): ("resnet18", "preact_resnet18", "wrn", "small_cnn", "mlp", "fast_cifar"),
-    ("prototypes", "metric"): ("linf", "l2", "cosine"),
-    ("prototypes", "distance"): ("cosine", "linf", "l2"),
+    ("model", "name"): _model_names,
+    ("prototypes", "metric"): _metric_names,
+    ("prototypes", "distance"): ("cosine", "linf", "l2"),  # of the heads' distances, those a prototype run may use
     ("train", "schedule"): ("cyclic", "onecycle", "multistep", "constant"),
     ("train", "precision"): ("auto", "fp32", "bf16", "fp16"),
-    ("train", "norm"): ("linf", "l2"),
-    ("eval", "norm"): ("linf", "l2"),
+    ("train", "norm"): _norm_names,
+    ("eval", "norm"): _norm_names,
 }
 
 # (section, key) -> (low, high, low_inclusive); None means unbounded.
@@ -170,7 +194,6 @@ RANGES = {
     ("train", "val_attack_steps"): (1, None, True),
     ("train", "fgsm_alpha"): (0.0, None, False),
     ("train", "overfit_drop"): (0.0, 1.0, False),
-    ("train", "log_every"): (1, None, True),
     ("eval", "n"): (1, None, True),
     ("eval", "eps"): (0.0, 1.0, True),
     ("eval", "batch_size"): (1, None, True),
@@ -232,6 +255,7 @@ def _coerce(section: str, key: str, value, expected):
 def _check_value(section: str, key: str, value) -> None:
     where = f"{section}.{key}"
     choices = CHOICES.get((section, key))
+    choices = choices() if callable(choices) else choices
     if choices is not None and value not in choices:
         raise UserError(f"{where} = {value!r} is not one of {', '.join(choices)}")
     bounds = RANGES.get((section, key))
@@ -250,12 +274,18 @@ def _check_value(section: str, key: str, value) -> None:
         raise UserError(f"{where} = {value!r} is out of range: it must be <= {high:g}")
 
 
+# Settings that older versions wrote and never read: accepted in old run folders, then dropped.
+RETIRED = {("train", "log_every")}
+
+
 def _build_section(section: str, values: dict, base):
     cls = _SECTION_TYPES[section]
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     updates = {}
     for key, value in values.items():
+        if (section, key) in RETIRED:
+            continue  # written by an older version; it never changed anything
         if key not in known:
             raise UserError(f"unknown key {section}.{key}: valid keys are {', '.join(sorted(known))}")
         updates[key] = _coerce(section, key, value, hints[key])
@@ -296,7 +326,7 @@ def _check_consistency(config: Config) -> None:
             f" {config.data.name}: use at least as many output dimensions as classes"
         )
     # Late import, as above; an unknown suite must fail before training, not after it.
-    from .evaluate import SUITES
+    from .suites import SUITES
 
     if config.eval.suite not in SUITES:
         raise UserError(f"eval.suite = {config.eval.suite!r} is not one of {', '.join(SUITES)}")

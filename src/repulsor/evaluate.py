@@ -12,117 +12,31 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from . import sanity
-from .attacks import GRADIENT_ATTACKS, correct_every_time, evaluating, geometry, get_attack
+from . import sanity, store
+from .store import load_model  # noqa: F401 - re-exported: repulsor.load_model
+from .suites import SUITES, TRANSFER, AttackSpec, specs_for, suite_specs  # noqa: F401 - SUITES re-exported
+from .attacks import GRADIENT_ATTACKS, attack_survivors, batched, correct_every_time, evaluating, geometry, get_attack
 from .config import Config, load_config, load_run_config
 from .data import load_dataset
 from .errors import UserError
 from .runtime import code_version, derive_seed, init_process_group, resolve_device
 
 
-@dataclass(frozen=True)
-class AttackSpec:
-    """One attack of a suite: a registry name, its settings, and how it is reported."""
-
-    name: str  # as reported, e.g. "apgd-ce"
-    attack: str  # key of repulsor.attacks.ATTACKS
-    steps: int = 0  # iterations (queries for square)
-    restarts: int = 1
-    settings: dict = field(default_factory=dict)  # further keyword arguments
-    loss: str = ""
-    needs_prototypes: bool = False  # representation-space losses: only for prototype models
-
-    def kwargs(self, eps: float, norm: str) -> dict:
-        """Keyword arguments of the attack function for this threat model."""
-        kwargs = {"eps": eps, "norm": norm, **self.settings}
-        if self.attack == "square":
-            kwargs["queries"] = self.steps
-        elif self.steps:
-            kwargs["steps"] = self.steps
-        if self.attack != "fgsm":
-            kwargs["restarts"] = self.restarts
-        if self.loss:
-            kwargs["loss"] = self.loss
-        if "alpha_over_eps" in kwargs:
-            kwargs["alpha"] = kwargs.pop("alpha_over_eps") * eps
-        return kwargs
-
-
-def _pgd(name, steps, loss, restarts=1, alpha_over_eps=0.25, needs_prototypes=False):
-    return AttackSpec(name, "pgd", steps, restarts, {"alpha_over_eps": alpha_over_eps}, loss, needs_prototypes)
-
-
-STANDARD = [
-    AttackSpec("apgd-ce", "apgd", 100, 1, loss="ce"),
-    AttackSpec("apgd-t", "apgd_t", 100, 1, {"n_targets": 9}),
-    AttackSpec("fab-t", "fab_t", 100, 1, {"n_targets": 9}),
-    AttackSpec("square", "square", 5000, 1),
-]
-
-SUITES: dict[str, list[AttackSpec]] = {
-    # PGD-20, step eps/4 (2/255 at 8/255), random start, cross-entropy on the class scores.
-    "quick": [_pgd("pgd-20", 20, "ce")],
-    # The paper's protocol: PGD-20 and PGD-100 with the loss the authors' code used (the
-    # L-inf distance of f(x) to the true prototype; cross-entropy for linear heads), no restarts.
-    "paper": [_pgd("pgd-20 (authors' loss)", 20, "paper"), _pgd("pgd-100 (authors' loss)", 100, "paper")],
-    "standard": STANDARD,
-    # standard, then margin losses with restarts and the representation-space losses.
-    "adaptive": STANDARD + [
-        AttackSpec("apgd-dlr (5 restarts)", "apgd", 100, 5, loss="dlr"),
-        _pgd("pgd-100-cw (5 restarts)", 100, "cw", restarts=5, alpha_over_eps=0.1),
-        AttackSpec("apgd-proto-margin (5 restarts)", "apgd", 100, 5, loss="proto_margin", needs_prototypes=True),
-        AttackSpec("apgd-t-proto-margin", "apgd_t", 100, 1, {"n_targets": 9, "loss": "proto_margin"},
-                   needs_prototypes=True),
-    ],
-    # For randomised defences, as AutoAttack's "rand" version: APGD-CE and APGD-DLR with
-    # Expectation over Transformation, 20 gradient samples averaged per step.
-    "rand": [
-        AttackSpec("apgd-ce (eot 20)", "apgd", 100, 1, {"eot": 20}, loss="ce"),
-        AttackSpec("apgd-dlr (eot 20)", "apgd", 100, 1, {"eot": 20}, loss="dlr"),
-    ],
-}
-
-# Appended to any suite when a surrogate model is given: APGD-CE on the surrogate, the
-# examples checked on the model (which then needs forward passes only).
-TRANSFER = AttackSpec("transfer (apgd-ce on the surrogate)", "transfer", 100, 1, {"via": "apgd"}, loss="ce")
-
 # A randomised model (two forward passes differ) counts a point as correct only if it is
 # classified correctly in every one of this many passes, so a lucky pass is no robustness.
 RANDOMISED_VOTES = 10
 
 
-def _is_prototype_model(model) -> bool:
-    return hasattr(model, "embed") and hasattr(model, "prototypes")
-
-
-def _resolve_loss(spec: AttackSpec, model) -> AttackSpec:
-    """``paper`` means the authors' loss on prototype models and cross-entropy otherwise."""
-    if spec.loss == "paper":
-        loss = "proto_linf" if _is_prototype_model(model) else "ce"
-        return AttackSpec(spec.name, spec.attack, spec.steps, spec.restarts, spec.settings, loss, spec.needs_prototypes)
-    return spec
-
-
-def suite_specs(name: str) -> list[AttackSpec]:
-    try:
-        return SUITES[name]
-    except KeyError:
-        raise UserError(f"unknown suite {name!r}: choose one of {', '.join(SUITES)}") from None
-
-
 def _predict(model, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            out.append(model(x[start : start + batch_size].to(device)).argmax(1).cpu())
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+    predictions = batched(lambda xb: model(xb).argmax(1), x, batch_size=batch_size, device=device)
+    return torch.empty(0, dtype=torch.long) if predictions is None else predictions
 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite: str = "quick",
@@ -163,9 +77,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite:
         case), ``suite``, ``seed``, ``precision`` ("fp32"), ``randomised``, ``votes``, and,
         with checks, ``sanity`` (a list of verdicts).
     """
-    specs = [_resolve_loss(s, model) for s in suite_specs(suite)]
-    if not _is_prototype_model(model):
-        specs = [s for s in specs if not s.needs_prototypes]
+    specs = specs_for(suite, model)
     geometry(norm)
     if not 0 <= eps <= 1:
         hint = f"for {eps:g} grey levels write {eps:g}/255, not {eps:g}" if eps > 1 else "give a size in [0, 1], e.g. 8/255"
@@ -192,9 +104,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite:
             specs.append(TRANSFER)
         elif not gradient:
             specs.append(TRANSFER)  # recorded as not applicable: it says what would measure the model
-        robust = torch.cat([correct_every_time(model, x[i : i + batch_size].to(device), y[i : i + batch_size].to(device),
-                                                votes).cpu() for i in range(0, len(y), batch_size)]) \
-            if len(y) else torch.zeros(0, dtype=torch.bool)
+        robust = batched(lambda xb, yb: correct_every_time(model, xb, yb, votes), x, y, batch_size=batch_size,
+                         device=device) if len(y) else torch.zeros(0, dtype=torch.bool)
         clean_accuracy = robust.sum().item() / len(y) if len(y) else 0.0
         x_worst = x.clone().cpu()
         entries, done = [], 0
@@ -277,57 +188,24 @@ class Cascade:
         attack = get_attack(spec.attack)
         kwargs = spec.kwargs(self.eps, self.norm)
         if spec.attack == "transfer":
-            kwargs["surrogate"] = self.surrogate
+            kwargs.update(surrogate=self.surrogate, via=get_attack(kwargs["via"]))
         geom = geometry(self.norm)
-        index = self.robust.nonzero().squeeze(1)
         started = time.time()
-        bar = tqdm(total=len(index), desc=spec.name, unit="pt", disable=self.quiet, leave=False, dynamic_ncols=True)
-        for start in range(0, len(index), self.batch_size):
-            chunk = index[start : start + self.batch_size]
-            xb, yb = self.x[chunk].to(self.device), self.y[chunk].to(self.device)
-            x_adv = attack(self.model, xb, yb, seed=derive_seed(seed, start), **kwargs).detach()
+
+        def checked_attack(xb, yb, start):
+            x_adv = attack(self.model, xb, yb, seed=derive_seed(seed, start), **kwargs)
             # A bug in an attack must never inflate or deflate a result: check the threat model.
             excess = (geom.norm(x_adv - xb) - self.eps).max().item() if len(xb) else 0.0
             if excess > 1e-5 or x_adv.min() < 0 or x_adv.max() > 1:
                 raise RuntimeError(f"{spec.name} left the threat model (norm excess {excess:g}); this is a repulsor bug")
-            fooled = (~correct_every_time(self.model, x_adv, yb, self.votes)).cpu()
-            self.robust[chunk[fooled]] = False
-            self.x_worst[chunk[fooled]] = x_adv[fooled].cpu()
-            bar.update(len(chunk))
-        bar.close()
-        kwargs.pop("surrogate", None)
-        return self._entry(spec, kwargs, len(index), time.time() - started)
+            return x_adv
 
-
-def load_model(run_dir: str | Path, *, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The trained model of a run as an ``nn.Module`` in eval mode.
-
-    It takes images [N, C, H, W] in [0, 1] and returns class scores [N, k] (logits for
-    linear heads; cosine similarities or negative distances for prototype heads), so any
-    attack library can attack its real decision rule.
-    """
-    from .methods import METHODS
-    from .prototypes import load_prototypes
-    from .train import MODEL, build_method_model
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        what = "is a file, not a folder" if run_dir.exists() else "does not exist"
-        raise UserError(f"run folder {run_dir} {what}; pass a folder written by repulsor train --out")
-    if not (run_dir / "config.toml").is_file():
-        raise UserError(f"{run_dir} is not a run folder (it holds no config.toml); pass a folder written by"
-                        " repulsor train --out")
-    if not (run_dir / MODEL).exists():
-        raise UserError(f"{run_dir} holds no trained model ({MODEL}); finish training with: repulsor train --resume {run_dir}")
-    cfg = load_config(run_dir / "config.toml")
-    method = METHODS[cfg.train.method]
-    prototypes = None
-    if method.uses_prototypes:
-        prototypes, _ = load_prototypes(run_dir / "prototypes.safetensors")
-    model = build_method_model(cfg, method, prototypes)
-    tensors, _ = ckpt.load_tensors(run_dir / MODEL, "model file")
-    ckpt.load_model_state(model, tensors, run_dir / MODEL)
-    return model.to(device).eval()
+        total = int(self.robust.sum())
+        with tqdm(total=total, desc=spec.name, unit="pt", disable=self.quiet, leave=False, dynamic_ncols=True) as bar:
+            attacked = attack_survivors(self.model, checked_attack, self.x, self.y, self.robust,
+                                        batch_size=self.batch_size, device=self.device, votes=self.votes,
+                                        x_worst=self.x_worst, progress=bar.update)
+        return self._entry(spec, spec.kwargs(self.eps, self.norm), attacked, time.time() - started)
 
 
 def load_test_split(cfg: Config, n: int | None, data_dir: str | None = None, *, say=None):
@@ -395,41 +273,46 @@ def evaluate_run(run_dir: str | Path, *, suite: str | None = None, n: int | None
         names = ", ".join(s.name for s in suite_specs(suite))
         print(f"[evaluate] suite {suite} ({names}) on the first {len(y)} {cfg.data.name} test points, {norm}"
               f" eps = {eps:.4g}, seed {seed}", flush=True)
-    # Under torchrun every rank attacks its own shard of the points; counts are summed.
-    shard = slice(group.rank, None, group.world_size)
-    state_path = run_dir / "eval" / f"{suite}-state{'-rank%d' % group.rank if group.distributed else ''}.safetensors"
-    result = evaluate(model, x[shard], y[shard], suite=suite, eps=eps, norm=norm, batch_size=batch_size, seed=seed,
-                      device=dev, quiet=quiet or not group.is_main, state_path=state_path, surrogate=surrogate_model)
-    result.pop("x_adv")
-    if group.distributed:
-        result = _combine_shards(result, group, dev, len(y))
-    state_path.unlink(missing_ok=True)
-    if not group.is_main:
-        return {}
-    results_path = run_dir / "results.json"
-    merged = ckpt.read_json(results_path, "results file") if results_path.exists() else {}
-    merged.update({
-        "dataset": cfg.data.name, "split": "test", "data_dir": str(folder or ""), "n": len(y),
-        "clean_accuracy": result["clean_accuracy"], "code_version": code_version(),
-    })
-    suites = merged.get("suites", {})
-    # A suite at the run's own threat model is stored under its name; at another one, the
-    # threat model is part of the key, so evaluations at several eps sit side by side.
-    key = suite if (eps, norm) == (saved.eps, saved.norm) else f"{suite}@{norm}:{eps:.4g}"
-    if surrogate is not None:
-        result["surrogate"] = str(Path(surrogate).resolve())
-    suites[key] = dict(result)
-    merged["suites"] = suites
-    # The flat contract: every attack of every suite evaluated so far, each with its suite.
-    merged["attacks"] = [dict(entry, suite=name) for name, res in suites.items() for entry in res["attacks"]]
-    merged["worst_case"] = {name: res["robust_accuracy"] for name, res in suites.items()}
-    merged["last_suite"] = key
-    ckpt.atomic_write_json(results_path, merged)
-    attacks = ", ".join(f"{a['name']} {a['accuracy']:.4f}" for a in result["attacks"])
-    with open(run_dir / "log.txt", "a", encoding="utf-8") as handle:
-        handle.write(f"evaluate {key}: n={len(y)} clean {result['clean_accuracy']:.4f}; {attacks};"
-                     f" worst case {result['robust_accuracy']:.4f}\n")
-    return merged
+    with ExitStack() as held:
+        if group.is_main:  # one writer per run folder; under torchrun the main process holds it
+            held.enter_context(store.locked(run_dir, "evaluate"))
+        # Under torchrun every rank attacks its own shard of the points; counts are summed.
+        shard = slice(group.rank, None, group.world_size)
+        state_path = run_dir / "eval" / f"{suite}-state{'-rank%d' % group.rank if group.distributed else ''}.safetensors"
+        result = evaluate(model, x[shard], y[shard], suite=suite, eps=eps, norm=norm, batch_size=batch_size, seed=seed,
+                          device=dev, quiet=quiet or not group.is_main, state_path=state_path, surrogate=surrogate_model)
+        result.pop("x_adv")
+        if group.distributed:
+            result = _combine_shards(result, group, dev, len(y))
+        state_path.unlink(missing_ok=True)
+        if not group.is_main:
+            return {}
+        results_path = run_dir / "results.json"
+        merged = ckpt.read_json(results_path, "results file") if results_path.exists() else {}
+        merged.update({
+            "dataset": cfg.data.name, "split": "test", "data_dir": str(folder or ""), "n": len(y),
+            "clean_accuracy": result["clean_accuracy"], "code_version": code_version(),
+        })
+        suites = merged.get("suites", {})
+        # A suite at the run's own threat model is stored under its name; at another one, the
+        # threat model is part of the key, so evaluations at several eps sit side by side.
+        key = suite if (eps, norm) == (saved.eps, saved.norm) else f"{suite}@{norm}:{eps:.4g}"
+        if surrogate is not None:
+            result["surrogate"] = str(Path(surrogate).resolve())
+        # Each suite says which code measured it and when: suites of several evaluations sit side by side.
+        result.update(code_version=code_version(), evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        suites[key] = dict(result)
+        merged["suites"] = suites
+        # The flat contract: every attack of every suite evaluated so far, each with its suite.
+        merged["attacks"] = [dict(entry, suite=name) for name, res in suites.items() for entry in res["attacks"]]
+        merged["worst_case"] = {name: res["robust_accuracy"] for name, res in suites.items()}
+        merged["last_suite"] = key
+        ckpt.atomic_write_json(results_path, merged)
+        attacks = ", ".join(f"{a['name']} {a['accuracy']:.4f}" for a in result["attacks"])
+        with open(run_dir / "log.txt", "a", encoding="utf-8") as handle:
+            handle.write(f"evaluate {key}: n={len(y)} clean {result['clean_accuracy']:.4f}; {attacks};"
+                         f" worst case {result['robust_accuracy']:.4f}\n")
+        return merged
 
 
 def _combine_shards(result: dict, group, device, n_total: int) -> dict:

@@ -30,7 +30,9 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from .formats import format_eps
 from .errors import UserError
+from .version import __version__
 
 FORMAT = "repulsor-export/1"
 
@@ -207,7 +209,6 @@ def body_spec(model_cfg, info, out_dim: int) -> tuple[str, dict]:
 
 def model_source(model: nn.Module, spec: dict, *, title: str, source: str) -> str:
     """The text of a standalone ``model.py`` for ``model`` described by ``spec``."""
-    from . import __version__
     from .models import MODELS, Network, Normalize, PrototypeClassifier
 
     roots = [MODELS[spec["body"]], Normalize, Network]
@@ -290,7 +291,6 @@ def export_model(model: nn.Module, cfg, out_dir, *, source: str = "a model", res
     Returns:
         ``{"model_py", "weights", "readme", "spec", "max_abs_diff"}``.
     """
-    from . import __version__
     from .data import DATASETS
     from .models import Network, PCLClassifier, PrototypeClassifier
 
@@ -363,7 +363,7 @@ def _check_export_dir(out: Path) -> None:
 def export_run(run_dir, out_dir) -> dict:
     """Export the trained model of a run folder (see ``export_model``)."""
     from .config import load_config
-    from .evaluate import load_model
+    from .store import load_model
 
     run_dir, out = Path(run_dir), Path(out_dir)
     if out.exists() and out.resolve() == run_dir.resolve():
@@ -378,12 +378,6 @@ def export_run(run_dir, out_dir) -> dict:
 
 
 # ---------------------------------------------------------------------------- README
-
-
-def _fmt_eps(eps: float, norm: str) -> str:
-    if norm == "linf":
-        return f"{eps:.4g} ({eps * 255:.3g}/255)"
-    return f"{eps:.4g}"
 
 
 def _readme(spec: dict, source: str, results: dict | None) -> str:
@@ -412,7 +406,7 @@ def _readme(spec: dict, source: str, results: dict | None) -> str:
         f"  the model's first layer subtracts mean {spec['mean']} and divides by std {spec['std']};",
         f"- output: `[N, {k}]` class scores, higher = more likely: {out_text};",
         f"- classes in label order: {', '.join(map(str, spec['classes']))};",
-        f"- the run's threat model: {tm['norm']}, eps = {_fmt_eps(tm['eps'], tm['norm'])}.",
+        f"- the run's threat model: {tm['norm']}, eps = {format_eps(tm['eps'], tm['norm'])}.",
         "",
         "## Load",
         "",
@@ -480,7 +474,9 @@ def _readme(spec: dict, source: str, results: dict | None) -> str:
                   "| suite | attack | accuracy after |", "| --- | --- | --- |",
                   f"| | clean | {100 * results['clean_accuracy']:.2f}% |"]
         for entry in results.get("attacks", []):
-            lines.append(f"| {entry.get('suite', '')} | {entry['name']} | {100 * entry['accuracy']:.2f}% |")
+            done = entry.get("status", "done") == "done"
+            after = f"{100 * entry['accuracy']:.2f}%" if done else f"not applicable ({entry.get('reason', '')})"
+            lines.append(f"| {entry.get('suite', '')} | {entry['name']} | {after} |")
         for name, acc in results.get("worst_case", {}).items():
             lines.append(f"| {name} | **worst case** | **{100 * acc:.2f}%** |")
         lines.append("")

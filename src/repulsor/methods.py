@@ -13,13 +13,14 @@ input gradients and must not trigger DDP's gradient synchronisation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 
 from .attacks import pgd
-from .config import TrainConfig
+if TYPE_CHECKING:  # config checks method names against METHODS: no import at run time
+    from .config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,6 @@ class Method:
     head: str = "linear"
     distance: str | None = None
     prototypes: str = "repulsive"
-    adversarial: bool = False
     watch_overfitting: bool = False
     summary: str = ""
     options: tuple[str, ...] = ()  # train.* keys that only this method (and its kin) reads
@@ -248,22 +248,22 @@ _register(Method("hpn", prototype_loss, head="prototype", distance="cosine",
                  summary="hyperspherical prototype networks (Mettes et al.): cosine prototypes, Eq. 6"))
 _register(Method("mmc", prototype_loss, head="prototype", distance="sqeuclid", prototypes="mmc",
                  summary="Max-Mahalanobis centres (Pang et al.): loss ||z - mu_y||^2"))
-_register(Method("pgd_at", pgd_at_loss, adversarial=True, summary="PGD adversarial training (Madry et al.)",
+_register(Method("pgd_at", pgd_at_loss, summary="PGD adversarial training (Madry et al.)",
                  options=_CE))
-_register(Method("trades", trades_loss, adversarial=True, summary="TRADES (Zhang et al.)",
+_register(Method("trades", trades_loss, summary="TRADES (Zhang et al.)",
                  options=("trades_beta", *_CE)))
-_register(Method("fgsm_rs", fgsm_rs_loss, adversarial=True, watch_overfitting=True,
+_register(Method("fgsm_rs", fgsm_rs_loss, watch_overfitting=True,
                  summary="fast FGSM training with random start (Wong et al.)",
                  options=("fgsm_alpha", "overfit_drop", *_CE)))
-_register(Method("prototype_at", prototype_at_loss, head="prototype", adversarial=True,
+_register(Method("prototype_at", prototype_at_loss, head="prototype",
                  summary="prototype loss on PGD examples"))
 _register(Method("pcl", pcl_loss, head="pcl",
                  summary="prototype conformity loss (Mustafa et al.): CE + learned centres in hidden spaces",
                  options=("pcl_weight", "pcl_push", *_CE)))
-_register(Method("pcl_at", pcl_at_loss, head="pcl", adversarial=True,
+_register(Method("pcl_at", pcl_at_loss, head="pcl",
                  summary="prototype conformity loss on clean and PGD examples (Mustafa et al.)",
                  options=("pcl_weight", "pcl_push", *_CE)))
-_register(Method("prototype_trades", prototype_trades_loss, head="prototype", adversarial=True,
+_register(Method("prototype_trades", prototype_trades_loss, head="prototype",
                  summary="prototype loss + beta * (1 - cos(f(x), f(x_adv))), TRADES-style",
                  options=("trades_beta",)))
 

@@ -40,11 +40,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import analysis
+from . import analysis, plots
 from . import checkpoint as ckpt
-from .attacks import evaluating
+from .attacks import batched, evaluating
 from .errors import UserError
 from .runtime import resolve_device
+from .formats import as_number, format_eps
+from .version import __version__
 
 evaluate_mod = importlib.import_module("repulsor.evaluate")
 
@@ -62,15 +64,6 @@ def format_accuracy(value) -> str:
     if value is None:
         return "–"
     return f"{100 * float(value):.2f}%"
-
-
-def format_eps(eps, norm: str) -> str:
-    """``0.0314 (8/255)`` for L-inf, the plain number for L2."""
-    if eps is None:
-        return "–"
-    if norm == "linf" and analysis.is_grey_levels(eps):
-        return f"{eps:.4g} ({round(eps * 255)}/255)"
-    return f"{eps:.4g}"
 
 
 def _fmt_seconds(seconds) -> str:
@@ -308,14 +301,14 @@ def plot_training_curves(records: list[dict], path, title: str = "Training", *, 
     The learning-rate axis starts at 0 and reaches the schedule's peak (``peak_lr``), so that the
     end-of-epoch value of a one-epoch cyclic run (almost 0) does not become an axis of 1e-11.
     """
-    png = analysis._png_path(path)
-    fig = analysis._new_figure(9.0, 3.4)
+    png = plots.png_path(path)
+    fig = plots.new_figure(9.0, 3.4)
     ax_loss = fig.add_subplot(1, 2, 1)
     ax_lr = fig.add_subplot(1, 2, 2)
     epochs = [r["epoch"] for r in records]
-    loss = [analysis._number(r.get("train_loss")) for r in records]
-    acc = [analysis._number(r.get("train_accuracy")) for r in records]
-    lr = [analysis._number(r.get("lr")) for r in records]
+    loss = [as_number(r.get("train_loss")) for r in records]
+    acc = [as_number(r.get("train_accuracy")) for r in records]
+    lr = [as_number(r.get("lr")) for r in records]
     points = [(e, v) for e, v in zip(epochs, loss) if v is not None]
     if points:
         ax_loss.plot(*zip(*points), color="C0", marker="o", markersize=3, label="training loss")
@@ -348,23 +341,23 @@ def plot_training_curves(records: list[dict], path, title: str = "Training", *, 
         ax.set_xlim(0.5, max(epochs, default=1) + 0.5)  # whole epochs, even for a one-epoch run
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    analysis._save_figure(fig, png)
+    plots.save_figure(fig, png)
     return {"png": str(png)}
 
 
 def plot_prototype_similarity(prototypes: torch.Tensor, class_names, path, title: str = "Prototype cosine similarity") -> dict:
     """Heat map of the pairwise cosine similarities of the prototypes [k, D]; PNG and CSV."""
-    png = analysis._png_path(path)
+    png = plots.png_path(path)
     P = F.normalize(prototypes.detach().float().cpu(), dim=1)
     cos = P @ P.T
     k = cos.shape[0]
     names = [str(c) for c in class_names]
     side = min(max(4.5, 0.5 * k + 2.5), 11.0)
-    fig = analysis._new_figure(side, side * 0.85)
+    fig = plots.new_figure(side, side * 0.85)
     ax = fig.add_subplot(1, 1, 1)
     image = ax.imshow(cos.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
-    analysis.label_class_axes(ax, names)
+    plots.label_class_axes(ax, names)
     if k <= 12:
         for i in range(k):
             for j in range(k):
@@ -372,20 +365,17 @@ def plot_prototype_similarity(prototypes: torch.Tensor, class_names, path, title
                         color="white" if abs(cos[i, j]) > 0.6 else "black")
     off = cos[~torch.eye(k, dtype=torch.bool)]
     ax.set_title(f"{title}\nmax off-diagonal {off.max():.3f}, mean {off.mean():.3f}", fontsize=10)
-    analysis._save_figure(fig, png)
+    plots.save_figure(fig, png)
     csv_path = png.with_suffix(".csv")
     rows = [["class", *names]] + [[names[i], *[round(v, 6) for v in cos[i].tolist()]] for i in range(k)]
-    ckpt.atomic_write_text(csv_path, analysis._csv_text(rows))
+    ckpt.atomic_write_text(csv_path, plots.csv_text(rows))
     return {"png": str(png), "csv": str(csv_path), "max_cosine": off.max().item(), "mean_cosine": off.mean().item()}
 
 
 def embed_points(model, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
     """``model.embed`` of images, float32 on the CPU, batched, in eval mode."""
-    out = []
-    with evaluating(model), torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            out.append(model.embed(x[start : start + batch_size].to(device)).float().cpu())
-    return torch.cat(out)
+    with evaluating(model):
+        return batched(lambda xb: model.embed(xb).float(), x, batch_size=batch_size, device=device)
 
 
 def pca_2d(z: torch.Tensor):
@@ -406,7 +396,7 @@ def plot_embedding_pca(z: torch.Tensor, y: torch.Tensor, prototypes: torch.Tenso
     """Scatter of the 2-D PCA of embeddings z [N, D] coloured by class, the prototypes [k, D]
     projected with the same PCA (stars). With ``normalise`` both are first put on the unit
     sphere (cosine heads decide by direction only). PNG and JSON (projected prototypes)."""
-    png = analysis._png_path(path)
+    png = plots.png_path(path)
     z = z.float()
     P = prototypes.detach().float().cpu()
     if normalise:
@@ -423,7 +413,7 @@ def plot_embedding_pca(z: torch.Tensor, y: torch.Tensor, prototypes: torch.Tenso
     def colour(c):
         return cmap(c % cmap.N) if k <= 20 else cmap(c / k)
 
-    fig = analysis._new_figure(6.4, 5.2)
+    fig = plots.new_figure(6.4, 5.2)
     ax = fig.add_subplot(1, 1, 1)
     yl = y.cpu().tolist()
     ax.scatter(zp[:, 0], zp[:, 1], c=[colour(c) for c in yl], s=9, alpha=0.6, linewidths=0)
@@ -443,7 +433,7 @@ def plot_embedding_pca(z: torch.Tensor, y: torch.Tensor, prototypes: torch.Tenso
     ax.set_ylabel(f"PC 2 ({100 * ratio[1]:.1f}% of variance)")
     ax.set_title(title + (" on the unit sphere" if normalise else ""), fontsize=10)
     ax.grid(True, alpha=0.3)
-    analysis._save_figure(fig, png)
+    plots.save_figure(fig, png)
     json_path = png.with_suffix(".json")
     ckpt.atomic_write_json(json_path, {"normalised": normalise, "explained_variance": ratio.tolist(),
                                        "n": len(zp), "prototypes_2d": pp.tolist()})
@@ -465,10 +455,10 @@ def magnify_perturbation(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm:
 def plot_adversarial_grid(x, x_adv, y, pred_clean, pred_adv, class_names, path, *, eps: float, norm: str,
                           ids=None) -> dict:
     """Columns of test points; rows: clean image, adversarial image, perturbation magnified. PNG and JSON."""
-    png = analysis._png_path(path)
+    png = plots.png_path(path)
     names = [str(c) for c in class_names]
     m = len(x)
-    fig = analysis._new_figure(1.3 * max(m, 1) + 0.9, 4.4)
+    fig = plots.new_figure(1.3 * max(m, 1) + 0.9, 4.4)
     if m == 0:
         ax = fig.add_subplot(1, 1, 1)
         ax.axis("off")
@@ -482,7 +472,7 @@ def plot_adversarial_grid(x, x_adv, y, pred_clean, pred_adv, class_names, path, 
                                                    (x_adv[j], f"→ {names[pa]}", "black" if pa == t else "red"),
                                                    (delta[j], "", "black"))):
             ax = fig.add_subplot(3, m, i * m + j + 1)
-            array, cmap = analysis._image_array(img)
+            array, cmap = plots.image_array(img)
             ax.imshow(array, cmap=cmap if cmap else None, vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -495,7 +485,7 @@ def plot_adversarial_grid(x, x_adv, y, pred_clean, pred_adv, class_names, path, 
     scale = f"× {0.5 / eps:.3g} + 0.5" if norm == "linf" and eps > 0 else "scaled to its largest change"
     fig.suptitle(f"clean (title: true: predicted), adversarial (→ prediction), perturbation {scale}", fontsize=8)
     fig.subplots_adjust(wspace=0.08, hspace=0.35)
-    analysis._save_figure(fig, png)
+    plots.save_figure(fig, png)
     json_path = png.with_suffix(".json")
     ckpt.atomic_write_json(json_path, {"eps": eps, "norm": norm, "points": rows})
     return {"png": str(png), "json": str(json_path)}
@@ -741,8 +731,8 @@ def _model_blocks(run_dir: Path, ctx: _Context, cfg, info, figdir: Path, label: 
                        f"{format_accuracy(result['robust_accuracy'])} on these points (the tables above are the "
                        "reference numbers)."))
     with evaluating(model):
-        clean_pred = analysis._scores(model, x, batch_size, ctx.device).argmax(1)
-        adv_pred = analysis._scores(model, x_adv, batch_size, ctx.device).argmax(1)
+        clean_pred = analysis.class_scores(model, x, batch_size, ctx.device).argmax(1)
+        adv_pred = analysis.class_scores(model, x_adv, batch_size, ctx.device).argmax(1)
     summary = _analysis_summary(run_dir)
     from_analysis = (f"Taken from `{run_dir / 'analysis'}` (`repulsor` analysis on the first {summary.get('n', '?')} "
                      "test points).")
@@ -754,7 +744,7 @@ def _model_blocks(run_dir: Path, ctx: _Context, cfg, info, figdir: Path, label: 
         if png is None:
             # Every other value of the analysis grid (eps, 1.25 eps, ..., 2 eps) on at most
             # CURVE_N points: a curve costs a PGD-20 per eps value.
-            eps_values = analysis._curve_eps_values(eps, norm)[::2]
+            eps_values = analysis.curve_eps_values(eps, norm)[::2]
             m = min(len(y), CURVE_N)
             ctx.say(f"{label}: robustness curve over {len(eps_values)} eps values on {m} points")
             curve = analysis.robustness_curve(model, x[:m], y[:m], eps_values=eps_values, norm=norm, steps=20,
@@ -829,7 +819,7 @@ def _model_blocks(run_dir: Path, ctx: _Context, cfg, info, figdir: Path, label: 
         else:
             paths: dict = {}
             ctx.say(f"{label}: nearest training neighbours")
-            summary = analysis._neighbours(model, cfg, info, x, y, x_adv, figdir, data_dir=ctx.data_dir, k=5,
+            summary = analysis.neighbours(model, cfg, info, x, y, x_adv, figdir, data_dir=ctx.data_dir, k=5,
                                            pool=NEIGHBOUR_POOL, rows=NEIGHBOUR_ROWS, restrict="predicted", seed=seed,
                                            batch_size=batch_size, device=ctx.device, paths=paths)
             if "skipped" in summary:
@@ -966,7 +956,6 @@ def build_report(paths, out_dir, *, n: int | None = None, data_dir: str | None =
             body += _compare_blocks(path, ctx)
         else:
             body += _run_blocks(path, ctx, label=path.resolve().name, heading=f"Run `{path.resolve().name}`")
-    from . import __version__
 
     seconds = time.time() - started
     head = [Heading(2, "Overview", anchor="overview"),

@@ -136,7 +136,7 @@ def code_version() -> str:
     """The package version plus the git commit of the source tree, when it is a checkout."""
     import subprocess
 
-    from . import __version__
+    from .version import __version__
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(__file__),

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attacks import GRADIENT_ATTACKS, LOSSES, correct_every_time, evaluating, pgd
+from .attacks import GRADIENT_ATTACKS, LOSSES, attack_survivors, evaluating, pgd
 from .runtime import derive_seed
 
 CHECK_POINTS = 200  # the checks run on the first 200 points: cheap beside the cascade
@@ -106,15 +106,12 @@ def _still_correct(inp: CheckInput, x: torch.Tensor, y: torch.Tensor, *, tag: st
     Returns a bool tensor [m] on the CPU. Seeds derive from the evaluation's seed, ``tag``
     and the batch, so a check gives the same verdict every time.
     """
-    out = []
-    for start in range(0, len(y), inp.batch_size):
-        xb = x[start : start + inp.batch_size].to(inp.device)
-        yb = y[start : start + inp.batch_size].to(inp.device)
-        x_adv = pgd(inp.model, xb, yb, eps=eps, alpha=alpha, steps=steps, norm=inp.norm, loss=loss,
-                    restarts=restarts, random_start=random_start, eot=inp.eot,
-                    seed=derive_seed(inp.seed, "sanity", tag, start))
-        out.append(correct_every_time(inp.model, x_adv, yb, inp.votes).cpu())
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+    correct = torch.ones(len(y), dtype=torch.bool)
+    attack_survivors(inp.model, lambda xb, yb, start: pgd(
+        inp.model, xb, yb, eps=eps, alpha=alpha, steps=steps, norm=inp.norm, loss=loss, restarts=restarts,
+        random_start=random_start, eot=inp.eot, seed=derive_seed(inp.seed, "sanity", tag, start)),
+        x, y, correct, batch_size=inp.batch_size, device=inp.device, votes=inp.votes)
+    return correct
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -23,19 +24,18 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import store
 from .attacks import evaluating, pgd
 from .config import Config, load_config, resolve_paths, to_dict, to_toml
 from .data import DATASETS, augment, default_augmentation, load_dataset
 from .errors import Interrupted, UserError
 from .methods import METHODS, Method, TrainContext, mmc_centres
-from .models import build_model, fit_to_data
+from .models import build_for_method, fit_to_data
 from .prototypes import check_prototypes, generate_prototypes, load_prototypes, save_prototypes
+from .store import BEST, LAST, MODEL
 from .runtime import (ProcessGroup, autocast, cpu_has_native_bf16, derive_seed, generator, init_process_group,
                       precision_name, resolve_device, resolve_precision)
 
-LAST = "checkpoints/last.safetensors"
-BEST = "checkpoints/best.safetensors"
-MODEL = "model.safetensors"
 
 
 class TrainingStopped(UserError):
@@ -98,16 +98,6 @@ def resolve_prototypes(cfg: Config, method: Method, num_classes: int) -> torch.T
         return prototypes
     metric = "cosine" if method.distance == "cosine" else p.metric
     return generate_prototypes(num_classes, p.dim, metric=metric, epochs=p.epochs, lr=p.lr, seed=p.seed)
-
-
-def head_distance(cfg: Config, method: Method) -> str | None:
-    return (method.distance or cfg.prototypes.distance) if method.uses_prototypes else None
-
-
-def build_method_model(cfg: Config, method: Method, prototypes: torch.Tensor | None) -> torch.nn.Module:
-    """The untrained classifier that ``method`` trains: the head, distance and wrapper it needs."""
-    return build_model(cfg.model, DATASETS[cfg.data.name], prototypes=prototypes, distance=head_distance(cfg, method),
-                       pcl=method.head == "pcl")
 
 
 def run_status(out: Path) -> str:
@@ -358,9 +348,23 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
         tensorboard: also write the per-epoch metrics as TensorBoard scalars to ``RUN/tensorboard``.
 
     Returns:
-        The run directory. It holds ``model.safetensors`` (the selected weights),
-        ``metrics.jsonl`` and, when ``eval.after_train``, ``results.json``.
+        The run directory. It holds ``model.safetensors`` (the selected weights, with the
+        run's fingerprint), ``metrics.jsonl`` and, when ``eval.after_train``, ``results.json``.
+
+    The run folder is locked while this process writes it (``store.locked``): a second
+    ``train`` (or ``evaluate``) into it is refused with one line; a lock left by a killed
+    process is taken over.
     """
+    out = Path(out)
+    _check_run_dir(out, resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the main process holds the lock
+        return _train(cfg, out, resume=resume, quiet=quiet, tensorboard=tensorboard)
+    with store.locked(out, "train", create=not resume):
+        return _train(cfg, out, resume=resume, quiet=quiet, tensorboard=tensorboard)
+
+
+def _train(cfg: Config, out: Path, *, resume: bool, quiet: bool, tensorboard: bool) -> Path:
+    """The body of ``train``, run while the folder is locked."""
     out = Path(out)
     _check_run_dir(out, resume)
     cfg = load_config(out / "config.toml") if resume else resolve_paths(cfg)
@@ -393,7 +397,7 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = F
         save_prototypes(out / "prototypes.safetensors", prototypes, {
             "k": info.num_classes, "D": prototypes.shape[1], "metric": cfg.prototypes.metric,
             "epochs": cfg.prototypes.epochs, "lr": cfg.prototypes.lr, "seed": cfg.prototypes.seed})
-    model = build_method_model(cfg, method, prototypes).to(device)
+    model = build_for_method(cfg, method, prototypes).to(device)
     if not (resume and (out / LAST).exists()):  # a resumed run reloads them from its checkpoint
         fit_to_data(model, x_train)  # data-dependent layers (fast_cifar's whitening)
     if t.channels_last:
@@ -630,7 +634,8 @@ def _finish(cfg, out: Path, model, optimizer, scaler, state: State, quiet: bool)
         "precision": precision_name(resolve_precision(t.precision, next(model.parameters()).device)),
     }
     ckpt.save_tensors(out / MODEL, ckpt.model_state(model),
-                      {"config": to_dict(cfg), "selected": selected, "best_epoch": state.best_epoch, "cost": cost})
+                      {"config": to_dict(cfg), "selected": selected, "best_epoch": state.best_epoch, "cost": cost,
+                       "fingerprint": store.run_fingerprint(out)})
     ckpt.atomic_write_json(out / "training.json", {"selected": selected, "best_epoch": state.best_epoch,
                                                    "best_val_metric": state.best_metric, "stopped": state.stopped,
                                                    "catastrophic_overfitting": state.overfitted, "cost": cost})

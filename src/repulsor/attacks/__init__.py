@@ -8,7 +8,7 @@ run it inside ``with evaluating(model):``. ``ATTACKS`` maps names to attacks.
 from ..errors import UserError
 from .apgd import apgd, apgd_targeted
 from .bpda import BPDA, bpda, transfer
-from .context import correct_every_time, evaluating
+from .context import attack_survivors, batched, correct_every_time, evaluating
 from .fab import fab, fab_targeted
 from .geometry import GEOMETRIES, geometry
 from .losses import LOSSES, get_loss
@@ -45,6 +45,8 @@ __all__ = [
     "LOSSES",
     "apgd",
     "apgd_targeted",
+    "attack_survivors",
+    "batched",
     "bpda",
     "correct_every_time",
     "evaluating",

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .apgd import apgd
 
 
 class BPDA(nn.Module):
@@ -71,7 +72,7 @@ def bpda(module: Callable, backward: Callable | None = None) -> BPDA:
     return BPDA(module, backward)
 
 
-def transfer(model, x: torch.Tensor, y: torch.Tensor, *, surrogate, via: str = "apgd", seed: int = 0,
+def transfer(model, x: torch.Tensor, y: torch.Tensor, *, surrogate, via: Callable = apgd, seed: int = 0,
              **settings) -> torch.Tensor:
     """Adversarial examples crafted on ``surrogate`` (white box), for ``model`` (black box).
 
@@ -81,7 +82,7 @@ def transfer(model, x: torch.Tensor, y: torch.Tensor, *, surrogate, via: str = "
         x: clean images [N, C, H, W] in [0, 1]; y: labels [N].
         surrogate: a differentiable model mapping the same images to scores over the same
             classes (e.g. the defended classifier without its non-differentiable step).
-        via: the attack run on the surrogate, a key of ``ATTACKS`` (default ``"apgd"``).
+        via: the white-box attack run on the surrogate (default ``apgd``).
         seed: seed of that attack.
         settings: that attack's other settings (``eps``, ``norm``, ``steps``, ``loss``...).
 
@@ -89,11 +90,9 @@ def transfer(model, x: torch.Tensor, y: torch.Tensor, *, surrogate, via: str = "
         ``x_adv`` [N, C, H, W], inside the threat model of ``settings``.
     """
     del model  # black box: the cascade checks the examples on it
-    from . import get_attack  # the registry imports this module
-
-    if via == "transfer":
-        raise UserError("transfer needs a white-box attack to run on the surrogate, not transfer itself")
     if surrogate is None:
         raise UserError("a transfer attack needs a surrogate model: evaluate(..., surrogate=model) or"
                         " repulsor evaluate RUN --surrogate OTHER_RUN")
-    return get_attack(via)(surrogate, x, y, seed=seed, **settings)
+    if via is transfer or not callable(via):
+        raise UserError("transfer needs a white-box attack function to run on the surrogate (e.g. repulsor.attacks.pgd)")
+    return via(surrogate, x, y, seed=seed, **settings)

@@ -175,6 +175,49 @@ def correct_every_time(model, x: torch.Tensor, y: torch.Tensor, votes: int = 1) 
     return correct
 
 
+def batched(fn, *tensors: torch.Tensor, batch_size: int, device) -> torch.Tensor | None:
+    """``fn(*batches)`` over ``tensors`` [N, ...], batch by batch on ``device``, without gradients:
+    the results concatenated on the CPU (None for N = 0). The one batched forward pass."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(tensors[0]), batch_size):
+            out.append(fn(*(t[start : start + batch_size].to(device) for t in tensors)).cpu())
+    return torch.cat(out) if out else None
+
+
+def attack_survivors(model, attack, x: torch.Tensor, y: torch.Tensor, robust: torch.Tensor, *, batch_size: int,
+                     device, votes: int = 1, x_worst: torch.Tensor | None = None, progress=None) -> int:
+    """Attack the points still ``robust``, batch by batch, and mark those the attack fools.
+
+    The one loop behind the cascade, the robustness curve and the sanity checks.
+
+    Args:
+        model: the model the examples are checked on (``correct_every_time`` with ``votes``).
+        attack: ``attack(xb, yb, start) -> x_adv`` for a batch on ``device``; ``start`` is the
+            batch's offset among the attacked points (for per-batch seeds).
+        x: images [N, ...] (any device); y: labels [N].
+        robust: bool [N] on the CPU, updated in place: a fooled point becomes False.
+        batch_size: points per attack call; device: where the batches go.
+        x_worst: [N, ...] on the CPU, or None; where given, fooled points get their example.
+        progress: called with the size of every finished batch (a progress bar), or None.
+
+    Returns:
+        The number of points attacked.
+    """
+    index = robust.nonzero().squeeze(1)
+    for start in range(0, len(index), batch_size):
+        chunk = index[start : start + batch_size]
+        xb, yb = x[chunk].to(device), y[chunk].to(device)
+        x_adv = attack(xb, yb, start).detach()
+        fooled = (~correct_every_time(model, x_adv, yb, votes)).cpu()
+        robust[chunk[fooled]] = False
+        if x_worst is not None:
+            x_worst[chunk[fooled]] = x_adv[fooled].cpu()
+        if progress is not None:
+            progress(len(chunk))
+    return len(index)
+
+
 def wrong_classes_by_score(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Class indices [N, k] per example, highest score first, the true class ``y`` last.
 

@@ -160,35 +160,18 @@ def _require_target(name: str, target) -> None:
         raise UserError(f"loss {name!r} is targeted: pass targets, or use apgd_targeted")
 
 
-_DISTANCES = ("cosine", "l2", "linf", "sqeuclid")
-
-
 def _embed(model, name, x, y, target, distances=True):
     """Embedding z [N, D] (float32), scores [N, k] and, optionally, distances d(z, p_j) [N, k]."""
-    if not all(hasattr(model, attr) for attr in ("embed", "scores", "prototypes", "distance")):
+    if not all(hasattr(model, attr) for attr in ("embed", "scores", "distances", "prototypes")):
         raise UserError(
-            f"loss {name!r} needs a prototype model (with .embed, .scores, .prototypes and "
-            f".distance); got {type(model).__name__}: use --loss cw or dlr"
+            f"loss {name!r} needs a prototype model (with .embed, .scores, .distances and "
+            f".prototypes); got {type(model).__name__}: use --loss cw or dlr"
         )
-    if model.distance not in _DISTANCES:
-        raise UserError(f"prototype model has unknown distance {model.distance!r}; expected one of {_DISTANCES}")
     z_raw = model.embed(x)
     scores = model.scores(z_raw)
     check_scores(scores, x, y, target)
-    z = z_raw.float()
+    z, scores = z_raw.float(), scores.float()
     if not distances:
-        return z, scores.float()
-    return z, scores.float(), _distances(z, model.prototypes.float(), model.distance)
-
-
-def _distances(z: torch.Tensor, prototypes: torch.Tensor, distance: str) -> torch.Tensor:
-    """d(z_i, p_j) [N, k] under the model's distance (cosine: 1 - cosine similarity)."""
-    if distance == "cosine":
-        return 1 - F.normalize(z, dim=1) @ F.normalize(prototypes, dim=1).T
-    if distance == "linf":
-        return (z[:, None, :] - prototypes[None, :, :]).abs().amax(dim=2)
-    # ||z||^2 + ||p||^2 - 2 z.p avoids an [N, k, D] tensor; clamp against rounding below 0.
-    squared = (z.pow(2).sum(1, keepdim=True) + prototypes.pow(2).sum(1)[None, :] - 2 * z @ prototypes.T).clamp_min(0)
-    if distance == "sqeuclid":
-        return squared
-    return (squared + _TINY).sqrt()
+        return z, scores
+    # The head's own distances: the loss attacks exactly the rule the model classifies by.
+    return z, scores, model.distances(scores)

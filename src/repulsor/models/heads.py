@@ -114,6 +114,12 @@ class PrototypeClassifier(nn.Module):
             sq = (z * z).sum(1, keepdim=True) - 2.0 * (z @ P.T) + (P * P).sum(1)
             return -sq
 
+    def distances(self, scores: torch.Tensor) -> torch.Tensor:
+        """The distances d(z, p_j) [N, k] behind ``scores(z)``, lower = closer: 1 - cosine
+        similarity for ``cosine``, the distance itself for the others. Attacks in
+        representation space read them here, so they attack the decision rule itself."""
+        return 1 - scores if self.distance == "cosine" else -scores
+
     def forward(self, x: torch.Tensor, return_embedding: bool = False):
         """Scores [N, k]; with ``return_embedding``, also the embeddings [N, D].
 
@@ -126,61 +132,3 @@ class PrototypeClassifier(nn.Module):
     def extra_repr(self) -> str:
         k, D = self.prototypes.shape
         return f"k={k}, D={D}, distance={self.distance!r}"
-
-
-def build_model(model_cfg, info, prototypes: torch.Tensor | None = None,
-                distance: str | None = None, pcl: bool = False) -> nn.Module:
-    """Build the classifier a config asks for.
-
-    Args:
-        model_cfg: any object with ``name`` and optionally ``width`` (default 1.0), ``depth``,
-            ``widen_factor`` (used by ``wrn`` only).
-        info: a DatasetInfo-like object with ``num_classes``, ``shape`` (C, H, W), ``mean``,
-            ``std``.
-        prototypes: [k, D] or None. None builds a ``Network`` with k outputs (a linear head);
-            a tensor builds a ``PrototypeClassifier`` whose body outputs D values.
-        distance: the prototype distance (required with prototypes); None or ``"linear"``
-            without them.
-        pcl: wrap the linear-head network in a ``PCLClassifier`` (auxiliary projections and
-            learned centres for the prototype conformity loss); needs ``prototypes=None``.
-
-    Returns:
-        An ``nn.Module`` mapping [0, 1] images [N, C, H, W] to scores [N, k].
-    """
-    from . import build_body
-    from ..prototypes import check_prototypes
-
-    name = getattr(model_cfg, "name", None)
-    width = getattr(model_cfg, "width", 1.0)
-    depth = getattr(model_cfg, "depth", None)
-    widen_factor = getattr(model_cfg, "widen_factor", None)
-    channels, height, wide = (int(s) for s in info.shape)
-    k = int(info.num_classes)
-
-    if prototypes is None:
-        if distance not in (None, "linear"):
-            raise UserError(f"prototype distance {distance!r} needs prototypes; pass them or use a linear head")
-        out_dim = k
-    else:
-        if distance is None or distance == "linear":
-            raise UserError(f"prototypes need a distance, one of {', '.join(DISTANCES)}; got {distance!r}")
-        if prototypes.dim() != 2:
-            raise UserError(f"prototypes must be a [k, D] tensor, got shape {tuple(prototypes.shape)}")
-        check_prototypes(prototypes, k, prototypes.shape[1], path=f"the prototypes for {_info_name(info)}")
-        out_dim = int(prototypes.shape[1])
-
-    body = build_body(name, in_channels=channels, out_dim=out_dim, width=width, depth=depth,
-                      widen_factor=widen_factor, input_size=(height, wide))
-    network = Network(Normalize(info.mean, info.std), body)
-    if pcl:
-        if prototypes is not None:
-            raise UserError("pcl learns its own centres on a linear-head network; do not pass prototypes")
-        from .pcl import PCLClassifier
-        return PCLClassifier(network, k, (channels, height, wide))
-    if prototypes is None:
-        return network
-    return PrototypeClassifier(network, prototypes, distance)
-
-
-def _info_name(info) -> str:
-    return str(getattr(info, "name", "the data set"))

@@ -1,0 +1,188 @@
+"""The run folder's names, the lock of the process writing it, and the fingerprint of its weights.
+
+A run folder is written by one process at a time: ``locked`` holds ``RUN/.lock`` (the pid,
+host and command of the writer) while ``train`` or ``evaluate`` writes, refuses a second
+writer with one line, and recognises a lock left by a killed process. The weights carry a
+``fingerprint`` of the run they were trained in (its config without the evaluation and
+data-folder settings, and its prototypes), so that weights copied in from another run are
+refused instead of evaluated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import load_config, to_dict
+from .errors import UserError
+from .methods import METHODS
+from .models import build_for_method
+from .prototypes import load_prototypes
+
+CONFIG = "config.toml"
+MODEL = "model.safetensors"
+PROTOTYPES = "prototypes.safetensors"
+RESULTS = "results.json"
+TRAINING = "training.json"
+LAST = "checkpoints/last.safetensors"
+BEST = "checkpoints/best.safetensors"
+LOCK = ".lock"
+
+# Settings that may differ between training and reading a run without changing its weights.
+_NOT_FINGERPRINTED = {"eval": None, "data": ("data_dir", "test_dir"), "prototypes": ("file",), "train": ("device",)}
+
+
+def fingerprint(config: dict, prototypes: torch.Tensor | None) -> str:
+    """A short hash of what decides a run's weights: its config (as ``config.to_dict``
+    gives it, without ``eval`` and the folders) and its prototypes [k, D] (or None)."""
+    kept = {}
+    for section, values in config.items():
+        dropped = _NOT_FINGERPRINTED.get(section, ())
+        if dropped is None:
+            continue
+        kept[section] = {k: v for k, v in values.items() if k not in dropped} if isinstance(values, dict) else values
+    digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode())
+    if prototypes is not None:
+        digest.update(prototypes.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_fingerprint(run_dir: Path, meta: dict, expected: str) -> None:
+    """Refuse weights whose recorded fingerprint is not the run's own (weights saved before
+    fingerprints existed carry none and are accepted)."""
+    found = meta.get("fingerprint")
+    if found is not None and found != expected:
+        raise UserError(f"{run_dir / MODEL} was trained in another run (fingerprint {found}, this run's is"
+                        f" {expected}): its config or prototypes differ; evaluate the run the weights came from")
+
+
+def run_fingerprint(run_dir: Path) -> str:
+    """The fingerprint of the run saved in ``run_dir``, from its config file and prototypes
+    file as written, so that training and loading compute it alike."""
+    prototypes = None
+    if (run_dir / PROTOTYPES).exists():
+        prototypes, _ = load_prototypes(run_dir / PROTOTYPES)
+    return fingerprint(to_dict(load_config(run_dir / CONFIG)), prototypes)
+
+
+def load_model(run_dir: str | Path, *, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The trained model of a run as an ``nn.Module`` in eval mode.
+
+    It takes images [N, C, H, W] in [0, 1] and returns class scores [N, k] (logits for
+    linear heads; cosine similarities or negative distances for prototype heads), so any
+    attack library can attack its real decision rule. Weights trained in another run (their
+    fingerprint differs) are refused.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        what = "is a file, not a folder" if run_dir.exists() else "does not exist"
+        raise UserError(f"run folder {run_dir} {what}; pass a folder written by repulsor train --out")
+    if not (run_dir / CONFIG).is_file():
+        raise UserError(f"{run_dir} is not a run folder (it holds no {CONFIG}); pass a folder written by"
+                        " repulsor train --out")
+    if not (run_dir / MODEL).exists():
+        raise UserError(f"{run_dir} holds no trained model ({MODEL}); finish training with: repulsor train --resume {run_dir}")
+    cfg = load_config(run_dir / CONFIG)
+    method = METHODS[cfg.train.method]
+    prototypes = None
+    if method.uses_prototypes:
+        prototypes, _ = load_prototypes(run_dir / PROTOTYPES)
+    model = build_for_method(cfg, method, prototypes)
+    tensors, meta = ckpt.load_tensors(run_dir / MODEL, "model file")
+    ckpt.load_model_state(model, tensors, run_dir / MODEL)  # weights of other shapes: refused here
+    check_fingerprint(run_dir, meta, run_fingerprint(run_dir))  # of the same shapes: refused here
+    return model.to(device).eval()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def _read_lock(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # half-written or foreign: treated as held by an unknown writer
+
+
+@contextmanager
+def locked(run_dir: str | Path, what: str, *, create: bool = False):
+    """Hold ``RUN/.lock`` while the body writes the run folder.
+
+    Args:
+        run_dir: the run folder. With ``create`` it is made (with its parents) if missing,
+            and removed again on exit if the body left it empty.
+        what: the command, for the message another writer gets ("train", "evaluate").
+
+    Raises ``UserError`` when a live process holds the lock. A lock whose process is gone
+    (killed) is taken over. Re-entrant within one process (``train`` evaluating at its end).
+    """
+    run_dir = Path(run_dir)
+    made = []  # the folders made here, deepest first: removed again if left empty
+    if create and not run_dir.exists():
+        folder = run_dir
+        while not folder.exists() and folder != folder.parent:
+            made.append(folder)
+            folder = folder.parent
+        try:
+            run_dir.mkdir(parents=True)
+        except OSError as error:
+            raise UserError(f"cannot create run folder {run_dir}: {error.strerror}; choose another --out") from None
+    path = run_dir / LOCK
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "command": what,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": " ".join(sys.argv[:4])}
+    owned = _acquire(path, mine, run_dir)
+    try:
+        yield run_dir
+    finally:
+        if owned:
+            path.unlink(missing_ok=True)
+        for folder in made:  # only empty ones: a mistake before anything was written leaves nothing
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _acquire(path: Path, mine: dict, run_dir: Path) -> bool:
+    """Take the lock (True), find it already ours (False), or raise for a live other writer."""
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(path)
+            if holder is None:
+                continue  # released meanwhile: try again
+            if holder.get("pid") == mine["pid"] and holder.get("host") == mine["host"]:
+                return False
+            same_host = holder.get("host") == mine["host"]
+            if same_host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+                print(f"repulsor: note: {run_dir} was locked by process {holder['pid']} ({holder.get('command')}),"
+                      " which is gone: taking over", file=sys.stderr, flush=True)
+                path.unlink(missing_ok=True)
+                continue
+            who = (f"process {holder.get('pid')} on {holder.get('host')} ({holder.get('command')}, since"
+                   f" {holder.get('since')})") if holder else "an unknown process"
+            hint = "" if same_host or not holder else f"; if nothing on {holder.get('host')} writes it, delete {path}"
+            raise UserError(f"{run_dir} is being written by {who}: wait for it to finish or stop it{hint}")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(mine, handle)
+        return True
+    raise UserError(f"could not lock {run_dir}: {path} keeps changing; is another process writing the run?")

@@ -1,0 +1,97 @@
+"""The cascade (repulsor.evaluate) and its suites (repulsor.suites): resuming after a kill, and
+which attacks a model gets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from repulsor import evaluate, load_dataset
+from repulsor.attacks import ATTACKS
+from repulsor.models import PrototypeClassifier
+from repulsor.suites import SUITES, specs_for
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    """A small MLP trained on the digits in about a second, with its first 120 test points."""
+    torch.manual_seed(0)
+    x, y = load_dataset("digits", "train")
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(40):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    xt, yt = load_dataset("digits", "test")
+    return net.eval(), xt[:120], yt[:120]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_cascade_resumes_at_the_next_attack(mlp, tmp_path, monkeypatch):
+    net, x, y = mlp
+    whole = evaluate(net, x, y, suite="paper", eps=0.1)  # PGD-20 then PGD-100, uninterrupted
+    state = tmp_path / "state.safetensors"
+    real_pgd, calls = ATTACKS["pgd"], []
+
+    def dies_in_the_second_attack(*args, **kwargs):
+        calls.append(kwargs["steps"])
+        if kwargs["steps"] == 100:
+            raise Killed
+        return real_pgd(*args, **kwargs)
+
+    monkeypatch.setitem(ATTACKS, "pgd", dies_in_the_second_attack)
+    with pytest.raises(Killed):
+        evaluate(net, x, y, suite="paper", eps=0.1, state_path=state)
+    assert state.exists() and calls == [20, 100]
+
+    calls.clear()
+
+    def counts(*args, **kwargs):
+        calls.append(kwargs["steps"])
+        return real_pgd(*args, **kwargs)
+
+    monkeypatch.setitem(ATTACKS, "pgd", counts)
+    resumed = evaluate(net, x, y, suite="paper", eps=0.1, state_path=state)
+    assert calls == [100]  # PGD-20 was not run again
+    assert resumed["robust_accuracy"] == whole["robust_accuracy"]
+    assert [a["accuracy"] for a in resumed["attacks"]] == [a["accuracy"] for a in whole["attacks"]]
+    assert torch.equal(resumed["x_adv"], whole["x_adv"])
+
+
+def test_a_state_of_another_protocol_is_not_reused(mlp, tmp_path):
+    net, x, y = mlp
+    state = tmp_path / "state.safetensors"
+    evaluate(net, x, y, suite="paper", eps=0.1, state_path=state)
+    other = evaluate(net, x, y, suite="paper", eps=0.05, state_path=state)
+    assert other["robust_accuracy"] == evaluate(net, x, y, suite="paper", eps=0.05)["robust_accuracy"]
+    assert all(a["eps"] == 0.05 for a in other["attacks"])
+
+
+def test_representation_attacks_run_on_prototype_models_only(mlp):
+    net, _, _ = mlp
+    prototype = PrototypeClassifier(net, torch.eye(10), "cosine")
+    linear_names = [s.name for s in specs_for("adaptive", net)]
+    prototype_specs = specs_for("adaptive", prototype)
+    assert not any("proto" in name for name in linear_names)
+    assert [s.name for s in prototype_specs if s.needs_prototypes] == [
+        s.name for s in SUITES["adaptive"] if s.needs_prototypes] and len(prototype_specs) == len(SUITES["adaptive"])
+    assert len(linear_names) == len(SUITES["adaptive"]) - 2
+
+
+def test_the_paper_loss_is_the_authors_on_prototype_models_and_ce_otherwise(mlp):
+    net, _, _ = mlp
+    prototype = PrototypeClassifier(net, torch.eye(10), "linf")
+    assert {s.loss for s in specs_for("paper", net)} == {"ce"}
+    assert {s.loss for s in specs_for("paper", prototype)} == {"proto_linf"}
+
+
+def test_every_suite_names_registered_attacks():
+    for name, specs in SUITES.items():
+        for spec in specs:
+            assert spec.attack in ATTACKS, (name, spec.name)

@@ -1,0 +1,120 @@
+"""The architecture as a test: every import inside src/repulsor goes down the layers, never up, and
+no chain of imports comes back to where it started.
+
+Every ``import`` and ``from ... import`` is walked, at module level and inside functions, and
+``importlib.import_module("repulsor....")`` calls too; imports under ``if TYPE_CHECKING:`` are
+annotations only and never run, so they are not edges.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "repulsor"
+
+# Lowest first. A module may import its own layer and the layers below it.
+LAYERS = [
+    ["repulsor.errors", "repulsor.version", "repulsor.formats"],
+    ["repulsor.checkpoint", "repulsor.runtime", "repulsor.suites", "repulsor.attacks"],
+    ["repulsor.data", "repulsor.prototypes", "repulsor.sanity", "repulsor.plots"],
+    ["repulsor.models", "repulsor.methods"],
+    ["repulsor.config"],  # checks names against the registries below it
+    ["repulsor.store"],  # the run folder: names, lock, fingerprint, loading a run's model
+    ["repulsor.evaluate", "repulsor.analysis"],
+    ["repulsor.train"],
+    ["repulsor.compare", "repulsor.demo", "repulsor.export", "repulsor.report"],
+    ["repulsor.cli", "repulsor.__main__", "repulsor"],
+]
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in SRC.rglob("*.py"):
+        parts = path.relative_to(SRC.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+def _type_checking_lines(tree: ast.AST) -> set[int]:
+    lines = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.body:
+                lines.update(range(child.lineno, (child.end_lineno or child.lineno) + 1))
+    return lines
+
+
+def imports() -> dict[str, set[str]]:
+    """``{module: modules of the package it imports}``, for every module of src/repulsor."""
+    modules = _modules()
+    edges = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        skip = _type_checking_lines(tree)
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        targets = set()
+        for node in ast.walk(tree):
+            if getattr(node, "lineno", None) in skip:
+                continue
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else [])) \
+                    if node.level else node.module
+                for alias in node.names:
+                    targets.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+            elif isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif (isinstance(node, ast.Call) and ast.unparse(node.func).endswith("import_module") and node.args
+                  and isinstance(node.args[0], ast.Constant)):
+                targets.add(node.args[0].value)
+        edges[name] = {t for t in targets if t in modules and t != name}
+    return edges
+
+
+def _layer(module: str) -> int:
+    best = None
+    for index, layer in enumerate(LAYERS):
+        for prefix in layer:
+            if module == prefix or module.startswith(prefix + ".") and prefix != "repulsor":
+                if best is None or len(prefix) > best[1]:
+                    best = (index, len(prefix))
+    assert best is not None, f"{module} is in no layer of tests/test_layout.py: add it where it belongs"
+    return best[0]
+
+
+def test_every_module_has_a_layer():
+    for module in _modules():
+        _layer(module)
+
+
+def test_no_import_goes_up_a_layer():
+    upward = [f"{a} (layer {_layer(a)}) imports {b} (layer {_layer(b)})"
+              for a, targets in imports().items() for b in sorted(targets) if _layer(b) > _layer(a)]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_cycle():
+    edges = imports()
+    cycles, state = [], {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == "open":
+                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for module in sorted(edges):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, "\n".join(cycles)
+
+
+def test_the_walker_sees_function_level_and_string_imports():
+    edges = imports()
+    assert "repulsor.evaluate" in edges["repulsor.analysis"]  # importlib.import_module("repulsor.evaluate")
+    assert "repulsor.suites" in edges["repulsor.config"]  # imported inside a function
+    assert "repulsor.config" not in edges["repulsor.methods"]  # under TYPE_CHECKING only

@@ -1,0 +1,151 @@
+"""The run folder's owner: one writer at a time, stale locks recognised, weights tied to their run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tomllib
+
+import pytest
+import tomli_w
+import torch
+
+import repulsor
+from repulsor import cli, store
+from repulsor.config import from_dict
+from repulsor.errors import UserError
+from repulsor.evaluate import evaluate_run
+from repulsor.train import train
+
+from conftest import TINY
+
+def _config(**train):
+    return from_dict({**TINY, "train": {**TINY["train"], **train}})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two finished runs with weights of the same shapes: the prototype model, and one trained with
+    another seed and learning rate (its own prototypes too)."""
+    root = tmp_path_factory.mktemp("store")
+    return train(_config(), root / "prototype", quiet=True), train(from_dict({**TINY, "train": {**TINY["train"], "seed": 1, "lr": 0.02},
+                                        "prototypes": {**TINY["prototypes"], "seed": 1}}), root / "other", quiet=True)
+
+
+def _hold(folder, pid, host=None, command="train"):
+    (folder / store.LOCK).write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(),
+                                                 "command": command, "since": "2026-12-02 10:00:00"}))
+
+
+def test_a_second_writer_is_refused_with_one_line(tmp_path, capsys):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = tmp_path / "run"
+        out.mkdir()
+        _hold(out, sleeper.pid)
+        with pytest.raises(UserError, match=rf"being written by process {sleeper.pid} .*\(train"):
+            train(_config(), out, quiet=True)
+        assert sorted(p.name for p in out.iterdir()) == [store.LOCK]  # nothing written beside the lock
+        config = tmp_path / "tiny.toml"
+        config.write_text("[data]\nname = 'digits'\n")
+        assert cli.main(["train", "--config", str(config), "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"process {sleeper.pid}" in err
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "run"
+    out.mkdir()
+    _hold(out, dead.pid)
+    run = train(_config(), out, quiet=True)
+    assert (run / store.MODEL).is_file() and not (run / store.LOCK).exists()
+    assert f"locked by process {dead.pid}" in capsys.readouterr().err
+
+
+def test_a_lock_from_another_host_is_not_guessed_at(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    _hold(out, 1, host="elsewhere")
+    with pytest.raises(UserError, match=r"elsewhere.*delete .*\.lock"):
+        train(_config(), out, quiet=True)
+
+
+def test_evaluate_takes_the_lock_too(runs, tmp_path):
+    run = shutil.copytree(runs[0], tmp_path / "run")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _hold(run, sleeper.pid, command="evaluate")
+        with pytest.raises(UserError, match="being written"):
+            evaluate_run(run, quiet=True)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    (run / store.LOCK).unlink()
+    assert cli.main(["evaluate", str(run), "--quiet"]) == 0
+    assert not (run / store.LOCK).exists()
+
+
+def test_a_failed_start_leaves_no_folder_behind(tmp_path):
+    out = tmp_path / "a" / "b" / "run"
+    with pytest.raises(UserError):
+        train(_config(batch_size=100_000), out, quiet=True)
+    assert not (tmp_path / "a").exists()
+
+
+def test_weights_from_another_run_are_refused(runs, tmp_path):
+    prototype, other = runs
+    mixed = shutil.copytree(prototype, tmp_path / "mixed")
+    shutil.copy(other / store.MODEL, mixed / store.MODEL)  # same shapes, another run
+    with pytest.raises(UserError, match="trained in another run"):
+        repulsor.load_model(mixed)
+    assert cli.main(["evaluate", str(mixed), "--quiet"]) == 2
+
+
+def test_the_fingerprint_ignores_what_reading_a_run_may_change(runs, tmp_path):
+    prototype, _ = runs
+    moved = shutil.copytree(prototype, tmp_path / "moved")
+    saved = tomllib.loads((moved / store.CONFIG).read_text())
+    saved["eval"]["n"] = 7
+    saved["data"]["data_dir"] = str(tmp_path / "data moved here")
+    (moved / store.CONFIG).write_text(tomli_w.dumps(saved))
+    repulsor.load_model(moved)  # same weights, same run, other evaluation settings: accepted
+    saved["train"]["lr"] = 0.5
+    (moved / store.CONFIG).write_text(tomli_w.dumps(saved))
+    with pytest.raises(UserError, match="trained in another run"):
+        repulsor.load_model(moved)
+    cfg = json.loads(json.dumps({"train": {"lr": 0.1, "device": "cpu"}, "eval": {"n": 1},
+                                 "data": {"name": "digits", "data_dir": "/x"}}))
+    same = store.fingerprint({**cfg, "eval": {"n": 2}, "data": {"name": "digits", "data_dir": "/y"},
+                              "train": {"lr": 0.1, "device": "cuda"}}, None)
+    assert store.fingerprint(cfg, None) == same
+    assert store.fingerprint({**cfg, "train": {"lr": 0.2}}, None) != same
+    assert store.fingerprint(cfg, torch.ones(2, 3)) != store.fingerprint(cfg, -torch.ones(2, 3))
+
+
+def test_each_suite_says_its_own_points_code_and_time(runs, tmp_path, capsys):
+    run = shutil.copytree(runs[0], tmp_path / "run")
+    assert cli.main(["evaluate", str(run), "--quiet", "--n", "30"]) == 0
+    assert cli.main(["evaluate", str(run), "--quiet", "--n", "12", "--suite", "paper"]) == 0
+    out = capsys.readouterr().out.split("suite paper")[1]
+    assert "first 12 points" in out
+    results = json.loads((run / store.RESULTS).read_text())
+    quick, paper = results["suites"]["quick"], results["suites"]["paper"]
+    assert (quick["n"], paper["n"]) == (30, 12)
+    for suite in (quick, paper):
+        assert suite["code_version"] == results["code_version"] and suite["evaluated_at"]
+    assert "quick" in out and "(n=30)" in out  # the earlier suite is named with its own n, apart
+
+
+def test_no_lock_is_left_after_training(runs):
+    for run in runs:
+        assert not (run / store.LOCK).exists()
+        assert os.listdir(run)

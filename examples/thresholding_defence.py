@@ -1,4 +1,4 @@
-"""Evaluate a defence that shatters gradients, without and with BPDA (runs in about a minute on digits).
+"""Evaluate a defence that shatters gradients, without and with BPDA (runs in about 20 seconds on digits).
 
 The defence binarises the input (``x > 0.5``) before a small CNN: a non-differentiable step,
 so the scores do not reach the input through autograd and no gradient attack can run on

@@ -14,14 +14,11 @@ from repulsor.methods import METHODS
 from repulsor.models import build_for_method
 from repulsor.train import catastrophic_overfitting, lr_at, train
 
-TINY = {
-    "data": {"name": "digits"},
-    "model": {"name": "mlp", "width": 0.25},
-    "prototypes": {"dim": 16, "epochs": 20},
-    "train": {"method": "prototype", "epochs": 2, "batch_size": 64, "lr": 0.05, "precision": "fp32",
-              "eps": 0.1, "alpha": 0.025, "val_n": 100, "attack_steps": 2, "val_attack_steps": 2},
-    "eval": {"n": 100, "eps": 0.1},
-}
+from conftest import TINY as BASE
+
+# The shared tiny run, trained for two epochs and validated and evaluated on 100 points.
+TINY = {**BASE, "prototypes": {**BASE["prototypes"], "epochs": 20},
+        "train": {**BASE["train"], "epochs": 2, "val_n": 100}, "eval": {"n": 100, "eps": 0.1}}
 
 
 def tiny(**sections):

@@ -8,6 +8,7 @@ checkpoints when progress stalls, restarting from the best point found so far.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -93,9 +94,8 @@ def apgd(
     x_adv = x.clone()
     best_loss = torch.full((n,), float("-inf"), device=x.device)
     fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
-    trace = _apgd_restarts(
-        model, loss_fn, geom, x, y, targets, eps, steps, restarts, rho, generator, x_adv, best_loss, fooled
-    )
+    problem = _Problem(model, loss_fn, geom, x, y, targets, eps, steps, rho)
+    trace = _apgd_restarts(problem, restarts, generator, (x_adv, best_loss, fooled))
     return (x_adv, trace) if return_trace else x_adv
 
 
@@ -167,29 +167,47 @@ def apgd_targeted(
         # Each target replays the same random starts, so the runs of the first targets and
         # restarts do not change when more targets or restarts are asked for.
         generator = make_generator(seed)
-        _apgd_restarts(
-            model, loss_fn, geom, x, y, ranking[:, i], eps, steps, restarts, 0.75, generator, x_adv, best_loss, fooled
-        )
+        problem = _Problem(model, loss_fn, geom, x, y, ranking[:, i], eps, steps, 0.75)
+        _apgd_restarts(problem, restarts, generator, (x_adv, best_loss, fooled))
     return x_adv
 
 
-def _apgd_restarts(model, loss_fn, geom, x, y, targets, eps, steps, restarts, rho, generator, x_adv, best_loss, fooled):
-    """APGD restarts on the examples not yet ``fooled``, keeping the worst case per example.
+@dataclass(frozen=True)
+class _Problem:
+    """What APGD attacks: the model and loss, the threat model, the examples (and their
+    targets), and the run's settings."""
 
-    Updates ``x_adv`` [N, ...], ``best_loss`` [N] and ``fooled`` [N] in place with
+    model: object
+    loss_fn: object
+    geom: object
+    x: torch.Tensor
+    y: torch.Tensor
+    targets: torch.Tensor | None
+    eps: float
+    steps: int
+    rho: float
+
+    def subset(self, index: torch.Tensor) -> "_Problem":
+        """The same problem on the examples ``index`` only."""
+        return replace(self, x=self.x[index], y=self.y[index],
+                       targets=None if self.targets is None else self.targets[index])
+
+
+def _apgd_restarts(p: _Problem, restarts: int, generator, worst) -> torch.Tensor:
+    """APGD restarts on the examples not yet fooled, keeping the worst case per example.
+
+    ``worst`` = ``(x_adv [N, ...], best_loss [N], fooled [N])``, updated in place with
     ``keep_worst_case``. Returns the loss trace of the first restart [steps + 1].
     """
-    trace = torch.zeros(steps + 1, device=x.device)
+    x_adv, best_loss, fooled = worst
+    trace = torch.zeros(p.steps + 1, device=p.x.device)
     for restart in range(restarts):
         # Drawn for every example, so each one's start does not depend on who is still active.
-        start = random_start(geom, x, eps, generator)
+        start = random_start(p.geom, p.x, p.eps, generator)
         active = (~fooled).nonzero().squeeze(1)
         if active.numel() == 0:
             break
-        target = None if targets is None else targets[active]
-        run_x, run_loss, run_fooled, run_trace = _apgd_run(
-            model, loss_fn, geom, x[active], y[active], target, start[active], eps, steps, rho
-        )
+        run_x, run_loss, run_fooled, run_trace = _apgd_run(p.subset(active), start[active])
         if restart == 0:
             trace = run_trace
         keep_worst_case(active, run_x, run_loss, run_fooled, x_adv, best_loss, fooled)
@@ -205,13 +223,14 @@ def checkpoints(steps: int) -> list[int]:
     return sorted({math.ceil(q * steps - 1e-9) for q in p[1:]} - {0})
 
 
-def _apgd_run(model, loss_fn, geom, x, y, targets, start, eps, steps, rho):
+def _apgd_run(p: _Problem, start: torch.Tensor):
     """One APGD run from ``start``: (x_adv [n, ...], loss [n], fooled [n], trace [steps + 1]).
 
     ``s`` holds the per-example state of the examples still active, all indexed like
     ``s["idx"]`` (their positions in ``x``); an example leaves it at its first
     misclassifying iterate, which ``out_*`` then keep.
     """
+    x, y, eps, steps = p.x, p.y, p.eps, p.steps
     n, device = x.shape[0], x.device
     out_x, out_loss = start.clone(), torch.empty(n, device=device)
     out_fooled = torch.zeros(n, dtype=torch.bool, device=device)
@@ -219,7 +238,7 @@ def _apgd_run(model, loss_fn, geom, x, y, targets, start, eps, steps, rho):
     trace = torch.empty(steps + 1, device=device)
     marks, last_mark = set(checkpoints(steps)), 0
 
-    loss, scores, grad = loss_and_grad(model, loss_fn, start, y, targets, need_grad=steps > 0)
+    loss, scores, grad = loss_and_grad(p.model, p.loss_fn, start, y, p.targets, need_grad=steps > 0)
     s = {
         "idx": torch.arange(n, device=device),
         "x_prev": start, "x_cur": start, "loss_cur": loss, "grad_cur": grad,
@@ -230,7 +249,7 @@ def _apgd_run(model, loss_fn, geom, x, y, targets, start, eps, steps, rho):
     }
     for k in range(steps + 1):
         if k > 0:
-            loss, scores = _apgd_step(model, loss_fn, geom, x, y, targets, s, eps, first=k == 1, need_grad=k < steps)
+            loss, scores = _apgd_step(p, s, first=k == 1, need_grad=k < steps)
         latest[s["idx"]] = loss
         trace[k] = latest.mean()
         wrong = scores.argmax(dim=1) != y[s["idx"]]
@@ -242,28 +261,28 @@ def _apgd_run(model, loss_fn, geom, x, y, targets, start, eps, steps, rho):
                 trace[k + 1 :] = trace[k]
                 break
         if k in marks and k < steps:
-            _checkpoint(s, rho, k - last_mark)
+            _checkpoint(s, p.rho, k - last_mark)
             last_mark = k
     out_x[s["idx"]], out_loss[s["idx"]] = s["x_best"], s["loss_best"]
     return out_x, out_loss, out_fooled, trace
 
 
-def _apgd_step(model, loss_fn, geom, x, y, targets, s, eps, *, first, need_grad):
+def _apgd_step(p: _Problem, s: dict, *, first: bool, need_grad: bool):
     """Move the active examples to the next iterate and update their state in place.
 
     z = P(x_k + eta * direction(grad)); x_{k+1} = P(x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1}))
     with a = MOMENTUM, except for the first step, which is plain (x_1 = z).
     """
-    idx = s["idx"]
-    x_clean = x[idx]
-    z = geom.project(geom.step(s["x_cur"], s["grad_cur"], s["eta"]), x_clean, eps)
+    geom, idx = p.geom, s["idx"]
+    x_clean = p.x[idx]
+    z = geom.project(geom.step(s["x_cur"], s["grad_cur"], s["eta"]), x_clean, p.eps)
     if first:
         x_new = z
     else:
         moved = s["x_cur"] + MOMENTUM * (z - s["x_cur"]) + (1 - MOMENTUM) * (s["x_cur"] - s["x_prev"])
-        x_new = geom.project(moved, x_clean, eps)
-    target = None if targets is None else targets[idx]
-    loss, scores, grad = loss_and_grad(model, loss_fn, x_new, y[idx], target, need_grad=need_grad)
+        x_new = geom.project(moved, x_clean, p.eps)
+    target = None if p.targets is None else p.targets[idx]
+    loss, scores, grad = loss_and_grad(p.model, p.loss_fn, x_new, p.y[idx], target, need_grad=need_grad)
     s["increases"] = s["increases"] + (loss > s["loss_cur"]).float()
     improved = loss > s["loss_best"]
     s["x_best"] = torch.where(_rows(improved, x_new), x_new, s["x_best"])

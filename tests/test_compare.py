@@ -219,10 +219,10 @@ def test_interrupted_training_is_resumed_from_its_checkpoint(tmp_path, monkeypat
     real_end_epoch = train_mod._end_epoch
     calls = []
 
-    def crash_in_mmc(cfg, out_dir, *args, **kwargs):
-        state = real_end_epoch(cfg, out_dir, *args, **kwargs)
-        calls.append(out_dir.name)
-        if out_dir.name == "mmc":
+    def crash_in_mmc(loop, state):
+        state = real_end_epoch(loop, state)
+        calls.append(loop.out.name)
+        if loop.out.name == "mmc":
             raise KeyboardInterrupt  # after mmc's first epoch is checkpointed
         return state
 

@@ -442,6 +442,8 @@ def _train(cfg: Config, out: Path, *, resume: bool, quiet: bool, tensorboard: bo
     aug = _augmentation(cfg)
     writer = _tensorboard_writer(out, tensorboard, group)
     started = time.time()
+    loop = Loop(cfg, out, model, optimizer, scaler, method, x_val, y_val, device, group, started, quiet, writer,
+                lookahead)
     stopped_by = None
 
     with _StopSignal() as stop:
@@ -504,8 +506,7 @@ def _train(cfg: Config, out: Path, *, resume: bool, quiet: bool, tensorboard: bo
             if stop.received and state.step < steps_per_epoch:
                 stopped_by = stop.received
                 break
-            state = _end_epoch(cfg, out, model, optimizer, scaler, state, method, x_val, y_val, device,
-                               group, steps_per_epoch, started, quiet, writer, lookahead)
+            state = _end_epoch(loop, state)
             if state.finished or stop.received:
                 stopped_by = stop.received
                 break
@@ -558,9 +559,32 @@ def catastrophic_overfitting(peak: float, now: float, n: int, drop: float) -> bo
     return now < (1.0 - drop) * peak and peak - now > noise
 
 
-def _end_epoch(cfg, out, model, optimizer, scaler, state: State, method, x_val, y_val, device, group,
-               steps_per_epoch, started, quiet, writer=None, lookahead=None) -> State:
+@dataclass
+class Loop:
+    """What the end of every epoch reads: the run, its model and optimiser, the validation
+    data, where it runs, and where it reports (the training ``State`` changes; this does not)."""
+
+    cfg: Config
+    out: Path
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: object
+    method: Method
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    device: torch.device
+    group: ProcessGroup
+    started: float  # time.time() when this process began training
+    quiet: bool
+    writer: object = None  # a TensorBoard writer, or None
+    lookahead: object = None  # the Lookahead slow weights, or None
+
+
+def _end_epoch(loop: Loop, state: State) -> State:
     """Validate, log, select, checkpoint; decide whether training stops."""
+    cfg, out, model, optimizer, scaler = loop.cfg, loop.out, loop.model, loop.optimizer, loop.scaler
+    method, x_val, y_val, device, group = loop.method, loop.x_val, loop.y_val, loop.device, loop.group
+    started, quiet, writer, lookahead = loop.started, loop.quiet, loop.writer, loop.lookahead
     t = cfg.train
     epoch = state.epoch
     record = {

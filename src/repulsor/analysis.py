@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -841,9 +842,12 @@ def analyse_run(run_dir, *, n: int | None = None, other_run=None, eps_values=Non
 
     # Figure 5c: nearest correctly classified training samples of misclassified examples.
     say("nearest training neighbours")
-    summary["neighbours"] = neighbours(model, cfg, info, x, y, x_adv, out, data_dir=data_dir, k=neighbours_k,
-                                        pool=neighbour_pool, rows=grid_rows, restrict=neighbours_in, seed=seed,
-                                        batch_size=batch_size, device=dev, paths=paths)
+    grid = NeighbourGrid(k=neighbours_k, pool=neighbour_pool, rows=grid_rows, restrict=neighbours_in)
+    found = neighbours(model, cfg, (x, y, x_adv), out, grid, data_dir=data_dir, seed=seed, batch_size=batch_size,
+                       device=dev)
+    if "png" in found:
+        paths["neighbours_png"], paths["neighbours_json"] = found.pop("png"), found.pop("json")
+    summary["neighbours"] = found
 
     # Figure 4: validation accuracy over epochs.
     metrics = {}
@@ -901,9 +905,26 @@ def summary_lines(summary: dict) -> list[str]:
     return lines
 
 
-def neighbours(model, cfg, info, x, y, x_adv, out: Path, *, data_dir, k, pool, rows, restrict, seed, batch_size,
-                device, paths) -> dict:
-    """The neighbour grid of ``analyse_run``; returns its summary."""
+@dataclass(frozen=True)
+class NeighbourGrid:
+    """The neighbour grid's settings: ``k`` neighbours per row, searched among the first ``pool``
+    training images, ``rows`` misclassified adversarial examples, neighbours ``restrict``-ed to
+    the ``predicted`` (wrong) class or taken from ``all`` classes."""
+
+    k: int = 5
+    pool: int = 5000
+    rows: int = 8
+    restrict: str = "predicted"
+
+
+def neighbours(model, cfg, examples: tuple, out: Path, grid: NeighbourGrid, *, data_dir, seed: int, batch_size: int,
+               device) -> dict:
+    """The neighbour grid of a run (Figure 5c) for ``examples`` = ``(x, y, x_adv)``, written to
+    ``out/neighbours.png`` and ``.json``; returns its summary, with the files under ``png`` and
+    ``json`` (or ``skipped`` and the reason)."""
+    x, y, x_adv = examples
+    info = data_mod.DATASETS[cfg.data.name]
+    k, pool, rows, restrict = grid.k, grid.pool, grid.rows, grid.restrict
     x_train, y_train, error = _training_pool(cfg, data_dir, pool)
     if x_train is None:
         return {"skipped": f"training data unavailable: {error}"}
@@ -919,6 +940,6 @@ def neighbours(model, cfg, info, x, y, x_adv, out: Path, *, data_dir, k, pool, r
     written = neighbour_grid(x_adv[chosen], y[chosen], adv[chosen], x_train, indices, info.classes,
                              out / "neighbours.png", y_train=y_train, distances=distances,
                              query_ids=[int(i) for i in chosen])
-    paths["neighbours_png"], paths["neighbours_json"] = written["png"], written["json"]
     return {"n_misclassified": len(misclassified), "rows": len(chosen), "k": k, "pool": len(x_train),
-            "restricted_to": restrict, "distance": "cosine" if getattr(model, "distance", None) == "cosine" else "l2"}
+            "restricted_to": restrict, "distance": "cosine" if getattr(model, "distance", None) == "cosine" else "l2",
+            "png": written["png"], "json": written["json"]}

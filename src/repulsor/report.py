@@ -817,15 +817,14 @@ def _model_blocks(run_dir: Path, ctx: _Context, cfg, info, figdir: Path, label: 
             blocks.append(Figure(png, "Misclassified adversarial examples (left, 'true→predicted') and their nearest "
                                       f"correctly classified training samples of the predicted class. {from_analysis}"))
         else:
-            paths: dict = {}
             ctx.say(f"{label}: nearest training neighbours")
-            summary = analysis.neighbours(model, cfg, info, x, y, x_adv, figdir, data_dir=ctx.data_dir, k=5,
-                                           pool=NEIGHBOUR_POOL, rows=NEIGHBOUR_ROWS, restrict="predicted", seed=seed,
-                                           batch_size=batch_size, device=ctx.device, paths=paths)
+            grid = analysis.NeighbourGrid(k=5, pool=NEIGHBOUR_POOL, rows=NEIGHBOUR_ROWS, restrict="predicted")
+            summary = analysis.neighbours(model, cfg, (x, y, x_adv), figdir, grid, data_dir=ctx.data_dir, seed=seed,
+                                          batch_size=batch_size, device=ctx.device)
             if "skipped" in summary:
                 blocks.append(Para(f"Neighbour grid skipped: {summary['skipped']}", note=True))
             else:
-                blocks.append(Figure(Path(paths["neighbours_png"]),
+                blocks.append(Figure(Path(summary["png"]),
                                      f"{summary['rows']} of the {summary['n_misclassified']} misclassified adversarial "
                                      "examples (left, titled 'true→predicted') and their 5 nearest correctly classified "
                                      f"training samples of the predicted class among the first {summary['pool']} "

@@ -44,7 +44,8 @@ from torch import nn  # noqa: E402
 import repulsor  # noqa: E402
 from repulsor.attacks import apgd, correct_every_time, evaluating  # noqa: E402
 from repulsor.config import load_config  # noqa: E402
-from repulsor.evaluate import RANDOMISED_VOTES, load_test_split  # noqa: E402
+from repulsor.evaluation.cascade import RANDOMISED_VOTES  # noqa: E402
+from repulsor.evaluation.run import load_test_split  # noqa: E402
 
 RESULTS = HERE / "rand-results.md"
 SIGMA = 0.1

@@ -51,11 +51,11 @@ import torch
 from repulsor.attacks import apgd, apgd_targeted, evaluating, pgd
 from repulsor.config import Config, ModelConfig, TrainConfig, from_dict
 from repulsor.data import DATASETS
-from repulsor.methods import METHODS, TrainContext
+from repulsor.training.methods import METHODS, TrainContext
 from repulsor.models import build_for_method, build_model, fit_to_data, head_distance
 from repulsor.prototypes import generate_prototypes
 from repulsor.runtime import autocast, precision_name, resolve_precision
-from repulsor.train import make_optimizer
+from repulsor.training.loop import make_optimizer
 
 CPU = torch.device("cpu")
 EPS_CIFAR, ALPHA_CIFAR = 8 / 255, 2 / 255
@@ -324,7 +324,7 @@ def find_or_train_pgd_at() -> tuple[Path | None, str]:
         return candidates[0], f"found {candidates[0].relative_to(ROOT)}"
     if not MNIST_DIR.is_dir():
         return None, f"no pgd_at run under runs/ and no MNIST at {MNIST_DIR}"
-    from repulsor.train import train
+    from repulsor.training.loop import train
 
     out = RUNS / "bench-pgd_at-mnist"
     if (out / "checkpoints" / "last.safetensors").exists() and not (out / "model.safetensors").exists():
@@ -366,7 +366,8 @@ def memory_child(kind: str, arg: str, settings: dict) -> dict:
     elif kind == "standard_suite":
         import repulsor
         from repulsor.config import load_config
-        from repulsor.evaluate import evaluate, load_test_split
+        from repulsor.evaluation.cascade import evaluate
+        from repulsor.evaluation.run import load_test_split
 
         model = repulsor.load_model(arg)
         cfg = load_config(Path(arg) / "config.toml")
@@ -530,7 +531,7 @@ def bench(mode: str) -> None:
     if run is not None and torchattacks is not None:
         import repulsor
         from repulsor.config import load_config
-        from repulsor.evaluate import load_test_split
+        from repulsor.evaluation.run import load_test_split
 
         mnist_model = repulsor.load_model(run)
         cfg = load_config(run / "config.toml")

@@ -1,7 +1,6 @@
 """Tests of repulsor.analysis with tiny stand-in models on small synthetic data."""
 
 import csv
-import importlib
 import json
 import math
 
@@ -10,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repulsor import analysis
+from repulsor.analyses import run as analysis
 from repulsor.attacks import evaluating, pgd
 from repulsor.config import Config, to_toml
 from repulsor.errors import UserError
@@ -366,8 +365,9 @@ def fake_run(tmp_path, name, cfg_text, metrics=True):
 
 
 def test_analyse_run_on_a_fake_run(tmp_path, monkeypatch):
-    data_mod = importlib.import_module("repulsor.data")
-    evaluate_mod = importlib.import_module("repulsor.evaluate")
+    from repulsor import data as data_mod
+    from repulsor.evaluation import run as evaluation_run
+    from repulsor.store import run as store
 
     k, shape = 10, (1, 8, 8)  # the digits data set of the default config
     x_test, y_test = synthetic(60, k=k, shape=shape, seed=8)
@@ -388,8 +388,8 @@ def test_analyse_run_on_a_fake_run(tmp_path, monkeypatch):
         assert (name, split) == ("digits", "train")
         return x_train, y_train
 
-    monkeypatch.setattr(evaluate_mod, "load_model", load_model)
-    monkeypatch.setattr(evaluate_mod, "load_test_split", load_test_split)
+    monkeypatch.setattr(store, "load_model", load_model)
+    monkeypatch.setattr(evaluation_run, "load_test_split", load_test_split)
     monkeypatch.setattr(data_mod, "load_dataset", load_dataset)
 
     cfg_text = to_toml(Config())

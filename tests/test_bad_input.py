@@ -418,7 +418,7 @@ def test_nan_loss_later_keeps_the_last_good_checkpoint(ws):
     last = out / "checkpoints" / "last.safetensors"
     assert str(last) in line and last.is_file()
     assert not (out / "model.safetensors").exists() and not (out / "results.json").exists()
-    from repulsor.checkpoint import load_tensors
+    from repulsor.store.files import load_tensors
 
     tensors, meta = load_tensors(last)
     assert meta["state"]["epoch"] == 2 and all(torch.isfinite(t).all() for t in tensors.values())

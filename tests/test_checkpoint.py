@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from repulsor import checkpoint as ckpt
+from repulsor.store import files as ckpt
 from repulsor.errors import UserError
 
 

@@ -2,7 +2,6 @@
 run as written, interruptions that say how to continue, files a colleague can read."""
 
 import json
-import importlib
 import os
 import re
 import shlex
@@ -15,11 +14,11 @@ import tomli_w
 
 import repulsor
 from repulsor import cli
-from repulsor.checkpoint import atomic_write_text
+from repulsor.store.files import atomic_write_text
 from repulsor.config import from_dict, load_config, load_run_config, resolve_paths
 from repulsor.errors import UserError
-from repulsor.evaluate import load_test_split
-from repulsor.train import train
+from repulsor.evaluation.run import load_test_split
+from repulsor.training.loop import train
 
 from conftest import TINY
 
@@ -146,7 +145,7 @@ def test_n_beyond_the_test_split_is_said(capsys):
 
 
 def test_interrupted_evaluate_exits_130_and_says_how_to_continue(run, capsys, monkeypatch):
-    evaluate_module = importlib.import_module("repulsor.evaluate")  # repulsor.evaluate is also the function
+    from repulsor.evaluation import run as evaluate_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

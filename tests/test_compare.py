@@ -3,7 +3,6 @@ outputs (comparison.json, tables.md, plots), the transfer attack and config erro
 
 import copy
 import csv
-import importlib
 import json
 import time
 import tomllib
@@ -14,15 +13,17 @@ import pytest
 import tomli_w
 import torch
 
-from repulsor import checkpoint as ckpt
-from repulsor import compare as compare_mod
+from repulsor.store import files as ckpt
+from repulsor.compare import run as compare_mod
+from repulsor.evaluation import run as evaluation_run
 from repulsor.cli import main
-from repulsor.compare import compare, fmt_pct, format_tables, load_compare_config, transfer_accuracy
+from repulsor.compare.run import compare, fmt_pct, format_tables, load_compare_config, transfer_accuracy
 from repulsor.config import from_dict
 from repulsor.errors import UserError
-from repulsor.evaluate import evaluate, load_model, load_test_split
+from repulsor import evaluate, load_model
+from repulsor.evaluation.run import load_test_split
 
-train_mod = importlib.import_module("repulsor.train")  # the package re-exports the function as repulsor.train
+from repulsor.training import loop as train_mod
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = CONFIGS / "compare-digits-tiny.toml"
 METHODS = ["ce", "prototype", "pgd_at", "mmc"]
@@ -180,9 +181,9 @@ def test_second_compare_neither_retrains_nor_reevaluates(finished, monkeypatch):
     before = mtimes(out, names)
     cache = {p.name: p.stat().st_mtime_ns for p in (out / "cache").iterdir()}
     train_guard = Recorder(compare_mod.train, fail=True)
-    eval_guard = Recorder(compare_mod.evaluate_mod.evaluate_run, fail=True)
+    eval_guard = Recorder(evaluation_run.evaluate_run, fail=True)
     monkeypatch.setattr(compare_mod, "train", train_guard)
-    monkeypatch.setattr(compare_mod.evaluate_mod, "evaluate_run", eval_guard)
+    monkeypatch.setattr(evaluation_run, "evaluate_run", eval_guard)
     started = time.time()
     report = compare(finished.raw, out, quiet=True)
     assert time.time() - started < 15
@@ -204,9 +205,9 @@ def test_a_missing_suite_is_rerun_alone(finished, monkeypatch):
     del results["suites"]["paper"]
     ckpt.atomic_write_json(path, results)
     train_guard = Recorder(compare_mod.train, fail=True)
-    evaluator = Recorder(compare_mod.evaluate_mod.evaluate_run)
+    evaluator = Recorder(evaluation_run.evaluate_run)
     monkeypatch.setattr(compare_mod, "train", train_guard)
-    monkeypatch.setattr(compare_mod.evaluate_mod, "evaluate_run", evaluator)
+    monkeypatch.setattr(evaluation_run, "evaluate_run", evaluator)
     report = compare(finished.raw, out, quiet=True)
     assert evaluator.calls == [("pgd_at", "paper")]
     assert report["runs"]["pgd_at"]["worst_case"]["paper"] == expected  # same seed, same points, same number
@@ -216,7 +217,7 @@ def test_a_missing_suite_is_rerun_alone(finished, monkeypatch):
 def test_interrupted_training_is_resumed_from_its_checkpoint(tmp_path, monkeypatch):
     raw = tiny_raw(methods=["ce", "mmc"], curve_n=0, suites=["quick", "standard"], suite_n={"standard": 10})
     out = tmp_path / "out"
-    real_end_epoch = train_mod._end_epoch
+    real_end_epoch = train_mod.end_epoch
     calls = []
 
     def crash_in_mmc(loop, state):
@@ -226,12 +227,12 @@ def test_interrupted_training_is_resumed_from_its_checkpoint(tmp_path, monkeypat
             raise KeyboardInterrupt  # after mmc's first epoch is checkpointed
         return state
 
-    monkeypatch.setattr(train_mod, "_end_epoch", crash_in_mmc)
+    monkeypatch.setattr(train_mod, "end_epoch", crash_in_mmc)
     with pytest.raises(KeyboardInterrupt):
         compare(raw, out, quiet=True)
     assert (out / "ce" / "model.safetensors").exists() and not (out / "mmc" / "model.safetensors").exists()
     assert (out / "mmc" / "checkpoints" / "last.safetensors").exists()
-    monkeypatch.setattr(train_mod, "_end_epoch", real_end_epoch)
+    monkeypatch.setattr(train_mod, "end_epoch", real_end_epoch)
     resumed = Recorder(compare_mod.train)
     monkeypatch.setattr(compare_mod, "train", resumed)
     report = compare(raw, out, quiet=True)
@@ -337,7 +338,7 @@ def test_cli_prints_the_tables(finished, tmp_path, capsys, monkeypatch):
 
 
 def test_command_line_overrides_reach_the_plan(tmp_path):
-    from repulsor.compare import load_compare_config
+    from repulsor.compare.run import load_compare_config
 
     source = CONFIGS / "compare-digits-tiny.toml"
     plan = load_compare_config(source, ["compare.eval_n=17", "eval.eps=0.2", "data.data_dir=rel"])

@@ -6,7 +6,7 @@ from repulsor import cli
 from repulsor.config import to_dict
 from repulsor.demo import DEMO_SUITES, demo_config, run_demo
 from repulsor.errors import UserError
-from repulsor.train import run_status
+from repulsor.training.loop import run_status
 
 # A short demo: two epochs, and an eps at which APGD-CE fools every point, so that the cascade's
 # later attacks (Square's 5000 queries) have nothing left to attack.
@@ -40,7 +40,7 @@ def test_demo_shows_both_suites_and_a_second_run_reuses_the_first(tmp_path, caps
 def test_an_interrupted_demo_continues(tmp_path):
     out = tmp_path / "demo"
     # A demo stopped after training, before its evaluations: the next run evaluates only.
-    from repulsor.train import train
+    from repulsor.training.loop import train
 
     train(demo_config(SHORT), out, quiet=True)
     assert not (out / "results.json").exists()

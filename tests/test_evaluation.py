@@ -11,7 +11,7 @@ from torch import nn
 from repulsor import evaluate, load_dataset
 from repulsor.attacks import ATTACKS
 from repulsor.models import PrototypeClassifier
-from repulsor.suites import SUITES, specs_for
+from repulsor.evaluation.suites import SUITES, specs_for
 
 
 @pytest.fixture(scope="module")

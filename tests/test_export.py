@@ -23,11 +23,11 @@ from repulsor import cli
 from repulsor.config import from_dict
 from repulsor.data import DATASETS
 from repulsor.errors import UserError
-from repulsor.evaluate import load_test_split
+from repulsor.evaluation.run import load_test_split
 from repulsor.export import export_model, export_run
 from repulsor.models import build_model
 from repulsor.prototypes import generate_prototypes
-from repulsor.train import train
+from repulsor.training.loop import train
 
 TINY = {"data": {"name": "digits"}, "model": {"name": "mlp", "width": 0.25}, "prototypes": {"dim": 16, "epochs": 20},
         "train": {"method": "prototype", "epochs": 2, "batch_size": 64, "lr": 0.05, "precision": "fp32", "eps": 0.1,

@@ -15,14 +15,15 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "repulsor"
 
 # Lowest first. A module may import its own layer and the layers below it.
 LAYERS = [
-    ["repulsor.errors", "repulsor.version", "repulsor.formats"],
-    ["repulsor.checkpoint", "repulsor.runtime", "repulsor.suites", "repulsor.attacks"],
-    ["repulsor.data", "repulsor.prototypes", "repulsor.sanity", "repulsor.plots"],
-    ["repulsor.models", "repulsor.methods"],
+    ["repulsor.errors", "repulsor.version", "repulsor.formats", "repulsor.store.layout"],
+    ["repulsor.store.files", "repulsor.runtime", "repulsor.evaluation.suites", "repulsor.attacks"],
+    ["repulsor.data", "repulsor.prototypes", "repulsor.evaluation.sanity", "repulsor.plots"],
+    ["repulsor.models", "repulsor.training.methods"],
     ["repulsor.config"],  # checks names against the registries below it
-    ["repulsor.store"],  # the run folder: names, lock, fingerprint, loading a run's model
-    ["repulsor.evaluate", "repulsor.analysis"],
-    ["repulsor.train"],
+    ["repulsor.store"],  # the run folder: lock, fingerprint, results, loading a run's model
+    ["repulsor.evaluation"],  # the cascade on any model; a run folder's evaluation
+    ["repulsor.analyses"],  # the paper's analyses: numbers, then their figures
+    ["repulsor.training"],  # the one training loop (evaluates at its end)
     ["repulsor.compare", "repulsor.demo", "repulsor.export", "repulsor.report"],
     ["repulsor.cli", "repulsor.__main__", "repulsor"],
 ]
@@ -115,6 +116,19 @@ def test_no_import_cycle():
 
 def test_the_walker_sees_function_level_and_string_imports():
     edges = imports()
-    assert "repulsor.evaluate" in edges["repulsor.analysis"]  # importlib.import_module("repulsor.evaluate")
-    assert "repulsor.suites" in edges["repulsor.config"]  # imported inside a function
-    assert "repulsor.config" not in edges["repulsor.methods"]  # under TYPE_CHECKING only
+    assert "repulsor.evaluation.suites" in edges["repulsor.config"]  # imported inside a function
+    assert "repulsor.config" not in edges["repulsor.training.methods"]  # under TYPE_CHECKING only
+    assert "repulsor.store.run" in edges["repulsor.evaluation.run"]  # from ..store import run as store
+
+
+def test_no_module_is_fetched_by_its_name_as_a_string():
+    # importlib.import_module hides an edge from a reader; every import is spelled as an import.
+    hidden = [str(path.relative_to(SRC)) for path in SRC.rglob("*.py") if "import_module(" in path.read_text()]
+    assert not hidden, hidden
+
+
+def test_no_module_shares_its_name_with_a_public_function_of_the_package():
+    import repulsor
+
+    clashes = [name for name in repulsor.__all__ if (SRC / f"{name}.py").exists() or (SRC / name).is_dir()]
+    assert not clashes, f"repulsor.{clashes[0]} is both a module and a function"

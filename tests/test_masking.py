@@ -19,7 +19,7 @@ from repulsor import UserError, bpda, evaluate, load_dataset
 from repulsor.attacks import apgd, fab_targeted, pgd
 from repulsor.attacks.context import with_eot
 from repulsor.attacks.losses import ce
-from repulsor.evaluate import RANDOMISED_VOTES
+from repulsor.evaluation.cascade import RANDOMISED_VOTES
 
 EPS = 0.1  # L-inf, on 8x8 digits in [0, 1]: about half of the test points resist PGD
 N = 200

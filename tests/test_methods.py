@@ -6,9 +6,9 @@ import torch
 
 from repulsor.data import DATASETS
 from repulsor.errors import UserError
-from repulsor.methods import METHODS, TrainContext, conformity_loss, mmc_centres, prototype_objective
+from repulsor.training.methods import METHODS, TrainContext, conformity_loss, mmc_centres, prototype_objective
 from repulsor.models import PrototypeClassifier, build_for_method
-from repulsor.train import resolve_prototypes
+from repulsor.training.loop import resolve_prototypes
 
 from test_train import tiny
 

@@ -16,19 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from repulsor import analysis, cli
-from repulsor.compare import compare, fmt_pct
+from repulsor.analyses import run as analysis
+from repulsor import cli
+from repulsor.compare.run import compare, fmt_pct
 from repulsor.config import from_dict
 from repulsor.errors import UserError
-from repulsor.report import (
-    Table,
-    build_report,
-    format_accuracy,
-    markdown_blocks,
-    render_html,
-    suite_blocks,
-)
-from repulsor.train import train
+from repulsor.report.build import Table, build_report, format_accuracy, markdown_blocks, render_html, suite_blocks
+from repulsor.training.loop import train
 
 TINY = {"data": {"name": "digits"}, "model": {"name": "mlp", "width": 0.25}, "prototypes": {"dim": 16, "epochs": 20},
         "train": {"method": "prototype", "epochs": 2, "batch_size": 64, "lr": 0.05, "precision": "fp32", "eps": 0.1,
@@ -200,7 +194,7 @@ def test_markdown_tables_and_escaping():
 
 
 def test_overview_headlines_the_largest_sample_and_names_every_n():
-    from repulsor.report import format_eps, overview_accuracies
+    from repulsor.report.build import format_eps, overview_accuracies
 
     results = {"suites": {"standard": {"n": 200, "clean_accuracy": 1.0, "robust_accuracy": 0.5},
                           "quick": {"n": 10000, "clean_accuracy": 0.987, "robust_accuracy": 0.9}}}
@@ -216,7 +210,7 @@ def test_overview_headlines_the_largest_sample_and_names_every_n():
 def test_one_epoch_training_plot_has_whole_epoch_and_rate_axes(tmp_path):
     import matplotlib.image as mpimg
 
-    from repulsor.report import plot_training_curves
+    from repulsor.report.build import plot_training_curves
 
     record = {"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.9, "lr": 1e-11}
     png = plot_training_curves([record], tmp_path / "training.png", peak_lr=0.05)["png"]
@@ -224,7 +218,7 @@ def test_one_epoch_training_plot_has_whole_epoch_and_rate_axes(tmp_path):
 
 
 def test_guide_is_a_link_relative_to_the_report(tmp_path):
-    from repulsor.report import GUIDE, _inline_html, guide_link
+    from repulsor.report.build import GUIDE, _inline_html, guide_link
 
     link = guide_link(tmp_path / "report")
     if GUIDE.is_file():

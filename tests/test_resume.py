@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from repulsor.checkpoint import load_tensors
+from repulsor.store.files import load_tensors
 
 # Subprocesses that each import torch or train: the full run only (the README's fast subset skips them).
 pytestmark = pytest.mark.slow

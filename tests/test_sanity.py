@@ -14,15 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repulsor import sanity
-from repulsor.sanity import (
-    CHECK_POINTS,
-    CHECKS,
-    check_name,
-    format_verdicts,
-    gradient_agreement,
-    run_checks,
-)
+from repulsor.evaluation import sanity
+from repulsor.evaluation.sanity import (CHECK_POINTS, CHECKS, check_name, format_verdicts, gradient_agreement,
+    run_checks)
 
 K = 4
 NAMES = [check_name(check) for check in CHECKS]
@@ -405,7 +399,7 @@ def test_format_verdicts():
 
 def test_evaluate_reports_the_checks(gray):
     # The caller's interface: evaluate(..., checks=True) stores the verdicts under "sanity".
-    from repulsor.evaluate import evaluate
+    from repulsor.evaluation.cascade import evaluate
 
     mlp, x, y = gray
     result = evaluate(mlp, x[:64], y[:64], suite="quick", eps=EPS["linf"], checks=True, batch_size=64)

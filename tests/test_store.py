@@ -15,11 +15,12 @@ import tomli_w
 import torch
 
 import repulsor
-from repulsor import cli, store
+from repulsor import cli
+from repulsor.store import run as store
 from repulsor.config import from_dict
 from repulsor.errors import UserError
-from repulsor.evaluate import evaluate_run
-from repulsor.train import train
+from repulsor.evaluation.run import evaluate_run
+from repulsor.training.loop import train
 
 from conftest import TINY
 

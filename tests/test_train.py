@@ -9,10 +9,10 @@ import torch
 import repulsor
 from repulsor.config import from_dict
 from repulsor.errors import UserError
-from repulsor.evaluate import load_test_split
-from repulsor.methods import METHODS
+from repulsor.evaluation.run import load_test_split
+from repulsor.training.methods import METHODS
 from repulsor.models import build_for_method
-from repulsor.train import catastrophic_overfitting, lr_at, train
+from repulsor.training.loop import catastrophic_overfitting, lr_at, train
 
 from conftest import TINY as BASE
 
@@ -164,7 +164,7 @@ def test_warmup_moves_the_cyclic_peak():
 
 
 def test_bias_groups_train_at_their_scale():
-    from repulsor.train import make_optimizer
+    from repulsor.training.loop import make_optimizer
 
     model = build_for_method(tiny(), METHODS["ce"], None)
     plain = make_optimizer(model, tiny().train)
@@ -178,7 +178,7 @@ def test_bias_groups_train_at_their_scale():
 
 
 def test_lookahead_pulls_towards_the_slow_weights():
-    from repulsor.train import Lookahead
+    from repulsor.training.loop import Lookahead
 
     model = torch.nn.Linear(3, 2)
     start = {k: v.clone() for k, v in model.state_dict().items()}

@@ -16,8 +16,9 @@ from .attacks import bpda
 from .config import load_config
 from .data import load_dataset
 from .errors import UserError
-from .evaluate import evaluate, load_model
+from .evaluation.cascade import evaluate
 from .prototypes import generate_prototypes
-from .train import train
+from .store.run import load_model
+from .training.loop import train
 
 __all__ = ["UserError", "bpda", "evaluate", "generate_prototypes", "load_config", "load_dataset", "load_model", "train"]

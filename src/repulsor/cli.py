@@ -217,7 +217,7 @@ def cmd_demo(args) -> int:
 
 def cmd_train(args) -> int:
     from .config import load_config
-    from .train import train
+    from .training.loop import train
 
     if args.resume:
         given = [flag for flag, value in (("--config", args.config), ("--set", args.set), ("--out", args.out),
@@ -245,7 +245,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_run
+    from .evaluation.run import evaluate_run
 
     results = evaluate_run(args.run, suite=args.suite, n=args.n, eps=args.eps, norm=args.norm,
                            data_dir=args.data_dir, seed=args.seed, batch_size=args.batch_size,
@@ -257,7 +257,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_analyse(args) -> int:
-    from .analysis import analyse_run, summary_lines
+    from .analyses.run import analyse_run, summary_lines
 
     summary = analyse_run(args.run, n=args.n, other_run=args.other, data_dir=args.data_dir, quiet=args.quiet,
                           device=args.device or "auto", overrides=args.set + _eval_overrides(args, n_key=None))
@@ -284,7 +284,7 @@ def cmd_prototypes(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare, format_tables
+    from .compare.run import compare, format_tables
 
     report = compare(args.config, args.out, quiet=args.quiet, only=args.only,
                      overrides=_config_overrides(args, n_key="compare.eval_n"))
@@ -294,7 +294,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import build_report
+    from .report.build import build_report
 
     result = build_report(args.paths, args.out, n=args.n, data_dir=args.data_dir, device=args.device or "auto",
                           quiet=args.quiet, neighbours=not args.no_neighbours,

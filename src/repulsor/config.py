@@ -312,7 +312,7 @@ def _check_consistency(config: Config) -> None:
 
     info = DATASETS[config.data.name]
     method = config.train.method
-    from .methods import METHODS
+    from .training.methods import METHODS
 
     if method not in METHODS:
         raise UserError(f"train.method = {method!r} is not one of {', '.join(METHODS)}")
@@ -326,7 +326,7 @@ def _check_consistency(config: Config) -> None:
             f" {config.data.name}: use at least as many output dimensions as classes"
         )
     # Late import, as above; an unknown suite must fail before training, not after it.
-    from .suites import SUITES
+    from .evaluation.suites import SUITES
 
     if config.eval.suite not in SUITES:
         raise UserError(f"eval.suite = {config.eval.suite!r} is not one of {', '.join(SUITES)}")

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import default_file_mode
+from .store.files import default_file_mode
 from .errors import UserError
 
 __all__ = [

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from .config import apply_overrides, from_dict, load_config, resolve_paths, to_dict
 from .errors import Interrupted, UserError
-from .evaluate import evaluate_run, suite_done, suite_specs
-from .train import run_status, train
+from .evaluation.run import evaluate_run, suite_done
+from .evaluation.suites import suite_specs
+from .training.loop import run_status, train
 
 DEMO_CONFIG = {
     "data": {"name": "digits"},
@@ -48,7 +49,7 @@ def run_demo(out: str | Path, *, overrides: list[str] = (), quiet: bool = False)
         ``{"out", "status", "results", "text"}``: what was done (``trained``, ``resumed`` or
         ``reused``), the run's ``results.json`` content, and the summary printed by the CLI.
     """
-    from .checkpoint import read_json
+    from .store.files import read_json
 
     cfg = demo_config(overrides)
     out = Path(out)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
+from .store import files as ckpt
 from .formats import format_eps
 from .errors import UserError
 from .version import __version__
@@ -363,7 +363,7 @@ def _check_export_dir(out: Path) -> None:
 def export_run(run_dir, out_dir) -> dict:
     """Export the trained model of a run folder (see ``export_model``)."""
     from .config import load_config
-    from .store import load_model
+    from .store.run import load_model
 
     run_dir, out = Path(run_dir), Path(out_dir)
     if out.exists() and out.resolve() == run_dir.resolve():

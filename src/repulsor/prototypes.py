@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_write_bytes
+from .store.files import atomic_write_bytes
 from .errors import UserError
 
 METRICS = ("cosine", "l2", "linf")

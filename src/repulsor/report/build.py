@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import html
-import importlib
 import json
 import os
 import re
@@ -40,15 +39,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import analysis, plots
-from . import checkpoint as ckpt
-from .attacks import batched, evaluating
-from .errors import UserError
-from .runtime import resolve_device
-from .formats import as_number, format_eps
-from .version import __version__
+from ..analyses import run as analysis
+from ..plots import draw as plots
+from ..store import files as ckpt
+from ..attacks import batched, evaluating
+from ..errors import UserError
+from ..runtime import resolve_device
+from ..formats import as_number, format_eps
+from ..version import __version__
+from ..evaluation import run as evaluation_run
+from ..evaluation.cascade import evaluate
+from ..store import run as store
 
-evaluate_mod = importlib.import_module("repulsor.evaluate")
 
 CURVE_N = 100  # points of a robustness curve computed by the report
 GRID_COLUMNS = 8  # test points in the clean / adversarial / perturbation grid
@@ -526,9 +528,9 @@ class _Context:
         """The first n test points of the run's data set (cached across runs)."""
         key = (cfg.data.name, self.data_dir or cfg.data.test_dir or cfg.data.data_dir, cfg.data.split_seed)
         if key not in self._test:
-            self._test[key] = evaluate_mod.load_test_split(cfg, None, self.data_dir)[:2]
+            self._test[key] = evaluation_run.load_test_split(cfg, None, self.data_dir)[:2]
         x, y = self._test[key]
-        return evaluate_mod.first_points(x, y, n, cfg.data.name, say=lambda text: self.say(f"note: {text}"))
+        return evaluation_run.first_points(x, y, n, cfg.data.name, say=lambda text: self.say(f"note: {text}"))
 
 
 def _copy_analysis(run_dir: Path, name: str, figdir: Path) -> Path | None:
@@ -664,9 +666,9 @@ def _training_blocks(run_dir: Path, figdir: Path, label: str, peak_lr: float | N
 def _run_blocks(run_dir: Path, ctx: _Context, *, label: str, heading: str, brief: bool = False,
                 n: int | None = None) -> list:
     """Every section of one run."""
-    from .config import load_run_config
-    from .data import DATASETS
-    from .methods import METHODS
+    from ..config import load_run_config
+    from ..data import DATASETS
+    from ..training.methods import METHODS
 
     started = time.time()
     slug = ctx.slug(label)
@@ -712,7 +714,7 @@ def _model_blocks(run_dir: Path, ctx: _Context, cfg, info, figdir: Path, label: 
     """The figures that need the model and the test data: attacks run here on a few points."""
     blocks = [Heading(3, "Adversarial examples and representation")]
     try:
-        model = evaluate_mod.load_model(run_dir, device=ctx.device)
+        model = store.load_model(run_dir, device=ctx.device)
     except UserError as error:
         return blocks + [Para(f"Figures skipped: {error}", note=True)]
     try:
@@ -722,7 +724,7 @@ def _model_blocks(run_dir: Path, ctx: _Context, cfg, info, figdir: Path, label: 
     e = cfg.eval
     eps, norm, seed, batch_size = e.eps, e.norm, e.seed, e.batch_size
     ctx.say(f"{label}: PGD-20 at eps={eps:.4g} ({norm}) on {len(y)} test points")
-    result = evaluate_mod.evaluate(model, x, y, suite="quick", eps=eps, norm=norm, batch_size=batch_size, seed=seed,
+    result = evaluate(model, x, y, suite="quick", eps=eps, norm=norm, batch_size=batch_size, seed=seed,
                                    device=ctx.device, quiet=True, checks=False)
     x_adv = result.pop("x_adv")
     blocks.append(Para(f"The figures below attack the first {len(y)} test points with the `quick` suite's PGD-20 "
@@ -884,7 +886,6 @@ def _compare_blocks(compare_dir: Path, ctx: _Context) -> list:
     found = [p.name for p in sorted(compare_dir.iterdir()) if p.is_dir() and (p / "config.toml").is_file()]
     runs += [name for name in found if name not in runs]
     ctx.timings[label] = round(time.time() - started, 2)
-    trained = [name for name in runs if (compare_dir / name / "model.safetensors").is_file()]
     n = ctx.n  # None: each run's eval.n (a comparison's eval_n)
     for name in runs:
         run_dir = compare_dir / name

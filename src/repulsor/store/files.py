@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import UserError
+from ..errors import UserError
 
 _META_KEY = "repulsor"
 

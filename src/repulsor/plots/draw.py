@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from .errors import UserError
+from ..store import files as ckpt
+from ..errors import UserError
 
 DPI = 120
 

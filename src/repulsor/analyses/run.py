@@ -22,7 +22,6 @@ restored afterwards); attacks are ``attacks.pgd``.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 from dataclasses import dataclass
@@ -31,19 +30,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint as ckpt
-from . import plots
-from .formats import as_number, is_grey_levels
-from .attacks import attack_survivors, batched, evaluating, geometry, pgd
-from .errors import UserError
-from .runtime import derive_seed, resolve_device
+from ..store import files as ckpt
+from ..plots import draw as plots
+from ..formats import as_number, is_grey_levels
+from ..attacks import attack_survivors, batched, evaluating, geometry, pgd
+from ..errors import UserError
+from ..runtime import derive_seed, resolve_device
+from .. import data as data_mod
+from ..evaluation import run as evaluation_run
+from ..evaluation.cascade import evaluate
+from ..store import run as store
 
 
-# The package re-exports the functions ``evaluate`` and ``train`` under the names of their
-# modules, so the modules are looked up by their full names (this also lets tests
-# monkeypatch ``repulsor.evaluate.load_model`` and ``repulsor.data.load_dataset``).
-evaluate_mod = importlib.import_module("repulsor.evaluate")
-data_mod = importlib.import_module("repulsor.data")
 
 #: The paper's robustness-curve grid for L-inf: 8/255 to 16/255 in steps of 1/255.
 LINF_EPS_VALUES = tuple(i / 255 for i in range(8, 17))
@@ -779,7 +777,7 @@ def analyse_run(run_dir, *, n: int | None = None, other_run=None, eps_values=Non
         (n_correct, n_fooled), ``neighbours`` (rows shown or why skipped), ``epochs``,
         ``overlap``.
     """
-    from .config import load_config, load_run_config
+    from ..config import load_config, load_run_config
 
     if neighbours_in not in ("predicted", "all"):
         raise UserError(f"neighbours_in must be 'predicted' or 'all'; got {neighbours_in!r}")
@@ -790,18 +788,18 @@ def analyse_run(run_dir, *, n: int | None = None, other_run=None, eps_values=Non
     dev = resolve_device(device)
     say = (lambda text: None) if quiet else (lambda text: print(f"[analyse] {text}", flush=True))
 
-    model = evaluate_mod.load_model(run_dir, device=dev)
+    model = store.load_model(run_dir, device=dev)
     cfg = load_run_config(run_dir, overrides)
     info = data_mod.DATASETS[cfg.data.name]
     eps, norm, seed, batch_size = cfg.eval.eps, cfg.eval.norm, cfg.eval.seed, cfg.eval.batch_size
     n = cfg.eval.n if n is None else n
-    x, y, _ = evaluate_mod.load_test_split(cfg, n, data_dir)
+    x, y, _ = evaluation_run.load_test_split(cfg, n, data_dir)
     label = _run_label(run_dir, Path(other_run) if other_run is not None else None)
     paths: dict[str, str] = {}
     summary: dict = {"run": str(run_dir), "n": len(y), "eps": eps, "norm": norm, "seed": seed, "paths": paths}
 
     say(f"PGD-20 at eps={eps:.4g} ({norm}) on {len(y)} test points")
-    result = evaluate_mod.evaluate(model, x, y, suite="quick", eps=eps, norm=norm, batch_size=batch_size, seed=seed,
+    result = evaluate(model, x, y, suite="quick", eps=eps, norm=norm, batch_size=batch_size, seed=seed,
                                    device=dev, quiet=quiet, checks=False)
     x_adv = result.pop("x_adv")
     summary["clean_accuracy"], summary["robust_accuracy"] = result["clean_accuracy"], result["robust_accuracy"]
@@ -809,15 +807,15 @@ def analyse_run(run_dir, *, n: int | None = None, other_run=None, eps_values=Non
     other = None
     if other_run is not None:
         other_run = Path(other_run)
-        other_model = evaluate_mod.load_model(other_run, device=dev)
+        other_model = store.load_model(other_run, device=dev)
         other_cfg = load_config(other_run / "config.toml")
         if other_cfg.data.name != cfg.data.name:
             raise UserError(f"{other_run} was trained on {other_cfg.data.name}, {run_dir} on {cfg.data.name}; "
                             "compare runs on the same data set")
-        other_x, other_y, _ = evaluate_mod.load_test_split(other_cfg, n, data_dir, say=lambda text: None)
+        other_x, other_y, _ = evaluation_run.load_test_split(other_cfg, n, data_dir, say=lambda text: None)
         if other_x.shape != x.shape or not torch.equal(other_x, x) or not torch.equal(other_y, y):
             raise UserError(f"{other_run} and {run_dir} do not use the same test points; pass the same --data-dir")
-        other_result = evaluate_mod.evaluate(other_model, x, y, suite="quick", eps=eps, norm=norm,
+        other_result = evaluate(other_model, x, y, suite="quick", eps=eps, norm=norm,
                                              batch_size=batch_size, seed=seed, device=dev, quiet=quiet, checks=False)
         other = (_run_label(other_run, run_dir), other_run, other_model, other_result.pop("x_adv"), other_result)
 

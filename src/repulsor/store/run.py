@@ -21,21 +21,15 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from .config import load_config, to_dict
-from .errors import UserError
-from .methods import METHODS
-from .models import build_for_method
-from .prototypes import load_prototypes
+from . import files as ckpt
+from ..config import load_config, to_dict
+from ..errors import UserError
+from ..runtime import code_version
+from ..training.methods import METHODS
+from ..models import build_for_method
+from ..prototypes import load_prototypes
 
-CONFIG = "config.toml"
-MODEL = "model.safetensors"
-PROTOTYPES = "prototypes.safetensors"
-RESULTS = "results.json"
-TRAINING = "training.json"
-LAST = "checkpoints/last.safetensors"
-BEST = "checkpoints/best.safetensors"
-LOCK = ".lock"
+from .layout import BEST, CONFIG, LAST, LOCK, LOG, METRICS, MODEL, PROTOTYPES, RESULTS, TRAINING  # noqa: F401
 
 # Settings that may differ between training and reading a run without changing its weights.
 _NOT_FINGERPRINTED = {"eval": None, "data": ("data_dir", "test_dir"), "prototypes": ("file",), "train": ("device",)}
@@ -101,6 +95,45 @@ def load_model(run_dir: str | Path, *, device: str | torch.device = "cpu") -> to
     ckpt.load_model_state(model, tensors, run_dir / MODEL)  # weights of other shapes: refused here
     check_fingerprint(run_dir, meta, run_fingerprint(run_dir))  # of the same shapes: refused here
     return model.to(device).eval()
+
+
+def read_results(run_dir: str | Path) -> dict:
+    """The run's ``results.json`` as a dict; ``{}`` for a run not evaluated yet."""
+    path = Path(run_dir) / RESULTS
+    return ckpt.read_json(path, "results file") if path.exists() else {}
+
+
+def read_training(run_dir: str | Path) -> dict | None:
+    """The run's ``training.json`` (what the training cost and how it ran); None when absent."""
+    path = Path(run_dir) / TRAINING
+    return ckpt.read_json(path, "training record") if path.is_file() else None
+
+
+def record_suite(run_dir: str | Path, key: str, result: dict, header: dict) -> dict:
+    """Merge one suite's ``result`` into ``RUN/results.json`` under ``key`` and return the whole file.
+
+    ``header`` (data set, split, n, clean accuracy of this evaluation) replaces the top-level
+    fields; every suite keeps its own n, clean accuracy, code version and time, so suites of
+    several evaluations sit side by side without one being presented as part of another.
+    The file is written atomically: a killed process leaves the earlier version.
+    """
+    merged = read_results(run_dir)
+    merged.update(header, code_version=code_version())
+    suites = merged.get("suites", {})
+    suites[key] = dict(result, code_version=code_version(), evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    merged["suites"] = suites
+    # The flat contract: every attack of every suite evaluated so far, each with its suite.
+    merged["attacks"] = [dict(entry, suite=name) for name, res in suites.items() for entry in res["attacks"]]
+    merged["worst_case"] = {name: res["robust_accuracy"] for name, res in suites.items()}
+    merged["last_suite"] = key
+    ckpt.atomic_write_json(Path(run_dir) / RESULTS, merged)
+    return merged
+
+
+def append_log(run_dir: str | Path, line: str) -> None:
+    """Append one line to the run's human-readable ``log.txt``."""
+    with open(Path(run_dir) / LOG, "a", encoding="utf-8") as handle:
+        handle.write(line.rstrip("\n") + "\n")
 
 
 def _alive(pid: int) -> bool:

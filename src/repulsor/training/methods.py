@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 
-from .attacks import pgd
+from ..attacks import pgd
 if TYPE_CHECKING:  # config checks method names against METHODS: no import at run time
-    from .config import TrainConfig
+    from ..config import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .attacks import GRADIENT_ATTACKS, LOSSES, attack_survivors, evaluating, pgd
-from .runtime import derive_seed
+from ..attacks import GRADIENT_ATTACKS, LOSSES, attack_survivors, evaluating, pgd
+from ..runtime import derive_seed
 
 CHECK_POINTS = 200  # the checks run on the first 200 points: cheap beside the cascade
 TOLERANCE = 0.01  # one percent of the checked points (or one point, if that is more)

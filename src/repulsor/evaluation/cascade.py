@@ -1,4 +1,4 @@
-"""Clean and robust accuracy: the per-example worst-case cascade, the suites, the results file.
+"""Clean and robust accuracy of any model: the per-example worst-case cascade of a suite.
 
 A suite is a list of attacks run as a cascade (as AutoAttack does): each attack runs only
 on the points that every earlier attack failed on, and a point counts as robust only if
@@ -9,7 +9,6 @@ so that an interrupted suite resumes at the next attack.
 
 from __future__ import annotations
 
-import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -18,15 +17,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint as ckpt
-from . import sanity, store
-from .store import load_model  # noqa: F401 - re-exported: repulsor.load_model
-from .suites import SUITES, TRANSFER, AttackSpec, specs_for, suite_specs  # noqa: F401 - SUITES re-exported
-from .attacks import GRADIENT_ATTACKS, attack_survivors, batched, correct_every_time, evaluating, geometry, get_attack
-from .config import Config, load_config, load_run_config
-from .data import load_dataset
-from .errors import UserError
-from .runtime import code_version, derive_seed, init_process_group, resolve_device
+from ..attacks import (GRADIENT_ATTACKS, attack_survivors, batched, correct_every_time, evaluating, geometry,
+                       get_attack)
+from ..errors import UserError
+from ..runtime import derive_seed
+from ..store import files as ckpt
+from . import sanity
+from .suites import TRANSFER, AttackSpec, specs_for
 
 
 # A randomised model (two forward passes differ) counts a point as correct only if it is
@@ -34,7 +31,8 @@ from .runtime import code_version, derive_seed, init_process_group, resolve_devi
 RANDOMISED_VOTES = 10
 
 
-def _predict(model, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+def predict(model, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    """The predicted class of every image of ``x`` [N], in batches."""
     predictions = batched(lambda xb: model(xb).argmax(1), x, batch_size=batch_size, device=device)
     return torch.empty(0, dtype=torch.long) if predictions is None else predictions
 
@@ -206,127 +204,3 @@ class Cascade:
                                         batch_size=self.batch_size, device=self.device, votes=self.votes,
                                         x_worst=self.x_worst, progress=bar.update)
         return self._entry(spec, spec.kwargs(self.eps, self.norm), attacked, time.time() - started)
-
-
-def load_test_split(cfg: Config, n: int | None, data_dir: str | None = None, *, say=None):
-    """The first ``n`` test points of the run's data set (``data.test_dir`` if the config names one).
-
-    When ``n`` exceeds the split, all of it is used and ``say`` (default: a note on stderr)
-    tells so, so that nobody reads "first 100000 points" over a 360-point test set.
-    """
-    folder = data_dir or cfg.data.test_dir or cfg.data.data_dir or None
-    x, y = load_dataset(cfg.data.name, "test", data_dir=folder, split_seed=cfg.data.split_seed)
-    if n is not None:
-        x, y = first_points(x, y, n, cfg.data.name, say=say)
-    return x, y, folder
-
-
-def first_points(x: torch.Tensor, y: torch.Tensor, n: int, name: str, *, say=None):
-    """The first ``n`` points of a test split; all of them, said through ``say`` (default: a note
-    on stderr), when ``n`` exceeds the split."""
-    if n > len(y):
-        (say or _note)(f"asked for the first {n} test points, but the {name} test split has {len(y)}: using all"
-                       f" {len(y)}")
-    return x[:n], y[:n]
-
-
-def suite_done(results: dict, suite: str, n: int, protocol: dict) -> bool:
-    """Whether ``results`` (a run's results.json) holds ``suite`` on ``n`` points under ``protocol``
-    (e.g. ``{"eps": 0.1, "norm": "linf"}``), so that resuming work need not evaluate it again."""
-    entry = (results.get("suites") or {}).get(suite)
-    return bool(entry) and entry.get("n") == n and all(entry.get(k) == v for k, v in protocol.items())
-
-
-def _note(text: str) -> None:
-    print(f"repulsor: note: {text}", file=sys.stderr, flush=True)
-
-
-def evaluate_run(run_dir: str | Path, *, suite: str | None = None, n: int | None = None, eps: float | None = None,
-                 norm: str | None = None, data_dir: str | None = None, seed: int | None = None,
-                 batch_size: int | None = None, device: str = "auto", quiet: bool = False,
-                 overrides: list[str] = (), surrogate: str | Path | None = None) -> dict:
-    """Evaluate a run on its test split and merge the result into ``RUN/results.json``.
-
-    ``overrides`` (``"eval.batch_size=64"``, ``"data.test_dir=..."``) change the run's
-    evaluation settings for this call only; explicit arguments take precedence over them.
-    ``surrogate``: another run folder whose model crafts a transfer attack (``TRANSFER``).
-    """
-    run_dir = Path(run_dir)
-    model = load_model(run_dir)
-    saved = load_config(run_dir / "config.toml").eval
-    cfg = load_run_config(run_dir, overrides)
-    e = cfg.eval
-    # "is None", not "or": --n 0 must be refused, not silently replaced by the default.
-    suite, n, eps = suite or e.suite, e.n if n is None else n, e.eps if eps is None else eps
-    norm, seed = norm or e.norm, e.seed if seed is None else seed
-    batch_size = e.batch_size if batch_size is None else batch_size
-    for name, value in (("--n", n), ("--batch-size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"{name} {value!r} is not allowed: it must be a whole number >= 1")
-    suite_specs(suite)  # an unknown suite fails before any work
-    dev = resolve_device(device)
-    model = model.to(dev)
-    surrogate_model = None if surrogate is None else load_model(surrogate, device=dev)
-    x, y, folder = load_test_split(cfg, n, data_dir)
-    group = init_process_group(dev)
-    if not quiet and group.is_main:
-        names = ", ".join(s.name for s in suite_specs(suite))
-        print(f"[evaluate] suite {suite} ({names}) on the first {len(y)} {cfg.data.name} test points, {norm}"
-              f" eps = {eps:.4g}, seed {seed}", flush=True)
-    with ExitStack() as held:
-        if group.is_main:  # one writer per run folder; under torchrun the main process holds it
-            held.enter_context(store.locked(run_dir, "evaluate"))
-        # Under torchrun every rank attacks its own shard of the points; counts are summed.
-        shard = slice(group.rank, None, group.world_size)
-        state_path = run_dir / "eval" / f"{suite}-state{'-rank%d' % group.rank if group.distributed else ''}.safetensors"
-        result = evaluate(model, x[shard], y[shard], suite=suite, eps=eps, norm=norm, batch_size=batch_size, seed=seed,
-                          device=dev, quiet=quiet or not group.is_main, state_path=state_path, surrogate=surrogate_model)
-        result.pop("x_adv")
-        if group.distributed:
-            result = _combine_shards(result, group, dev, len(y))
-        state_path.unlink(missing_ok=True)
-        if not group.is_main:
-            return {}
-        results_path = run_dir / "results.json"
-        merged = ckpt.read_json(results_path, "results file") if results_path.exists() else {}
-        merged.update({
-            "dataset": cfg.data.name, "split": "test", "data_dir": str(folder or ""), "n": len(y),
-            "clean_accuracy": result["clean_accuracy"], "code_version": code_version(),
-        })
-        suites = merged.get("suites", {})
-        # A suite at the run's own threat model is stored under its name; at another one, the
-        # threat model is part of the key, so evaluations at several eps sit side by side.
-        key = suite if (eps, norm) == (saved.eps, saved.norm) else f"{suite}@{norm}:{eps:.4g}"
-        if surrogate is not None:
-            result["surrogate"] = str(Path(surrogate).resolve())
-        # Each suite says which code measured it and when: suites of several evaluations sit side by side.
-        result.update(code_version=code_version(), evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        suites[key] = dict(result)
-        merged["suites"] = suites
-        # The flat contract: every attack of every suite evaluated so far, each with its suite.
-        merged["attacks"] = [dict(entry, suite=name) for name, res in suites.items() for entry in res["attacks"]]
-        merged["worst_case"] = {name: res["robust_accuracy"] for name, res in suites.items()}
-        merged["last_suite"] = key
-        ckpt.atomic_write_json(results_path, merged)
-        attacks = ", ".join(f"{a['name']} {a['accuracy']:.4f}" for a in result["attacks"])
-        with open(run_dir / "log.txt", "a", encoding="utf-8") as handle:
-            handle.write(f"evaluate {key}: n={len(y)} clean {result['clean_accuracy']:.4f}; {attacks};"
-                         f" worst case {result['robust_accuracy']:.4f}\n")
-        return merged
-
-
-def _combine_shards(result: dict, group, device, n_total: int) -> dict:
-    """Sum per-shard counts over all ranks; accuracies are then over all ``n_total`` points."""
-    n_local = result["n"]
-    counts = [result["clean_accuracy"] * n_local, result["robust_accuracy"] * n_local]
-    for entry in result["attacks"]:
-        counts += [entry["accuracy"] * n_local, entry["n_attacked"], entry["seconds"]]
-    summed = group.all_reduce_sum(counts, device)
-    combined = dict(result, n=n_total, clean_accuracy=round(summed[0]) / n_total,
-                    robust_accuracy=round(summed[1]) / n_total, shards=group.world_size)
-    combined["attacks"] = []
-    for i, entry in enumerate(result["attacks"]):
-        acc, attacked, seconds = summed[2 + 3 * i : 5 + 3 * i]
-        combined["attacks"].append(dict(entry, n=n_total, accuracy=round(acc) / n_total, n_attacked=round(attacked),
-                                        seconds=round(seconds / group.world_size, 3)))
-    return combined

@@ -23,18 +23,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint as ckpt
-from . import store
-from .attacks import evaluating, pgd
-from .config import Config, load_config, resolve_paths, to_dict, to_toml
-from .data import DATASETS, augment, default_augmentation, load_dataset
-from .errors import Interrupted, UserError
+from ..store import files as ckpt
+from ..store import run as store
+from ..attacks import evaluating, pgd
+from ..config import Config, load_config, resolve_paths, to_dict, to_toml
+from ..data import DATASETS, augment, default_augmentation, load_dataset
+from ..errors import Interrupted, UserError
 from .methods import METHODS, Method, TrainContext, mmc_centres
-from .models import build_for_method, fit_to_data
-from .prototypes import check_prototypes, generate_prototypes, load_prototypes, save_prototypes
-from .store import BEST, LAST, MODEL
-from .runtime import (ProcessGroup, autocast, cpu_has_native_bf16, derive_seed, generator, init_process_group,
-                      precision_name, resolve_device, resolve_precision)
+from ..models import build_for_method, fit_to_data
+from ..prototypes import check_prototypes, generate_prototypes, load_prototypes, save_prototypes
+from ..store.run import BEST, LAST, MODEL
+from ..runtime import (ProcessGroup, autocast, cpu_has_native_bf16, derive_seed, generator, init_process_group,
+    precision_name, resolve_device, resolve_precision)
 
 
 
@@ -506,7 +506,7 @@ def _train(cfg: Config, out: Path, *, resume: bool, quiet: bool, tensorboard: bo
             if stop.received and state.step < steps_per_epoch:
                 stopped_by = stop.received
                 break
-            state = _end_epoch(loop, state)
+            state = end_epoch(loop, state)
             if state.finished or stop.received:
                 stopped_by = stop.received
                 break
@@ -524,7 +524,7 @@ def _train(cfg: Config, out: Path, *, resume: bool, quiet: bool, tensorboard: bo
         _finish(cfg, out, model, optimizer, scaler, state, quiet)
     group.barrier()
     if cfg.eval.after_train:
-        from .evaluate import evaluate_run
+        from ..evaluation.run import evaluate_run
 
         # Every rank takes part: under torchrun the evaluation shards its points over the ranks.
         evaluate_run(out, quiet=quiet, device=cfg.train.device)
@@ -580,7 +580,7 @@ class Loop:
     lookahead: object = None  # the Lookahead slow weights, or None
 
 
-def _end_epoch(loop: Loop, state: State) -> State:
+def end_epoch(loop: Loop, state: State) -> State:
     """Validate, log, select, checkpoint; decide whether training stops."""
     cfg, out, model, optimizer, scaler = loop.cfg, loop.out, loop.model, loop.optimizer, loop.scaler
     method, x_val, y_val, device, group = loop.method, loop.x_val, loop.y_val, loop.device, loop.group

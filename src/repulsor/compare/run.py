@@ -39,28 +39,31 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from .formats import format_eps
-from .analysis import (curve_eps_values, plot_metrics_over_epochs, plot_robustness_curves, read_metrics,
-                       robustness_curve)
-from .attacks import evaluating
-from .config import (_SECTION_TYPES, Config, _coerce, apply_overrides, from_dict, load_config, parse_fraction,
-                     parse_override, read_toml, resolve_paths, to_dict)
-from .data import DATASETS
-from .errors import Interrupted, UserError
-from .methods import METHODS
-from .runtime import code_version, resolve_device
-from .train import LAST, MODEL, TrainingStopped, train
+from ..store import files as ckpt
+from ..formats import format_eps
+from ..analyses.run import (curve_eps_values, plot_metrics_over_epochs, plot_robustness_curves, read_metrics,
+    robustness_curve)
+from ..attacks import evaluating
+from ..config import (_SECTION_TYPES, Config, _coerce, apply_overrides, from_dict, load_config, parse_fraction,
+    parse_override, read_toml, resolve_paths, to_dict)
+from ..data import DATASETS
+from ..errors import Interrupted, UserError
+from ..training.methods import METHODS
+from ..runtime import code_version, resolve_device
+from ..training.loop import TrainingStopped, train
+from ..store.layout import LAST, MODEL
+from ..evaluation import run as evaluation_run
+from ..evaluation.cascade import evaluate, predict
+from ..evaluation.suites import SUITES
+from ..store import run as store
 
 # The package re-exports the function ``evaluate`` under its module's name, so the module
 # is looked up by its full name (and tests can monkeypatch ``evaluate_run`` through it).
-evaluate_mod = importlib.import_module("repulsor.evaluate")
 
 DEFAULT_SUITES = ("quick", "paper")
 TRANSFER_SOURCE = "ce"
@@ -247,7 +250,7 @@ def load_compare_config(source, overrides: list[str] = ()) -> ComparePlan:
     if "methods" not in table:
         raise UserError("compare.methods is missing: list the methods to compare, e.g. methods = [\"ce\", \"prototype\"]")
     methods = _names(table["methods"], "methods", tuple(METHODS), "method")
-    suites = _names(table.get("suites", list(DEFAULT_SUITES)), "suites", tuple(evaluate_mod.SUITES), "suite")
+    suites = _names(table.get("suites", list(DEFAULT_SUITES)), "suites", tuple(SUITES), "suite")
     overrides = _method_overrides(raw.pop("method", None), methods)
 
     shared = raw
@@ -303,7 +306,7 @@ def load_compare_config(source, overrides: list[str] = ()) -> ComparePlan:
 def _accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, device) -> float:
     """Fraction of ``x`` that ``model`` classifies as ``y`` (eval mode, no gradients)."""
     with evaluating(model):
-        predictions = evaluate_mod._predict(model, x, batch_size, device)
+        predictions = predict(model, x, batch_size, device)
     return (predictions == y.cpu()).sum().item() / len(y) if len(y) else 0.0
 
 
@@ -336,11 +339,11 @@ def transfer_accuracy(source_model: torch.nn.Module, target_models: dict, x: tor
         (accuracy on the transferred examples), and ``x_adv`` (the examples, CPU).
     """
     device = torch.device(device) if device is not None else next(source_model.parameters()).device
-    spec = evaluate_mod.SUITES["quick"][0]
+    spec = SUITES["quick"][0]
     attack = {"name": spec.name, "steps": spec.steps, "loss": spec.loss, "alpha": spec.settings["alpha_over_eps"] * eps,
               "eps": eps, "norm": norm, "seed": seed, "restarts": spec.restarts, "random_start": True}
     if x_adv is None:
-        result = evaluate_mod.evaluate(source_model, x, y, suite="quick", eps=eps, norm=norm, batch_size=batch_size,
+        result = evaluate(source_model, x, y, suite="quick", eps=eps, norm=norm, batch_size=batch_size,
                                        seed=seed, device=device, quiet=quiet, checks=False)
         x_adv = result["x_adv"]
     if x_adv.shape != x.shape:
@@ -472,7 +475,7 @@ def _run_report(plan: ComparePlan, run: RunPlan, run_dir: Path, status: tuple, p
     suites = {}
     for suite in plan.suites:
         n = min(plan.n_for(suite), n_test)
-        if evaluate_mod.suite_done(results, suite, n, protocol_keys(protocol)):
+        if evaluation_run.suite_done(results, suite, n, protocol_keys(protocol)):
             entry = results["suites"][suite]
             suites[suite] = {
                 "n": entry["n"], "clean_accuracy": entry["clean_accuracy"], "robust_accuracy": entry["robust_accuracy"],
@@ -538,10 +541,10 @@ def _train_and_evaluate(plan: ComparePlan, selected: list[RunPlan], out: Path, p
         results = _read_results(out / run.name)
         for suite in plan.suites:
             n = min(plan.n_for(suite), n_test)
-            if evaluate_mod.suite_done(results, suite, n, protocol_keys(protocol)):
+            if evaluation_run.suite_done(results, suite, n, protocol_keys(protocol)):
                 continue
             say(f"{run.name}: evaluating suite {suite} on {n} test points")
-            results = evaluate_mod.evaluate_run(out / run.name, suite=suite, n=n, quiet=quiet, **protocol)
+            results = evaluation_run.evaluate_run(out / run.name, suite=suite, n=n, quiet=quiet, **protocol)
     for run in plan.runs:
         if run.name not in status:
             run_dir = out / run.name
@@ -616,14 +619,14 @@ def compare(config, out_dir, *, quiet: bool = False, only=None, overrides: list[
     say = (lambda text: None) if quiet else (lambda text: print(f"[compare] {text}", flush=True))
     e = plan.base.eval
     protocol = {"eps": e.eps, "norm": e.norm, "seed": e.seed, "batch_size": e.batch_size}
-    x_all, y_all, folder = evaluate_mod.load_test_split(plan.base, None)
+    x_all, y_all, folder = evaluation_run.load_test_split(plan.base, None)
     n_test = len(y_all)
 
     status = _train_and_evaluate(plan, selected, out, protocol, n_test, quiet=quiet, say=say)
     runs = {r.name: _run_report(plan, r, out / r.name, status[r.name], protocol, n_test) for r in plan.runs}
     finished = [r for r in plan.runs if (out / r.name / MODEL).exists()]
     device = resolve_device(plan.base.train.device)
-    models = {r.name: evaluate_mod.load_model(out / r.name, device=device) for r in finished}
+    models = {r.name: store.load_model(out / r.name, device=device) for r in finished}
     n_eval = min(plan.eval_n, n_test)
 
     # Table 4: transfer from the ce model.

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repulsor.analyses import run as analysis
+from repulsor import analyses as analysis
+from repulsor.plots import curves, images, matrices
 from repulsor.attacks import evaluating, pgd
 from repulsor.config import Config, to_toml
 from repulsor.errors import UserError
@@ -110,7 +111,7 @@ def test_robustness_curve_non_increasing_and_one_entry_per_eps(mlp, data, tmp_pa
     default = analysis.robustness_curve(mlp, x[:20], y[:20], steps=2)
     assert [round(e["eps"] * 255) for e in default] == list(range(8, 17))
     other = analysis.robustness_curve(mlp, x[:20], y[:20], eps_values=[0.0, 0.1], steps=2)
-    written = analysis.plot_robustness_curves({"mlp": curve, "short": other}, tmp_path / "curve.png", "t")
+    written = curves.plot_robustness_curves({"mlp": curve, "short": other}, tmp_path / "curve.png", "t")
     assert is_png(written["png"])
     stored = json.loads((tmp_path / "curve.json").read_text())
     assert stored["curves"]["mlp"] == curve and stored["norm"] == "linf"
@@ -189,7 +190,7 @@ def test_adversarial_confusion_counts_only_clean_correct_points(tmp_path):
 def test_confusion_plot_many_classes(tmp_path):
     k = 100
     matrix = analysis.confusion_matrix(torch.arange(300) % k, (torch.arange(300) * 7) % k, k)
-    written = analysis.plot_confusion(matrix, [f"c{i}" for i in range(k)], tmp_path / "big.png")
+    written = matrices.plot_confusion(matrix, [f"c{i}" for i in range(k)], tmp_path / "big.png")
     assert is_png(written["png"])
 
 
@@ -311,13 +312,13 @@ def test_neighbour_grid_png(tmp_path, channels):
     x_train, y_train = synthetic(20, shape=shape)
     x_query, y_query = synthetic(3, shape=shape, seed=4)
     neighbours = torch.tensor([[0, 1, 2], [3, 4, -1], [5, 6, 7]])
-    written = analysis.neighbour_grid(x_query, y_query, (y_query + 1) % K, x_train, neighbours, ["a", "b", "c"],
+    written = images.neighbour_grid(x_query, y_query, (y_query + 1) % K, x_train, neighbours, ["a", "b", "c"],
                                       tmp_path / "grid.png", y_train=y_train, distances=torch.rand(3, 3),
                                       query_ids=[10, 11, 12])
     assert is_png(written["png"])
     rows = json.loads((tmp_path / "grid.json").read_text())["rows"]
     assert [r["query"] for r in rows] == [10, 11, 12] and rows[1]["neighbours"] == [3, 4, -1]
-    empty = analysis.neighbour_grid(x_query[:0], y_query[:0], y_query[:0], x_train, torch.zeros(0, 3),
+    empty = images.neighbour_grid(x_query[:0], y_query[:0], y_query[:0], x_train, torch.zeros(0, 3),
                                     ["a", "b", "c"], tmp_path / "empty.png")
     assert is_png(empty["png"], 500)
 

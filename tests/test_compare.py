@@ -17,7 +17,10 @@ from repulsor.store import files as ckpt
 from repulsor.compare import run as compare_mod
 from repulsor.evaluation import run as evaluation_run
 from repulsor.cli import main
-from repulsor.compare.run import compare, fmt_pct, format_tables, load_compare_config, transfer_accuracy
+from repulsor.analyses.transfer import transfer_accuracy
+from repulsor.compare.plan import load_compare_config
+from repulsor.compare.run import compare
+from repulsor.compare.tables import fmt_pct, format_tables
 from repulsor.config import from_dict
 from repulsor.errors import UserError
 from repulsor import evaluate, load_model
@@ -338,7 +341,7 @@ def test_cli_prints_the_tables(finished, tmp_path, capsys, monkeypatch):
 
 
 def test_command_line_overrides_reach_the_plan(tmp_path):
-    from repulsor.compare.run import load_compare_config
+    from repulsor.compare.plan import load_compare_config
 
     source = CONFIGS / "compare-digits-tiny.toml"
     plan = load_compare_config(source, ["compare.eval_n=17", "eval.eps=0.2", "data.data_dir=rel"])

@@ -16,12 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from repulsor.analyses import run as analysis
+from repulsor import analyses
+from repulsor.plots.curves import plot_robustness_curves
 from repulsor import cli
-from repulsor.compare.run import compare, fmt_pct
+from repulsor.compare.run import compare
+from repulsor.compare.tables import fmt_pct
 from repulsor.config import from_dict
 from repulsor.errors import UserError
-from repulsor.report.build import Table, build_report, format_accuracy, markdown_blocks, render_html, suite_blocks
+from repulsor.report.blocks import Heading, Para, Table, format_accuracy
+from repulsor.report.build import build_report
+from repulsor.report.render import render_html
+from repulsor.report.run_section import suite_blocks
 from repulsor.training.loop import train
 
 TINY = {"data": {"name": "digits"}, "model": {"name": "mlp", "width": 0.25}, "prototypes": {"dim": 16, "epochs": 20},
@@ -60,7 +65,7 @@ def run(tmp_path_factory):
     ]
     (copy / "results.json").write_text(json.dumps(results))
     # A figure "written before by the analysis": the report must reuse it, not recompute it.
-    written = analysis.plot_robustness_curves({"precomputed": [{"eps": 0.1, "accuracy": 0.5}, {"eps": 0.2, "accuracy": 0.1}]},
+    written = plot_robustness_curves({"precomputed": [{"eps": 0.1, "accuracy": 0.5}, {"eps": 0.2, "accuracy": 0.1}]},
                                               copy / "analysis" / "robustness_curve.png")
     return {"run": original, "warn_run": copy, "results": results, "analysis_png": Path(written["png"])}
 
@@ -72,7 +77,7 @@ def report(run, tmp_path_factory):
         def no_curve(*args, **kwargs):
             raise AssertionError("the robustness curve must come from RUN/analysis")
 
-        mp.setattr(analysis, "robustness_curve", no_curve)
+        mp.setattr(analyses, "robustness_curve", no_curve)
         result = build_report([run["warn_run"]], out, n=100)
     return {"out": out, **result}
 
@@ -185,16 +190,15 @@ def test_report_user_errors(run, tmp_path, capsys):
     assert err.startswith("repulsor: error:") and len(err.strip().splitlines()) == 1
 
 
-def test_markdown_tables_and_escaping():
-    blocks = markdown_blocks("# Title\n\n## Table 1\n\n| a | b |\n|---|---|\n| 1 | <x> |\n\nProtocol: **n** = 5.\n")
-    assert [type(b).__name__ for b in blocks] == ["Heading", "Table", "Para"]
-    assert blocks[1].header == ["a", "b"] and blocks[1].rows == [["1", "<x>"]]
+def test_tables_and_escaping():
+    blocks = [Heading(3, "Table 1"), Table(["a", "b"], [["1", "<x>"]]), Para("Protocol: **n** = 5.")]
     page = render_html("t", blocks + [Table(["h"], [["<script>alert(1)</script>"]], ["warn"])])
     assert "&lt;x&gt;" in page and "<strong>n</strong>" in page and "<script>alert" not in page
 
 
 def test_overview_headlines_the_largest_sample_and_names_every_n():
-    from repulsor.report.build import format_eps, overview_accuracies
+    from repulsor.formats import format_eps
+    from repulsor.report.run_section import overview_accuracies
 
     results = {"suites": {"standard": {"n": 200, "clean_accuracy": 1.0, "robust_accuracy": 0.5},
                           "quick": {"n": 10000, "clean_accuracy": 0.987, "robust_accuracy": 0.9}}}
@@ -210,7 +214,7 @@ def test_overview_headlines_the_largest_sample_and_names_every_n():
 def test_one_epoch_training_plot_has_whole_epoch_and_rate_axes(tmp_path):
     import matplotlib.image as mpimg
 
-    from repulsor.report.build import plot_training_curves
+    from repulsor.plots.curves import plot_training_curves
 
     record = {"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.9, "lr": 1e-11}
     png = plot_training_curves([record], tmp_path / "training.png", peak_lr=0.05)["png"]
@@ -218,11 +222,11 @@ def test_one_epoch_training_plot_has_whole_epoch_and_rate_axes(tmp_path):
 
 
 def test_guide_is_a_link_relative_to_the_report(tmp_path):
-    from repulsor.report.build import GUIDE, _inline_html, guide_link
+    from repulsor.report.blocks import GUIDE, guide_link, inline_html
 
     link = guide_link(tmp_path / "report")
     if GUIDE.is_file():
-        html = _inline_html(link)
+        html = inline_html(link)
         target = re.search(r'href="([^"]+)"', html).group(1)
         assert (tmp_path / "report" / target).resolve() == GUIDE
     else:
@@ -247,3 +251,36 @@ def test_not_applicable_attacks_and_randomised_models_are_shown_plainly():
     table = next(b for b in blocks if isinstance(b, Table))
     assert table.row_classes[1] == "warn" and table.rows[1][6] == "–"  # no accuracy claimed for it
     assert table.rows[2][6] != "–"
+
+
+def test_report_re_renders_from_its_figure_data_without_the_model(run, tmp_path, monkeypatch):
+    from repulsor.evaluation import run as evaluation_run
+    from repulsor.store import run as store
+
+    copy = tmp_path / "run"
+    shutil.copytree(run["run"], copy)
+    out = tmp_path / "out"
+    build_report([copy], out, n=50, neighbours=False)
+    first = (out / "report.md").read_text()
+    assert len(list((out / "figures").rglob("figures.safetensors"))) == 1
+
+    # No model and no test data: the sections are drawn from the files alone.
+    (copy / "model.safetensors").unlink()
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the report loaded the model or the data to re-render")
+
+    monkeypatch.setattr(store, "load_model", refused)
+    monkeypatch.setattr(evaluation_run, "load_test_split", refused)
+    build_report([copy], out, n=50, neighbours=False)
+    second = (out / "report.md").read_text()
+    assert "the model was not loaded" in second and "Figures skipped" not in second
+    images = re.compile(r"!\[[^\]]*\]\(([^)]+)\)")
+    assert images.findall(second) == images.findall(first)
+    numbers = re.compile(r"clean [0-9.]+%, PGD-20 [0-9.]+% on these points")
+    assert numbers.findall(second) == numbers.findall(first) != []
+
+    # Another protocol (other points) is never drawn from the data of the first.
+    monkeypatch.undo()
+    build_report([copy], out, n=40, neighbours=False)
+    assert "Figures skipped" in (out / "report.md").read_text()

@@ -257,7 +257,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_analyse(args) -> int:
-    from .analyses.run import analyse_run, summary_lines
+    from .analyses import analyse_run, summary_lines
 
     summary = analyse_run(args.run, n=args.n, other_run=args.other, data_dir=args.data_dir, quiet=args.quiet,
                           device=args.device or "auto", overrides=args.set + _eval_overrides(args, n_key=None))
@@ -284,7 +284,8 @@ def cmd_prototypes(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare.run import compare, format_tables
+    from .compare.run import compare
+    from .compare.tables import format_tables
 
     report = compare(args.config, args.out, quiet=args.quiet, only=args.only,
                      overrides=_config_overrides(args, n_key="compare.eval_n"))

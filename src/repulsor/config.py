@@ -113,7 +113,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-_SECTION_TYPES = {
+SECTION_TYPES = {
     "data": DataConfig,
     "model": ModelConfig,
     "prototypes": PrototypeConfig,
@@ -220,7 +220,7 @@ def _parse_fraction(where: str, text: str) -> float:
     return value
 
 
-def _coerce(section: str, key: str, value, expected):
+def coerce(section: str, key: str, value, expected):
     """Check ``value`` against the annotated type and return it in that type."""
     where = f"{section}.{key}"
     origin = typing.get_origin(expected)
@@ -228,7 +228,7 @@ def _coerce(section: str, key: str, value, expected):
         (item,) = typing.get_args(expected)
         if not isinstance(value, list):
             raise UserError(f"{where} must be a list of {item.__name__}, got {value!r}")
-        return [_coerce(section, key, v, item) for v in value]
+        return [coerce(section, key, v, item) for v in value]
     if expected is bool:
         if not isinstance(value, bool):
             raise UserError(f"{where} must be true or false, got {value!r}")
@@ -279,7 +279,7 @@ RETIRED = {("train", "log_every")}
 
 
 def _build_section(section: str, values: dict, base):
-    cls = _SECTION_TYPES[section]
+    cls = SECTION_TYPES[section]
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     updates = {}
@@ -288,7 +288,7 @@ def _build_section(section: str, values: dict, base):
             continue  # written by an older version; it never changed anything
         if key not in known:
             raise UserError(f"unknown key {section}.{key}: valid keys are {', '.join(sorted(known))}")
-        updates[key] = _coerce(section, key, value, hints[key])
+        updates[key] = coerce(section, key, value, hints[key])
         _check_value(section, key, updates[key])
     return replace(base, **updates)
 
@@ -297,8 +297,8 @@ def from_dict(raw: dict, base: Config | None = None) -> Config:
     """Build a validated ``Config`` from nested dictionaries (``{"train": {"lr": 0.1}}``)."""
     config = base or Config()
     for section, values in raw.items():
-        if section not in _SECTION_TYPES:
-            raise UserError(f"unknown config section [{section}]: valid sections are {', '.join(_SECTION_TYPES)}")
+        if section not in SECTION_TYPES:
+            raise UserError(f"unknown config section [{section}]: valid sections are {', '.join(SECTION_TYPES)}")
         if not isinstance(values, dict):
             raise UserError(f"config section [{section}] must be a table of key = value lines")
         config = replace(config, **{section: _build_section(section, values, getattr(config, section))})

@@ -1,359 +1,42 @@
 """Compare training methods under one protocol: the paper's Tables 1-4 and Figures 2-4.
 
-A compare config is TOML data (parsed, never executed) with a ``[compare]`` table, the
-ordinary sections ``[data] [model] [prototypes] [train] [eval]`` shared by every method,
-and optional per-method overrides written as nested tables::
-
-    [compare]
-    methods = ["ce", "prototype", "pgd_at", "mmc"]
-    suites = ["quick", "paper"]          # default; "standard" and "adaptive" too
-    eval_n = 1000                        # first N test points (default: eval.n)
-    suite_n = { standard = 500 }         # optional: a smaller N for expensive suites
-    sweep_dims = [50, 100, 200]          # optional: Table 1, prototype runs with prototypes.dim = D
-    curve_eps = ["8/255", "12/255", "16/255"]  # optional: robustness-curve grid (default eps..2 eps)
-    curve_n = 500                        # optional: points of the curves (default eval_n; 0 = no curves)
-    transfer = true                      # Table 4: PGD-20 examples of the ce model on every other model
-
-    [train]
-    epochs = 10
-
-    [method.pgd_at.train]                # only pgd_at trains with this learning rate
-    lr = 0.1
-
-Every run's config is the shared sections with the method's overrides merged in, validated
-by ``config.from_dict`` (so an unknown key, a wrong type or an out-of-range value names the
-key). The data and the evaluation protocol cannot be overridden: every model is evaluated
-on the same test points with the same attacks.
-
-``compare`` trains each run into ``OUT/<name>`` with the one training loop
-(``train.train``), evaluates it with ``evaluate.evaluate_run`` (suite by suite), and writes
-``comparison.json``, ``tables.md``, ``robustness_curves.png/.json`` and
-``epochs.png/.csv`` into ``OUT``. Everything is resumable: a finished run is never
+``compare`` reads the plan (``compare.plan``: the compare config, one validated config per
+run), trains each run into ``OUT/<name>`` with the one training loop, evaluates it suite by
+suite with ``evaluation.run.evaluate_run``, and writes ``comparison.json`` (every number, and
+the data of the tables: ``compare.tables``), ``tables.md``, ``robustness_curves.png/.json``
+and ``epochs.png/.csv`` into ``OUT``. Everything is resumable: a finished run is never
 retrained, an interrupted one is resumed from its checkpoint, a suite already in a run's
-``results.json`` for the same points and threat model is not run again, and the
-robustness curves and the transfer attack's adversarial examples are cached in
-``OUT/cache`` under a fingerprint of the model weights.
+``results.json`` for the same points and threat model is not run again, and the robustness
+curves and the transfer attack's adversarial examples are cached in ``OUT/cache`` under a
+fingerprint of the model weights.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from ..store import files as ckpt
-from ..formats import format_eps
-from ..analyses.run import (curve_eps_values, plot_metrics_over_epochs, plot_robustness_curves, read_metrics,
-    robustness_curve)
-from ..attacks import evaluating
-from ..config import (_SECTION_TYPES, Config, _coerce, apply_overrides, from_dict, load_config, parse_fraction,
-    parse_override, read_toml, resolve_paths, to_dict)
+from ..analyses import plot_metrics_over_epochs, read_metrics, robustness_curve
+from ..analyses.transfer import transfer_accuracy
+from ..config import Config, load_config, to_dict
 from ..data import DATASETS
 from ..errors import Interrupted, UserError
-from ..training.methods import METHODS
-from ..runtime import code_version, resolve_device
-from ..training.loop import TrainingStopped, train
-from ..store.layout import LAST, MODEL
 from ..evaluation import run as evaluation_run
-from ..evaluation.cascade import evaluate, predict
-from ..evaluation.suites import SUITES
+from ..plots.curves import plot_robustness_curves
+from ..runtime import code_version, resolve_device
+from ..store import files as ckpt
 from ..store import run as store
+from ..store.layout import COMPARISON, CONFIG, LAST, METRICS, MODEL, TABLES
+from ..training.loop import TrainingStopped, train
+from ..training.methods import METHODS
+from .plan import TRANSFER_SOURCE, ComparePlan, RunPlan, load_compare_config
+from .tables import format_tables
 
-# The package re-exports the function ``evaluate`` under its module's name, so the module
-# is looked up by its full name (and tests can monkeypatch ``evaluate_run`` through it).
 
-DEFAULT_SUITES = ("quick", "paper")
-TRANSFER_SOURCE = "ce"
 CURVE_STEPS = 20
 CURVE_LOSS = "ce"
-#: Sections a method may override; the data and the evaluation protocol are shared.
-OVERRIDE_SECTIONS = ("model", "prototypes", "train")
 #: Keys that do not change what a run computes, ignored when checking an existing run.
 _IGNORED_KEYS = {("train", "device")}
-_COMPARE_KEYS = ("methods", "suites", "eval_n", "suite_n", "sweep_dims", "curve_eps", "curve_n", "transfer")
-DASH = "–"
-
-
-# ------------------------------------------------------------------ the compare config
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """One training run of a comparison.
-
-    ``name`` is its folder under the output directory: the method name, or
-    ``prototype-D<dim>`` for a Table 1 sweep run that differs from the ``prototype`` run.
-    ``overrides`` holds the per-method values (flat, ``{"train.lr": 0.1}``) that make its
-    config differ from the shared sections.
-    """
-
-    name: str
-    method: str
-    cfg: Config
-    overrides: dict
-    dim: int | None = None  # the sweep's D for Table 1 runs
-
-
-@dataclass(frozen=True)
-class ComparePlan:
-    """A validated compare config: the runs, the evaluation protocol and the analyses."""
-
-    runs: tuple[RunPlan, ...]  # every distinct run, methods first, then the sweep
-    methods: tuple[str, ...]
-    sweep: tuple[tuple[int, str], ...]  # (D, run name) for Table 1
-    suites: tuple[str, ...]
-    eval_n: int
-    suite_n: dict
-    curve_eps: tuple[float, ...]
-    curve_n: int
-    transfer: bool
-    base: Config  # the shared sections
-    method_overrides: dict = field(default_factory=dict)  # {method: {section: {key: value}}}
-
-    def n_for(self, suite: str) -> int:
-        """The number of test points that ``suite`` is evaluated on."""
-        return self.suite_n.get(suite, self.eval_n)
-
-    def run(self, name: str) -> RunPlan:
-        return next(r for r in self.runs if r.name == name)
-
-    def describe(self) -> dict:
-        """The ``[compare]`` table as resolved (defaults filled in), JSON-ready."""
-        return {"methods": list(self.methods), "suites": list(self.suites), "eval_n": self.eval_n,
-                "suite_n": dict(self.suite_n), "sweep_dims": [d for d, _ in self.sweep],
-                "curve_eps": list(self.curve_eps), "curve_n": self.curve_n, "transfer": self.transfer}
-
-
-def _names(values, key: str, valid, what: str) -> tuple[str, ...]:
-    """A non-empty list of distinct names, each one of ``valid``."""
-    names = _coerce("compare", key, values, list[str])
-    if not names:
-        raise UserError(f"compare.{key} is empty: list at least one {what}")
-    for name in names:
-        if name not in valid:
-            raise UserError(f"compare.{key}: unknown {what} {name!r}: valid {what}s are {', '.join(valid)}")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise UserError(f"compare.{key} lists {', '.join(duplicates)} more than once")
-    return tuple(names)
-
-
-def _positive_int(value, key: str, minimum: int = 1) -> int:
-    value = _coerce("compare", key, value, int)
-    if value < minimum:
-        raise UserError(f"compare.{key} = {value} is out of range: it must be >= {minimum}")
-    return value
-
-
-def _curve_grid(values) -> tuple[float, ...]:
-    if not isinstance(values, list) or not values:
-        raise UserError(f"compare.curve_eps must be a non-empty list of perturbation sizes, got {values!r}")
-    grid = []
-    for value in values:
-        if isinstance(value, str):
-            try:
-                value = parse_fraction(value)
-            except (ValueError, ZeroDivisionError):
-                raise UserError(f"compare.curve_eps: cannot read {value!r} as a number (write 0.0314 or \"8/255\")") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise UserError(f"compare.curve_eps: {value!r} is not a perturbation size in [0, 1] (write \"8/255\", not 8)")
-        grid.append(float(value))
-    return tuple(sorted(set(grid)))
-
-
-def _merge(base: dict, override: dict) -> dict:
-    """``base`` with each section of ``override`` merged key by key (copies, nothing shared)."""
-    merged = copy.deepcopy(base)
-    for section, values in override.items():
-        merged[section] = {**merged.get(section, {}), **copy.deepcopy(values)}
-    return merged
-
-
-def _flat(override: dict) -> dict:
-    return {f"{section}.{key}": value for section, values in override.items() for key, value in values.items()}
-
-
-def _method_overrides(raw, methods: tuple[str, ...]) -> dict:
-    """Validate the ``[method.<name>.<section>]`` tables; returns ``{method: {section: {key: value}}}``."""
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise UserError("method must be a table of per-method overrides, e.g. [method.pgd_at.train] lr = 0.1")
-    result = {}
-    for name, sections in raw.items():
-        if name not in METHODS:
-            raise UserError(f"[method.{name}]: unknown method {name!r}: valid methods are {', '.join(METHODS)}")
-        if name not in methods:
-            raise UserError(f"[method.{name}] overrides a method that is not in compare.methods ({', '.join(methods)})")
-        if not isinstance(sections, dict):
-            raise UserError(f"method.{name} must be a table of sections, e.g. [method.{name}.train] lr = 0.1")
-        for section, values in sections.items():
-            where = f"method.{name}.{section}"
-            if section in ("data", "eval"):
-                raise UserError(f"{where}: the data and the evaluation protocol are shared by every method;"
-                                f" set them in [{section}]")
-            if not isinstance(values, dict):
-                raise UserError(f"{where} must be a table: write [method.{name}.train] with {section} = ... below it"
-                                if section not in _SECTION_TYPES else f"{where} must be a table of key = value lines")
-            if section not in OVERRIDE_SECTIONS:
-                raise UserError(f"{where}: unknown section {section!r}: a method can override {', '.join(OVERRIDE_SECTIONS)}")
-            if "method" in values and section == "train":
-                raise UserError(f"{where}.method: the method is the table's name ({name}); remove this key")
-        result[name] = copy.deepcopy(sections)
-    return result
-
-
-def _run_config(shared: dict, override: dict, method: str, where: str, eval_n: int, suite: str) -> Config:
-    """Validate the config of one run: shared sections + override + the method."""
-    merged = _merge(shared, override)
-    merged = _merge(merged, {"train": {"method": method}, "eval": {"after_train": False, "n": eval_n, "suite": suite}})
-    try:
-        return resolve_paths(from_dict(merged))
-    except UserError as error:
-        raise UserError(f"{where}: {error}") from None
-
-
-def load_compare_config(source, overrides: list[str] = ()) -> ComparePlan:
-    """Read and validate a compare config.
-
-    Args:
-        source: a TOML file (path) or the same data as a dict (``{"compare": {...},
-            "data": {...}, "method": {"pgd_at": {"train": {"lr": 0.1}}}}``).
-        overrides: ``section.key=value`` strings applied on top of the file: shared
-            sections (``"eval.eps=8/255"``) or the compare table (``"compare.eval_n=200"``).
-
-    Returns:
-        A ``ComparePlan`` with one validated ``Config`` per run.
-
-    Raises:
-        UserError: naming the key at fault (unknown keys or methods, wrong types,
-            out-of-range values, overrides of the shared data or evaluation sections).
-    """
-    if isinstance(source, (str, Path)):
-        raw = read_toml(source, "compare config")
-    elif isinstance(source, dict):
-        raw = copy.deepcopy(source)
-    else:
-        raise UserError(f"a compare config is a TOML file or a dict, not {type(source).__name__}")
-    if any(parse_override(text)[0] == "method" for text in overrides):
-        raise UserError("--set method.*: per-method settings belong in the compare config's [method.NAME] tables")
-    apply_overrides(raw, overrides)
-    table = raw.pop("compare", None)
-    if not isinstance(table, dict):
-        raise UserError("the compare config needs a [compare] table with methods = [\"ce\", \"prototype\", ...]")
-    unknown = sorted(set(table) - set(_COMPARE_KEYS))
-    if unknown:
-        raise UserError(f"unknown key compare.{unknown[0]}: valid keys are {', '.join(_COMPARE_KEYS)}")
-    if "methods" not in table:
-        raise UserError("compare.methods is missing: list the methods to compare, e.g. methods = [\"ce\", \"prototype\"]")
-    methods = _names(table["methods"], "methods", tuple(METHODS), "method")
-    suites = _names(table.get("suites", list(DEFAULT_SUITES)), "suites", tuple(SUITES), "suite")
-    overrides = _method_overrides(raw.pop("method", None), methods)
-
-    shared = raw
-    for section, values in shared.items():
-        if section in _SECTION_TYPES and not isinstance(values, dict):
-            raise UserError(f"config section [{section}] must be a table of key = value lines")
-    if "method" in shared.get("train", {}):
-        raise UserError("train.method: list the methods in compare.methods, not in [train]")
-    base = from_dict(_merge(shared, {"train": {"method": methods[0]}}))  # errors name the shared key
-
-    eval_n = _positive_int(table.get("eval_n", base.eval.n), "eval_n")
-    suite_n = {}
-    if "suite_n" in table:
-        if not isinstance(table["suite_n"], dict):
-            raise UserError(f"compare.suite_n must be a table such as {{ standard = 500 }}, got {table['suite_n']!r}")
-        for suite, n in table["suite_n"].items():
-            if suite not in suites:
-                raise UserError(f"compare.suite_n.{suite}: {suite!r} is not in compare.suites ({', '.join(suites)})")
-            suite_n[suite] = _positive_int(n, f"suite_n.{suite}")
-    curve_eps = (_curve_grid(table["curve_eps"]) if "curve_eps" in table
-                 else tuple(curve_eps_values(base.eval.eps, base.eval.norm)))
-    curve_n = _positive_int(table.get("curve_n", eval_n), "curve_n", minimum=0)
-    has_source = TRANSFER_SOURCE in methods
-    transfer = _coerce("compare", "transfer", table.get("transfer", has_source), bool)
-    if transfer and not has_source:
-        raise UserError(f"compare.transfer = true needs {TRANSFER_SOURCE!r} in compare.methods: the transfer attack"
-                        f" crafts its adversarial examples on the {TRANSFER_SOURCE} model")
-    dims = _coerce("compare", "sweep_dims", table.get("sweep_dims", []), list[int])
-    if len(set(dims)) != len(dims):
-        raise UserError("compare.sweep_dims lists a dimension more than once")
-
-    runs = [RunPlan(m, m, _run_config(shared, overrides.get(m, {}), m, f"method.{m}", eval_n, suites[0]),
-                    _flat(overrides.get(m, {}))) for m in methods]
-    sweep = []
-    for dim in dims:
-        if isinstance(dim, int) and dim < 2:
-            raise UserError(f"compare.sweep_dims: {dim} is out of range: a dimension must be >= 2")
-        override = _merge(overrides.get("prototype", {}), {"prototypes": {"dim": dim}})
-        cfg = _run_config(shared, override, "prototype", f"compare.sweep_dims ({dim})", eval_n, suites[0])
-        same = next((r for r in runs if r.method == "prototype" and to_dict(r.cfg) == to_dict(cfg)), None)
-        if same is None:
-            same = RunPlan(f"prototype-D{dim}", "prototype", cfg, _flat(override), dim)
-            runs.append(same)
-        sweep.append((dim, same.name))
-    return ComparePlan(runs=tuple(runs), methods=methods, sweep=tuple(sweep), suites=suites, eval_n=eval_n,
-                       suite_n=suite_n, curve_eps=curve_eps, curve_n=curve_n, transfer=transfer, base=base,
-                       method_overrides=overrides)
-
-
-# ------------------------------------------------------------------ the transfer attack (Table 4)
-
-
-def _accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, device) -> float:
-    """Fraction of ``x`` that ``model`` classifies as ``y`` (eval mode, no gradients)."""
-    with evaluating(model):
-        predictions = predict(model, x, batch_size, device)
-    return (predictions == y.cpu()).sum().item() / len(y) if len(y) else 0.0
-
-
-def transfer_accuracy(source_model: torch.nn.Module, target_models: dict, x: torch.Tensor, y: torch.Tensor, *,
-                      eps: float, norm: str = "linf", seed: int = 0, batch_size: int = 256, device=None,
-                      x_adv: torch.Tensor | None = None, quiet: bool = True) -> dict:
-    """Accuracy of target models on adversarial examples crafted on a source model (Table 4).
-
-    The examples are those of the ``quick`` suite run on the source model: PGD-20, step
-    eps/4, uniform random start, cross-entropy on the class scores, seeded. As in the
-    suite's cascade, a point keeps the first iterate that fools the source (and stays
-    clean if none does), so the source's accuracy on them is exactly its white-box
-    ``quick`` robust accuracy under the same ``eps``, ``norm``, ``seed`` and batch size.
-
-    Args:
-        source_model: the substitute model; maps images [N, C, H, W] in [0, 1] to scores [N, k].
-        target_models: ``{name: model}``, the models under attack (black box: only their
-            predictions are used). The source may be among them.
-        x: clean images [N, C, H, W] in [0, 1]; y: labels [N] (int64).
-        eps: perturbation size in pixel units; norm: ``linf`` or ``l2``.
-        seed: seed of the attack's random starts.
-        batch_size: examples per attack call and per prediction batch.
-        device: where to run; default: the source model's device.
-        x_adv: adversarial examples crafted earlier with these settings (skips the attack).
-        quiet: no progress bar.
-
-    Returns:
-        ``source_accuracy`` (the source on its own examples), ``attack`` (the attack's
-        settings), ``n``, ``targets``: ``{name: {"clean_accuracy", "accuracy"}}``
-        (accuracy on the transferred examples), and ``x_adv`` (the examples, CPU).
-    """
-    device = torch.device(device) if device is not None else next(source_model.parameters()).device
-    spec = SUITES["quick"][0]
-    attack = {"name": spec.name, "steps": spec.steps, "loss": spec.loss, "alpha": spec.settings["alpha_over_eps"] * eps,
-              "eps": eps, "norm": norm, "seed": seed, "restarts": spec.restarts, "random_start": True}
-    if x_adv is None:
-        result = evaluate(source_model, x, y, suite="quick", eps=eps, norm=norm, batch_size=batch_size,
-                                       seed=seed, device=device, quiet=quiet, checks=False)
-        x_adv = result["x_adv"]
-    if x_adv.shape != x.shape:
-        raise UserError(f"x_adv has shape {tuple(x_adv.shape)}, the clean images {tuple(x.shape)}")
-    targets = {}
-    for name, model in target_models.items():
-        targets[name] = {"clean_accuracy": _accuracy(model, x, y, batch_size, device),
-                         "accuracy": _accuracy(model, x_adv, y, batch_size, device)}
-    return {"source_accuracy": _accuracy(source_model, x_adv, y, batch_size, device), "attack": attack,
-            "n": len(y), "targets": targets, "x_adv": x_adv}
 
 
 # ------------------------------------------------------------------ running the comparison
@@ -367,7 +50,7 @@ def _fingerprint(path: Path) -> str:
 
 def _check_existing(run: RunPlan, run_dir: Path) -> None:
     """Refuse to reuse a run folder trained with a different config (it would mix protocols)."""
-    saved = to_dict(load_config(run_dir / "config.toml"))
+    saved = to_dict(load_config(run_dir / CONFIG))
     wanted = to_dict(run.cfg)
     # Settings that only other methods read (fgsm_rs's overfit_drop for a ce run, ...) do not matter.
     others = {("train", key) for m in METHODS.values() for key in m.options} - {
@@ -386,12 +69,12 @@ def _train_run(run: RunPlan, run_dir: Path, *, quiet: bool, say) -> tuple[str, s
     A run whose loss became NaN or infinite is reported as failed and the comparison goes
     on; an interruption (SIGINT/SIGTERM) stops the whole comparison after the checkpoint.
     """
-    if (run_dir / "config.toml").exists():
+    if (run_dir / CONFIG).exists():
         _check_existing(run, run_dir)
     if (run_dir / MODEL).exists():
         return "trained before", None
     try:
-        if (run_dir / "config.toml").exists():
+        if (run_dir / CONFIG).exists():
             say(f"{run.name}: resuming the interrupted training in {run_dir}")
             train(None, run_dir, resume=True, quiet=quiet)
             return "resumed", None
@@ -403,11 +86,6 @@ def _train_run(run: RunPlan, run_dir: Path, *, quiet: bool, say) -> tuple[str, s
     except TrainingStopped as error:
         say(f"{run.name}: training failed: {error}")
         return "failed", str(error)
-
-
-def _read_results(run_dir: Path) -> dict:
-    path = run_dir / "results.json"
-    return ckpt.read_json(path, "results file") if path.exists() else {}
 
 
 def _cached(path: Path, key: dict, compute):
@@ -450,12 +128,11 @@ def _transfer(out: Path, models: dict, x, y, protocol: dict, *, device, quiet: b
 
 
 def _training_record(run_dir: Path) -> dict:
-    path = run_dir / "training.json"
-    if not path.exists():
+    record = store.read_training(run_dir)
+    if record is None:
         return {}
-    record = ckpt.read_json(path, "training record")
     stopped = None
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS
     if metrics.exists():
         stopped = next((r["stopped"] for r in reversed(read_metrics(metrics)) if r.get("stopped")), None)
     return {"selected": record.get("selected"), "best_epoch": record.get("best_epoch"), "stopped": stopped,
@@ -471,7 +148,7 @@ def _attack_accuracy(suite_result: dict | None, prefix: str):
 
 def _run_report(plan: ComparePlan, run: RunPlan, run_dir: Path, status: tuple, protocol: dict, n_test: int) -> dict:
     """Every number of one run: accuracies per suite, the table's columns, training cost."""
-    results = _read_results(run_dir)
+    results = store.read_results(run_dir)
     suites = {}
     for suite in plan.suites:
         n = min(plan.n_for(suite), n_test)
@@ -538,7 +215,7 @@ def _train_and_evaluate(plan: ComparePlan, selected: list[RunPlan], out: Path, p
         status[run.name] = _train_run(run, out / run.name, quiet=quiet, say=say)
         if not (out / run.name / MODEL).exists():
             continue
-        results = _read_results(out / run.name)
+        results = store.read_results(out / run.name)
         for suite in plan.suites:
             n = min(plan.n_for(suite), n_test)
             if evaluation_run.suite_done(results, suite, n, protocol_keys(protocol)):
@@ -549,7 +226,7 @@ def _train_and_evaluate(plan: ComparePlan, selected: list[RunPlan], out: Path, p
         if run.name not in status:
             run_dir = out / run.name
             status[run.name] = ("trained before" if (run_dir / MODEL).exists() else
-                                "training unfinished" if (run_dir / LAST).exists() or (run_dir / "config.toml").exists()
+                                "training unfinished" if (run_dir / LAST).exists() or (run_dir / CONFIG).exists()
                                 else "not trained", None)
     return status
 
@@ -580,7 +257,7 @@ def _curves(plan: ComparePlan, out: Path, runs: list[RunPlan], models: dict, x_a
 
 def _epochs(plan: ComparePlan, out: Path, runs: list[RunPlan], *, files: dict) -> dict:
     """Figure 4: clean and robust validation accuracy over the epochs of every method."""
-    metrics = {r.name: out / r.name / "metrics.jsonl" for r in runs if (out / r.name / "metrics.jsonl").exists()}
+    metrics = {r.name: out / r.name / METRICS for r in runs if (out / r.name / METRICS).exists()}
     if not metrics:
         return {}
     written = plot_metrics_over_epochs(metrics, out / "epochs.png",
@@ -640,7 +317,7 @@ def compare(config, out_dir, *, quiet: bool = False, only=None, overrides: list[
             transfer["white_box_pgd20_ce"] = white_box
             transfer["matches_white_box"] = None if white_box is None else transfer["source_accuracy"] == white_box
 
-    files = {"comparison_json": str(out / "comparison.json"), "tables_md": str(out / "tables.md")}
+    files = {"comparison_json": str(out / COMPARISON), "tables_md": str(out / TABLES)}
     method_runs = [r for r in finished if r.name in plan.methods]
     curves = _curves(plan, out, method_runs, models, x_all, y_all, protocol, device=device, files=files, say=say)
     epochs = _epochs(plan, out, method_runs, files=files)
@@ -667,114 +344,12 @@ def compare(config, out_dir, *, quiet: bool = False, only=None, overrides: list[
         "epochs": epochs,
         "files": files,
     }
-    ckpt.atomic_write_text(out / "tables.md", format_tables(report))
-    ckpt.atomic_write_json(out / "comparison.json", report)
-    say(f"wrote {out / 'comparison.json'} and {out / 'tables.md'}")
+    ckpt.atomic_write_text(out / TABLES, format_tables(report))
+    ckpt.atomic_write_json(out / COMPARISON, report)
+    say(f"wrote {out / COMPARISON} and {out / TABLES}")
     return report
 
 
 # ------------------------------------------------------------------ the tables
 
 
-def fmt_pct(value) -> str:
-    """An accuracy in [0, 1] as a percentage with one decimal, or a dash when missing."""
-    return DASH if value is None else f"{100 * value:.1f}"
-
-
-def _fmt_seconds(seconds) -> str:
-    if seconds is None:
-        return DASH
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    if seconds < 3600:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.2f} h"
-
-
-def _fmt_passes(cost) -> str:
-    if not cost or cost.get("forward_passes_per_example") is None:
-        return DASH
-    return f"{cost['forward_passes_per_example']:g} / {cost['backward_passes_per_example']:g}"
-
-
-def _fmt_overrides(overrides: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in overrides.items()) or DASH
-
-
-def _fmt_int(value) -> str:
-    return DASH if value is None else str(value)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _protocol_line(p: dict, suites: str) -> str:
-    eps = format_eps(p["eps"], p["norm"], short=True)
-    return (f"Protocol: {p['dataset']} {p['split']} split{' (' + p['test_dir'] + ')' if p['test_dir'] else ''},"
-            f" first {p['n']} points unshuffled, {p['norm']} eps = {eps}, seed {p['seed']}, fp32; {suites};"
-            f" accuracies in %; repulsor {p['code_version']}.")
-
-
-def format_tables(report: dict) -> str:
-    """The Markdown tables of a comparison (Table 1, Tables 2-3, Table 4), each with a protocol line.
-
-    Args:
-        report: the dict returned by ``compare`` (the content of ``comparison.json``).
-
-    Returns:
-        Markdown text; missing numbers are shown as a dash.
-    """
-    p = report["protocol"]
-    runs = report["runs"]
-    dataset = p["dataset"]
-    parts = [f"# Comparison on {dataset}", ""]
-    suite_ns = ", ".join(f"{s} on {n}" for s, n in p["suite_n"].items())
-    if report["table1"]:
-        parts += [f"## Table 1: prototype output dimension D ({dataset})", "",
-                  _table(["D", "run", "epochs", "clean", "PGD-20", "PGD-20 (CE)", "standard worst case"],
-                         [[str(r["dim"]), r["run"], _fmt_int(r["epochs"]), fmt_pct(r["clean_accuracy"]),
-                           fmt_pct(r["pgd20"]), fmt_pct(r.get("pgd20_ce")), fmt_pct(r.get("standard"))]
-                          for r in report["table1"]]), "",
-                  _protocol_line(p, "PGD-20: the paper suite (authors' loss: L-inf distance to the true prototype),"
-                                    " as in the paper's Table 1; PGD-20 (CE): quick suite; standard: APGD-CE,"
-                                    f" APGD-T, FAB-T, Square cascade; points per suite: {suite_ns}"), ""]
-    number = {"cifar10": "Table 2", "cifar100": "Table 3"}.get(dataset, "Tables 2-3")
-    rows, notes = [], []
-    for name in report["methods"]:
-        r = runs[name]
-        status = "" if r["status"] in ("trained", "resumed", "trained before") else f" ({r['status']})"
-        if r.get("error"):
-            notes.append(f"- {name}: training failed: {r['error']}")
-        if r.get("stopped"):
-            notes.append(f"- {name}: training stopped early: {r['stopped']}")
-        notes += [f"- {name}: sanity check failed in suite {warning}" for warning in r.get("sanity_warnings", [])]
-        rows.append([name + status, _fmt_overrides(r["overrides"]), _fmt_int(r["epochs"]),
-                     fmt_pct(r["clean_accuracy"]), fmt_pct(r["pgd20"]), fmt_pct(r["pgd100"]), fmt_pct(r["pgd20_ce"]),
-                     fmt_pct(r["standard"]), _fmt_seconds((r["cost"] or {}).get("wall_seconds")),
-                     _fmt_passes(r["cost"])])
-    parts += [f"## {number}: methods on {dataset}", "",
-              _table(["method", "overrides", "epochs", "clean", "PGD-20", "PGD-100", "PGD-20 (CE)",
-                      "standard worst case", "training time", "passes/example (fwd / bwd)"], rows), "",
-              _protocol_line(p, "PGD-20 and PGD-100: paper suite cascade (authors' loss for prototype heads, CE"
-                                " otherwise; step eps/4, one random start); PGD-20 (CE): quick suite; standard:"
-                                f" APGD-CE, APGD-T, FAB-T, Square cascade; points per suite: {suite_ns}"), ""]
-    if notes:
-        parts += ["Notes:", "", *notes, ""]
-    transfer = report.get("transfer")
-    if transfer is not None:
-        parts += [f"## Table 4: transfer of PGD-20 examples from {transfer['source']} ({dataset})", ""]
-        if "targets" in transfer:
-            rows = [[transfer["source"], name + (" (white box)" if name == transfer["source"] else ""),
-                     fmt_pct(t["clean_accuracy"]), fmt_pct(runs[name]["pgd20_ce"]), fmt_pct(t["accuracy"])]
-                    for name, t in transfer["targets"].items()]
-            a = transfer["attack"]
-            parts += [_table(["source", "target", "clean", "white-box PGD-20 (CE)", "transferred"], rows), "",
-                      _protocol_line(p, f"examples crafted on {transfer['source']} with PGD-{a['steps']} ({a['loss']} loss,"
-                                        f" step eps/4, random start; a point keeps the first iterate that fools the"
-                                        f" source), evaluated on each target"), ""]
-        else:
-            parts += [f"Not computed: {transfer['skipped']}.", ""]
-    return "\n".join(parts)

@@ -1,1 +1,1 @@
-"""repulsor.report."""
+"""The report: ``build.build_report`` writes ``report.html`` and ``report.md`` of runs and comparisons."""

@@ -17,3 +17,7 @@ LAST = "checkpoints/last.safetensors"
 BEST = "checkpoints/best.safetensors"
 LOCK = ".lock"
 EVAL_DIR = "eval"  # the cascade's resumable state, one file per suite
+
+# A comparison folder (``repulsor compare --out``) holds one run folder per method and:
+COMPARISON = "comparison.json"  # the plan, every run's numbers, the tables' data
+TABLES = "tables.md"  # the tables as Markdown

@@ -1,0 +1,152 @@
+"""A comparison's tables as data: the paper's Table 1 (prototype dimension), Tables 2-3 (methods)
+and Table 4 (transfer), built from ``comparison.json`` alone.
+
+``comparison_tables`` gives each table as plain data (title, header, rows of cells, protocol
+line, notes); ``format_tables`` writes them as Markdown (``tables.md``) and the report draws the
+same data as HTML, so both show the same cells and nothing parses Markdown back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..formats import format_eps
+
+DASH = "–"
+
+
+@dataclass
+class ComparisonTable:
+    """One table: ``title``, ``header`` and ``rows`` of cell texts, the ``protocol`` sentence under
+    it, and ``notes`` (one line each) about its runs."""
+
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    protocol: str
+    notes: list[str] = field(default_factory=list)
+
+
+def fmt_pct(value) -> str:
+    """An accuracy in [0, 1] as a percentage with one decimal, or a dash when missing."""
+    return DASH if value is None else f"{100 * value:.1f}"
+
+
+def fmt_seconds(seconds) -> str:
+    """A duration as seconds, minutes or hours, or a dash when missing."""
+    if seconds is None:
+        return DASH
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def _fmt_passes(cost) -> str:
+    if not cost or cost.get("forward_passes_per_example") is None:
+        return DASH
+    return f"{cost['forward_passes_per_example']:g} / {cost['backward_passes_per_example']:g}"
+
+
+def _fmt_overrides(overrides: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in overrides.items()) or DASH
+
+
+def _fmt_int(value) -> str:
+    return DASH if value is None else str(value)
+
+
+def _protocol_line(p: dict, suites: str) -> str:
+    eps = format_eps(p["eps"], p["norm"], short=True)
+    return (f"Protocol: {p['dataset']} {p['split']} split{' (' + p['test_dir'] + ')' if p['test_dir'] else ''},"
+            f" first {p['n']} points unshuffled, {p['norm']} eps = {eps}, seed {p['seed']}, fp32; {suites};"
+            f" accuracies in %; repulsor {p['code_version']}.")
+
+
+def dimension_table(report: dict) -> ComparisonTable | None:
+    """Table 1: the prototype output dimension D (None when the comparison swept no D)."""
+    p, dataset = report["protocol"], report["protocol"]["dataset"]
+    if not report.get("table1"):
+        return None
+    suite_ns = ", ".join(f"{s} on {n}" for s, n in p["suite_n"].items())
+    return ComparisonTable(
+        f"Table 1: prototype output dimension D ({dataset})",
+        ["D", "run", "epochs", "clean", "PGD-20", "PGD-20 (CE)", "standard worst case"],
+        [[str(r["dim"]), r["run"], _fmt_int(r["epochs"]), fmt_pct(r["clean_accuracy"]), fmt_pct(r["pgd20"]),
+          fmt_pct(r.get("pgd20_ce")), fmt_pct(r.get("standard"))] for r in report["table1"]],
+        _protocol_line(p, "PGD-20: the paper suite (authors' loss: L-inf distance to the true prototype), as in the"
+                          " paper's Table 1; PGD-20 (CE): quick suite; standard: APGD-CE, APGD-T, FAB-T, Square"
+                          f" cascade; points per suite: {suite_ns}"))
+
+
+def methods_table(report: dict) -> ComparisonTable:
+    """Tables 2-3: every method's clean and robust accuracy and its training cost."""
+    p, runs, dataset = report["protocol"], report["runs"], report["protocol"]["dataset"]
+    suite_ns = ", ".join(f"{s} on {n}" for s, n in p["suite_n"].items())
+    rows, notes = [], []
+    for name in report["methods"]:
+        r = runs[name]
+        status = "" if r["status"] in ("trained", "resumed", "trained before") else f" ({r['status']})"
+        if r.get("error"):
+            notes.append(f"{name}: training failed: {r['error']}")
+        if r.get("stopped"):
+            notes.append(f"{name}: training stopped early: {r['stopped']}")
+        notes += [f"{name}: sanity check failed in suite {warning}" for warning in r.get("sanity_warnings", [])]
+        rows.append([name + status, _fmt_overrides(r["overrides"]), _fmt_int(r["epochs"]),
+                     fmt_pct(r["clean_accuracy"]), fmt_pct(r["pgd20"]), fmt_pct(r["pgd100"]), fmt_pct(r["pgd20_ce"]),
+                     fmt_pct(r["standard"]), fmt_seconds((r["cost"] or {}).get("wall_seconds")),
+                     _fmt_passes(r["cost"])])
+    number = {"cifar10": "Table 2", "cifar100": "Table 3"}.get(dataset, "Tables 2-3")
+    return ComparisonTable(
+        f"{number}: methods on {dataset}",
+        ["method", "overrides", "epochs", "clean", "PGD-20", "PGD-100", "PGD-20 (CE)", "standard worst case",
+         "training time", "passes/example (fwd / bwd)"], rows,
+        _protocol_line(p, "PGD-20 and PGD-100: paper suite cascade (authors' loss for prototype heads, CE otherwise;"
+                          " step eps/4, one random start); PGD-20 (CE): quick suite; standard: APGD-CE, APGD-T,"
+                          f" FAB-T, Square cascade; points per suite: {suite_ns}"), notes)
+
+
+def transfer_table(report: dict) -> ComparisonTable | None:
+    """Table 4: PGD-20 examples crafted on the source model, checked on every method (None when
+    the comparison ran no transfer; a table without rows and a note when it was skipped)."""
+    transfer, p, runs = report.get("transfer"), report["protocol"], report["runs"]
+    if transfer is None:
+        return None
+    title = f"Table 4: transfer of PGD-20 examples from {transfer['source']} ({p['dataset']})"
+    header = ["source", "target", "clean", "white-box PGD-20 (CE)", "transferred"]
+    if "targets" not in transfer:
+        return ComparisonTable(title, header, [], "", [f"Not computed: {transfer['skipped']}."])
+    rows = [[transfer["source"], name + (" (white box)" if name == transfer["source"] else ""),
+             fmt_pct(t["clean_accuracy"]), fmt_pct(runs[name]["pgd20_ce"]), fmt_pct(t["accuracy"])]
+            for name, t in transfer["targets"].items()]
+    a = transfer["attack"]
+    return ComparisonTable(title, header, rows, _protocol_line(
+        p, f"examples crafted on {transfer['source']} with PGD-{a['steps']} ({a['loss']} loss, step eps/4, random"
+           " start; a point keeps the first iterate that fools the source), evaluated on each target"))
+
+
+def comparison_tables(report: dict) -> list[ComparisonTable]:
+    """Every table of a comparison (``report``: the content of ``comparison.json``), in the paper's order."""
+    return [t for t in (dimension_table(report), methods_table(report), transfer_table(report)) if t is not None]
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def format_tables(report: dict) -> str:
+    """The Markdown of a comparison's tables (``tables.md``), each with its protocol line; missing
+    numbers are shown as a dash."""
+    parts = [f"# Comparison on {report['protocol']['dataset']}", ""]
+    for table in comparison_tables(report):
+        parts += [f"## {table.title}", ""]
+        if table.rows:
+            parts += [_markdown_table(table.header, table.rows), "", table.protocol, ""]
+        if table.notes and table.rows:
+            parts += ["Notes:", "", *[f"- {note}" for note in table.notes], ""]
+        elif table.notes:
+            parts += [*table.notes, ""]
+    return "\n".join(parts)

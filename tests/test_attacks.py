@@ -23,7 +23,7 @@ from repulsor.attacks import (
     get_loss,
     pgd,
 )
-from repulsor.attacks.apgd import _checkpoint, checkpoints
+from repulsor.attacks.apgd import checkpoints, halve_at_checkpoint
 from repulsor.errors import UserError
 
 K = 4
@@ -331,7 +331,7 @@ def test_apgd_checkpoint_conditions():
         "grad_cur": torch.zeros(n, 1, 2, 2), "grad_best": torch.ones(n, 1, 2, 2),
         "loss_cur": torch.zeros(n),
     }
-    _checkpoint(state, rho=0.75, span=10)
+    halve_at_checkpoint(state, rho=0.75, span=10)
     halved = torch.tensor([False, True, True, False])
     torch.testing.assert_close(state["eta"], torch.where(halved, 0.05, 0.1))
     assert torch.equal(state["halved_at_mark"], halved)

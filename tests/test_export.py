@@ -10,6 +10,7 @@ is an outside ``nn.Module``: ``repulsor.evaluate`` on it must give exactly the n
 import ast
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -188,3 +189,18 @@ def test_export_cli_and_user_errors(runs, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(UserError):
         export_model(torch.nn.Linear(2, 2), from_dict(TINY), tmp_path / "linear")
+
+
+def test_readme_gives_every_suite_its_own_points(runs, tmp_path):
+    # An evaluation on fewer points must not be presented under another one's n and clean accuracy.
+    run = tmp_path / "run"
+    shutil.copytree(runs["ce"], run)
+    results = json.loads((run / "results.json").read_text())
+    name, first = next(iter(results["suites"].items()))
+    results["suites"]["small"] = dict(first, n=7, clean_accuracy=0.5, robust_accuracy=0.25)
+    results["n"], results["clean_accuracy"] = 7, 0.5  # the top level describes the last evaluation
+    (run / "results.json").write_text(json.dumps(results))
+    export_run(run, tmp_path / "out")
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert f"| {name} | {first['n']} | clean | {100 * first['clean_accuracy']:.2f}% |" in readme
+    assert "| small | 7 | clean | 50.00% |" in readme and "| small | 7 | **worst case**" in readme

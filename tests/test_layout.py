@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "repulsor"
 LAYERS = [
     ["repulsor.errors", "repulsor.version", "repulsor.formats", "repulsor.store.layout"],
     ["repulsor.store.files", "repulsor.runtime", "repulsor.evaluation.suites", "repulsor.attacks"],
-    ["repulsor.data", "repulsor.prototypes", "repulsor.evaluation.sanity", "repulsor.plots"],
+    ["repulsor.data", "repulsor.prototypes", "repulsor.evaluation.probes", "repulsor.evaluation.sanity", "repulsor.plots"],
     ["repulsor.models", "repulsor.training.methods"],
     ["repulsor.config"],  # checks names against the registries below it
     ["repulsor.store"],  # the run folder: lock, fingerprint, results, loading a run's model

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from repulsor.evaluation import sanity
-from repulsor.evaluation.sanity import (CHECK_POINTS, CHECKS, check_name, format_verdicts, gradient_agreement,
-    run_checks)
+from repulsor.evaluation.probes import CHECK_POINTS, gradient_agreement
+from repulsor.evaluation.sanity import CHECKS, check_name, format_verdicts, run_checks
 
 K = 4
 NAMES = [check_name(check) for check in CHECKS]
@@ -297,7 +297,7 @@ def test_more_iterations_warns_when_the_stronger_attack_leaves_more_points(monke
         assert settings["loss"] == "cw" and settings["steps"] == (10 if tag == "pgd-10" else 100)
         return torch.arange(len(y)) < robust
 
-    monkeypatch.setattr(sanity, "_still_correct", fake)
+    monkeypatch.setattr(sanity, "still_correct", fake)
     inp = sanity.CheckInput(model=None, x=torch.zeros(200, 1, 8, 8), y=torch.zeros(200, dtype=torch.long),
                             entries=[], eps=0.1, norm="linf", seed=0, device=torch.device("cpu"), batch_size=64)
     verdict = sanity.check_more_iterations(inp)

@@ -54,7 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "a user mistake prints one line and exits with status 2.")
     parser.add_argument("--version", action="version", version=f"repulsor {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_demo_parser, _train_parser, _evaluate_parser, _analyse_parser, _prototypes_parser, _compare_parser,
+                _report_parser, _export_parser):
+        add(sub)  # one function per command, in the order of --help
+    return parser
 
+
+def _demo_parser(sub) -> None:
     demo = sub.add_parser("demo", formatter_class=_formatter,
                           help="train a prototype model on the embedded digits data and evaluate it, weak and strong "
                                "attack side by side (under a minute)",
@@ -63,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     _add_common(demo, sets="the demo's config")
 
+
+def _train_parser(sub) -> None:
     train = sub.add_parser("train", formatter_class=_formatter, help="train a model from a TOML config",
                            epilog="examples:\n"
                                   "  repulsor train --config configs/mnist-prototype.toml --data-dir ../shared/data/mnist --out runs/mnist\n"
@@ -79,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to RUN/tensorboard")
     _add_common(train)
 
+
+def _evaluate_parser(sub) -> None:
     ev = sub.add_parser("evaluate", formatter_class=_formatter, help="clean and robust accuracy of a run",
                         epilog="examples:\n  repulsor evaluate runs/demo\n"
                                "  repulsor evaluate runs/mnist --suite standard --n 500 --eps 0.3\n"
@@ -94,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, help="examples per attack call (default: the run's eval.batch_size)")
     _add_common(ev, sets="the run's config for this command (eval.* and data folders)")
 
+
+def _analyse_parser(sub) -> None:
     an = sub.add_parser("analyse", formatter_class=_formatter,
                         help="the paper's analyses: robustness curve, adversarial confusion, neighbours, overlap",
                         epilog="examples:\n  repulsor analyse runs/demo\n"
@@ -102,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--other", help="a second run on the same data: overlap of misclassified adversarial examples")
     _add_common(an, sets="the run's config for this command (eval.* and data folders)")
 
+
+def _prototypes_parser(sub) -> None:
     proto = sub.add_parser("prototypes", formatter_class=_formatter, help="generate repulsive prototypes and print their separation",
                            epilog="example:\n  repulsor prototypes --classes 10 --dim 100 --metric linf --epochs 100 --lr 0.01 --seed 0 --out P.safetensors\n"
                                   "train with them:\n  repulsor train --set prototypes.file=P.safetensors --set prototypes.dim=100 --out runs/own-prototypes")
@@ -113,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     proto.add_argument("--seed", type=int, default=0)
     proto.add_argument("--out", help="safetensors file to write")
 
+
+def _compare_parser(sub) -> None:
     cmp = sub.add_parser("compare", formatter_class=_formatter,
                          help="train and evaluate several methods under one protocol; write the paper's tables",
                          epilog="examples:\n"
@@ -127,12 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--only", nargs="+", metavar="METHOD", help="train and evaluate only these runs now (methods or prototype-D<dim>)")
     _add_common(cmp, sets="the compare config's shared sections")
 
+
+def _report_parser(sub) -> None:
     report = sub.add_parser("report", formatter_class=_formatter,
                             help="write report.html (self-contained) and report.md for runs and comparison folders",
                             epilog="examples:\n  repulsor report runs/demo --out reports/demo\n"
                                    "  repulsor report runs/compare-mnist runs/mnist --out reports/mnist --n 200\n"
                                    "the figures attack the first --n test points of each run with PGD-20 (default:\n"
-                                   "each run's eval.n).")
+                                   "each run's eval.n), once: their data is kept in OUT/figures, so running the same\n"
+                                   "command again re-renders the report without loading the models.")
     report.add_argument("paths", nargs="+", metavar="RUN_OR_COMPARE_DIR",
                         help="run folders (config.toml) and comparison folders (comparison.json)")
     report.add_argument("--out", required=True, help="report folder to write (report.html, report.md, figures/)")
@@ -140,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip the nearest-neighbour grid (it loads the training split)")
     _add_common(report, sets="each run's config for this command (eval.* and data folders)")
 
+
+def _export_parser(sub) -> None:
     export = sub.add_parser("export", formatter_class=_formatter,
                             help="write a standalone model (model.py + model.safetensors) that does not need repulsor",
                             epilog="example:\n  repulsor export runs/demo --out exports/demo\n"
@@ -148,7 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
                                    "an existing export is never overwritten: choose a new --out.")
     export.add_argument("run", help="run folder written by repulsor train")
     export.add_argument("--out", required=True, help="folder to write model.py, model.safetensors and README.md into")
-    return parser
 
 
 def _fraction(text: str) -> float:

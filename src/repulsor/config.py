@@ -18,6 +18,7 @@ from pathlib import Path
 
 import tomli_w
 
+from .store.layout import CONFIG
 from .errors import UserError
 
 
@@ -404,7 +405,7 @@ def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
         if allowed is not None and key not in allowed:
             raise UserError(f"--set {text}: a trained run's {section}.{key} cannot change; when reading a run only"
                             " eval.* and data.data_dir / data.test_dir can be set")
-    return load_config(Path(run_dir) / "config.toml", overrides)
+    return load_config(Path(run_dir) / CONFIG, overrides)
 
 
 def resolve_paths(config: Config) -> Config:

@@ -19,6 +19,7 @@ from .config import apply_overrides, from_dict, load_config, resolve_paths, to_d
 from .errors import Interrupted, UserError
 from .evaluation.run import evaluate_run, suite_done
 from .evaluation.suites import suite_specs
+from .store import run as store
 from .training.loop import run_status, train
 
 DEMO_CONFIG = {
@@ -49,12 +50,10 @@ def run_demo(out: str | Path, *, overrides: list[str] = (), quiet: bool = False)
         ``{"out", "status", "results", "text"}``: what was done (``trained``, ``resumed`` or
         ``reused``), the run's ``results.json`` content, and the summary printed by the CLI.
     """
-    from .store.files import read_json
-
     cfg = demo_config(overrides)
     out = Path(out)
     status = run_status(out)
-    if status != "empty" and to_dict(load_config(out / "config.toml")) != to_dict(cfg):
+    if status != "empty" and to_dict(load_config(out / store.CONFIG)) != to_dict(cfg):
         raise UserError(f"{out} holds another run than this demo (its config.toml differs); choose another --out,"
                         f" or delete {out} to train the demo there")
     say = (lambda text: None) if quiet else (lambda text: print(f"[demo] {text}", flush=True))
@@ -71,8 +70,7 @@ def run_demo(out: str | Path, *, overrides: list[str] = (), quiet: bool = False)
             done = "trained"
     except Interrupted as error:
         raise Interrupted(f"{error}; or run repulsor demo --out {out} again") from None
-    results_path = out / "results.json"
-    results = read_json(results_path, "results file") if results_path.exists() else {}
+    results = store.read_results(out)
     for suite in DEMO_SUITES:
         # n as evaluated: eval.n, or the whole test split where that is smaller (the first suite says).
         n = min(cfg.eval.n, (results.get("suites", {}).get(DEMO_SUITES[0]) or {}).get("n", cfg.eval.n))

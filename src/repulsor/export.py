@@ -363,17 +363,16 @@ def _check_export_dir(out: Path) -> None:
 def export_run(run_dir, out_dir) -> dict:
     """Export the trained model of a run folder (see ``export_model``)."""
     from .config import load_config
-    from .store.run import load_model
+    from .store.layout import CONFIG
+    from .store.run import load_model, read_results
 
     run_dir, out = Path(run_dir), Path(out_dir)
     if out.exists() and out.resolve() == run_dir.resolve():
         raise UserError(f"--out {out} is the run folder itself; export into a new folder, e.g. {run_dir}/export")
     _check_export_dir(out)
     model = load_model(run_dir)
-    cfg = load_config(run_dir / "config.toml")
-    results = None
-    if (run_dir / "results.json").exists():
-        results = ckpt.read_json(run_dir / "results.json", "results file")
+    cfg = load_config(run_dir / CONFIG)
+    results = read_results(run_dir) or None
     return export_model(model, cfg, out, source=f"run {run_dir}", results=results)
 
 
@@ -384,7 +383,6 @@ def _readme(spec: dict, source: str, results: dict | None) -> str:
     c, h, w = spec["input_shape"]
     k = spec["num_classes"]
     tm = spec["threat_model"]
-    norm_aa = "Linf" if tm["norm"] == "linf" else "L2"
     if spec["head"] == "linear":
         out_text = "logits (a linear head)"
     else:
@@ -408,6 +406,17 @@ def _readme(spec: dict, source: str, results: dict | None) -> str:
         f"- classes in label order: {', '.join(map(str, spec['classes']))};",
         f"- the run's threat model: {tm['norm']}, eps = {format_eps(tm['eps'], tm['norm'])}.",
         "",
+    ]
+    return "\n".join(lines + _usage(spec) + _results(results))
+
+
+def _usage(spec: dict) -> list[str]:
+    """How to load the exported model and attack it with AutoAttack, torchattacks or repulsor."""
+    c, h, w = spec["input_shape"]
+    k = spec["num_classes"]
+    tm = spec["threat_model"]
+    norm_aa = "Linf" if tm["norm"] == "linf" else "L2"
+    lines = [
         "## Load",
         "",
         "```python",
@@ -467,17 +476,24 @@ def _readme(spec: dict, source: str, results: dict | None) -> str:
             "attacks the embedding (`model.embed(x)`) toward the nearest wrong prototype.",
             "",
         ]
-    if results:
-        lines += ["## The run's results", "",
-                  (f"On the first {results.get('n')} {results.get('dataset')} {results.get('split', 'test')} points "
-                   f"(code {results.get('code_version', '?')}):"), "",
-                  "| suite | attack | accuracy after |", "| --- | --- | --- |",
-                  f"| | clean | {100 * results['clean_accuracy']:.2f}% |"]
-        for entry in results.get("attacks", []):
+    return lines
+
+
+def _results(results: dict | None) -> list[str]:
+    """The run's evaluations, each suite with its own points, clean accuracy and code version."""
+    suites = (results or {}).get("suites") or {}
+    if not suites:
+        return []
+    lines = ["## The run's results", "",
+             f"On the {results.get('dataset')} {results.get('split', 'test')} split; each suite on its own first n "
+             "points:", "",
+             "| suite | n | attack | accuracy after |", "| --- | --- | --- | --- |"]
+    for name, res in suites.items():
+        lines.append(f"| {name} | {res.get('n')} | clean | {100 * res['clean_accuracy']:.2f}% |")
+        for entry in res.get("attacks", []):
             done = entry.get("status", "done") == "done"
             after = f"{100 * entry['accuracy']:.2f}%" if done else f"not applicable ({entry.get('reason', '')})"
-            lines.append(f"| {entry.get('suite', '')} | {entry['name']} | {after} |")
-        for name, acc in results.get("worst_case", {}).items():
-            lines.append(f"| {name} | **worst case** | **{100 * acc:.2f}%** |")
-        lines.append("")
-    return "\n".join(lines)
+            lines.append(f"| {name} | {res.get('n')} | {entry['name']} | {after} |")
+        lines.append(f"| {name} | {res.get('n')} | **worst case** (code {res.get('code_version', '?')}) | "
+                     f"**{100 * res['robust_accuracy']:.2f}%** |")
+    return lines + [""]

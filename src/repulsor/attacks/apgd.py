@@ -261,7 +261,7 @@ def _apgd_run(p: _Problem, start: torch.Tensor):
                 trace[k + 1 :] = trace[k]
                 break
         if k in marks and k < steps:
-            _checkpoint(s, p.rho, k - last_mark)
+            halve_at_checkpoint(s, p.rho, k - last_mark)
             last_mark = k
     out_x[s["idx"]], out_loss[s["idx"]] = s["x_best"], s["loss_best"]
     return out_x, out_loss, out_fooled, trace
@@ -293,7 +293,7 @@ def _apgd_step(p: _Problem, s: dict, *, first: bool, need_grad: bool):
     return loss, scores
 
 
-def _checkpoint(s, rho, span):
+def halve_at_checkpoint(s, rho, span):
     """At a checkpoint, halve the step where progress stalled and restart there from the best point.
 
     Condition 1: fewer than ``rho * span`` of the last ``span`` steps raised the loss.

@@ -14,7 +14,11 @@ fingerprint of the model weights.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from ..analyses import plot_metrics_over_epochs, read_metrics, robustness_curve
 from ..analyses.transfer import transfer_accuracy
@@ -37,9 +41,6 @@ CURVE_STEPS = 20
 CURVE_LOSS = "ce"
 #: Keys that do not change what a run computes, ignored when checking an existing run.
 _IGNORED_KEYS = {("train", "device")}
-
-
-# ------------------------------------------------------------------ running the comparison
 
 
 def _fingerprint(path: Path) -> str:
@@ -184,6 +185,46 @@ def _run_report(plan: ComparePlan, run: RunPlan, run_dir: Path, status: tuple, p
     }
 
 
+def _table4(job: CompareJob, models: dict, runs: dict, device) -> dict:
+    """Table 4: transfer from the ce model, with each target's accuracy recorded in its run."""
+    n = job.n()
+    transfer = _transfer(job.out, models, job.x[:n], job.y[:n], job.protocol, device=device, quiet=job.quiet,
+                         say=job.say)
+    for name, target in transfer.get("targets", {}).items():
+        runs[name]["transfer_accuracy"] = target["accuracy"]
+    if "source_accuracy" in transfer:
+        white_box = runs[TRANSFER_SOURCE]["pgd20_ce"]
+        transfer["white_box_pgd20_ce"] = white_box
+        transfer["matches_white_box"] = None if white_box is None else transfer["source_accuracy"] == white_box
+    return transfer
+
+
+def _comparison(job: CompareJob, runs: dict, transfer: dict | None, *, curves: dict, epochs: dict, folder) -> dict:
+    """The content of ``comparison.json``: the protocol, the config, every run's numbers, the figures' data."""
+    plan, n_test = job.plan, len(job.y)
+    return {
+        "protocol": {
+            "dataset": DATASETS[plan.base.data.name].name, "split": "test", "test_dir": str(folder or ""),
+            "n": job.n(), "suite_n": {s: job.n(s) for s in plan.suites}, "suites": list(plan.suites),
+            **job.protocol, "precision": "fp32",
+            "curve": {"eps": list(plan.curve_eps), "n": min(plan.curve_n, n_test), "steps": CURVE_STEPS,
+                      "loss": CURVE_LOSS} if plan.curve_n else None,
+            "transfer": None if transfer is None else {"source": TRANSFER_SOURCE, **transfer.get("attack", {})},
+            "code_version": code_version(),
+        },
+        "config": {"compare": plan.describe(), "shared": _shared_dict(plan.base), "method_overrides": plan.method_overrides},
+        "methods": list(plan.methods),
+        "runs": runs,
+        "table1": [{"dim": dim, "run": name, **{k: runs[name][k] for k in ("epochs", "clean_accuracy", "pgd20",
+                                                                          "pgd20_ce", "standard")}}
+                   for dim, name in plan.sweep],
+        "transfer": transfer,
+        "curves": curves,
+        "epochs": epochs,
+        "files": job.files,
+    }
+
+
 def protocol_keys(protocol: dict) -> dict:
     """The threat-model keys that a suite result in ``results.json`` must match."""
     return {k: protocol[k] for k in ("eps", "norm", "seed")}
@@ -206,9 +247,9 @@ def _select(plan: ComparePlan, only) -> list[RunPlan]:
     return [r for r in plan.runs if r.name in set(only)]
 
 
-def _train_and_evaluate(plan: ComparePlan, selected: list[RunPlan], out: Path, protocol: dict, n_test: int, *,
-                        quiet: bool, say) -> dict:
+def _train_and_evaluate(job: CompareJob, selected: list[RunPlan]) -> dict:
     """Train (or resume) each selected run and run its missing suites; returns ``{name: (status, error)}``."""
+    plan, out, protocol, n_test, quiet, say = job.plan, job.out, job.protocol, len(job.y), job.quiet, job.say
     status = {}
     for index, run in enumerate(selected, 1):
         say(f"[{index}/{len(selected)}] {run.name}")
@@ -231,9 +272,29 @@ def _train_and_evaluate(plan: ComparePlan, selected: list[RunPlan], out: Path, p
     return status
 
 
-def _curves(plan: ComparePlan, out: Path, runs: list[RunPlan], models: dict, x_all, y_all, protocol: dict, *,
-            device, files: dict, say) -> dict:
+@dataclass
+class CompareJob:
+    """One comparison being run: its plan, its folder, the shared threat model (``protocol``:
+    eps, norm, seed, batch size), all test points ``x``/``y``, and the files written so far."""
+
+    plan: ComparePlan
+    out: Path
+    protocol: dict
+    x: torch.Tensor
+    y: torch.Tensor
+    quiet: bool
+    say: Callable[[str], None]
+    files: dict = field(default_factory=dict)
+
+    def n(self, suite: str | None = None) -> int:
+        """The points a suite (None: the comparison's eval_n) is evaluated on."""
+        return min(self.plan.n_for(suite) if suite else self.plan.eval_n, len(self.y))
+
+
+def _curves(job: CompareJob, runs: list[RunPlan], models: dict, device) -> dict:
     """Figures 2-3: PGD-20 robustness curves of every method on the same points (cached per model)."""
+    plan, out, protocol, say = job.plan, job.out, job.protocol, job.say
+    x_all, y_all = job.x, job.y
     if not plan.curve_n or not runs:
         return {}
     n_curve = min(plan.curve_n, len(y_all))
@@ -251,12 +312,13 @@ def _curves(plan: ComparePlan, out: Path, runs: list[RunPlan], models: dict, x_a
         curves[run.name] = _cached(out / "cache" / f"curve-{run.name}.json", key, compute)
     written = plot_robustness_curves(curves, out / "robustness_curves.png", norm=protocol["norm"],
                                      title=f"PGD-{CURVE_STEPS} robustness curves ({plan.base.data.name})")
-    files["robustness_curves_png"], files["robustness_curves_json"] = written["png"], written["json"]
+    job.files["robustness_curves_png"], job.files["robustness_curves_json"] = written["png"], written["json"]
     return curves
 
 
-def _epochs(plan: ComparePlan, out: Path, runs: list[RunPlan], *, files: dict) -> dict:
+def _epochs(job: CompareJob, runs: list[RunPlan]) -> dict:
     """Figure 4: clean and robust validation accuracy over the epochs of every method."""
+    plan, out, files = job.plan, job.out, job.files
     metrics = {r.name: out / r.name / METRICS for r in runs if (out / r.name / METRICS).exists()}
     if not metrics:
         return {}
@@ -297,59 +359,20 @@ def compare(config, out_dir, *, quiet: bool = False, only=None, overrides: list[
     e = plan.base.eval
     protocol = {"eps": e.eps, "norm": e.norm, "seed": e.seed, "batch_size": e.batch_size}
     x_all, y_all, folder = evaluation_run.load_test_split(plan.base, None)
-    n_test = len(y_all)
+    job = CompareJob(plan, out, protocol, x_all, y_all, quiet, say,
+                     files={"comparison_json": str(out / COMPARISON), "tables_md": str(out / TABLES)})
 
-    status = _train_and_evaluate(plan, selected, out, protocol, n_test, quiet=quiet, say=say)
-    runs = {r.name: _run_report(plan, r, out / r.name, status[r.name], protocol, n_test) for r in plan.runs}
+    status = _train_and_evaluate(job, selected)
+    runs = {r.name: _run_report(plan, r, out / r.name, status[r.name], protocol, len(y_all)) for r in plan.runs}
     finished = [r for r in plan.runs if (out / r.name / MODEL).exists()]
     device = resolve_device(plan.base.train.device)
     models = {r.name: store.load_model(out / r.name, device=device) for r in finished}
-    n_eval = min(plan.eval_n, n_test)
-
-    # Table 4: transfer from the ce model.
-    transfer = None
-    if plan.transfer:
-        transfer = _transfer(out, models, x_all[:n_eval], y_all[:n_eval], protocol, device=device, quiet=quiet, say=say)
-        for name, target in transfer.get("targets", {}).items():
-            runs[name]["transfer_accuracy"] = target["accuracy"]
-        if "source_accuracy" in transfer:
-            white_box = runs[TRANSFER_SOURCE]["pgd20_ce"]
-            transfer["white_box_pgd20_ce"] = white_box
-            transfer["matches_white_box"] = None if white_box is None else transfer["source_accuracy"] == white_box
-
-    files = {"comparison_json": str(out / COMPARISON), "tables_md": str(out / TABLES)}
+    transfer = _table4(job, models, runs, device) if plan.transfer else None
     method_runs = [r for r in finished if r.name in plan.methods]
-    curves = _curves(plan, out, method_runs, models, x_all, y_all, protocol, device=device, files=files, say=say)
-    epochs = _epochs(plan, out, method_runs, files=files)
-
-    info = DATASETS[plan.base.data.name]
-    report = {
-        "protocol": {
-            "dataset": info.name, "split": "test", "test_dir": str(folder or ""), "n": n_eval,
-            "suite_n": {s: min(plan.n_for(s), n_test) for s in plan.suites}, "suites": list(plan.suites),
-            **protocol, "precision": "fp32",
-            "curve": {"eps": list(plan.curve_eps), "n": min(plan.curve_n, n_test), "steps": CURVE_STEPS,
-                      "loss": CURVE_LOSS} if plan.curve_n else None,
-            "transfer": None if transfer is None else {"source": TRANSFER_SOURCE, **transfer.get("attack", {})},
-            "code_version": code_version(),
-        },
-        "config": {"compare": plan.describe(), "shared": _shared_dict(plan.base), "method_overrides": plan.method_overrides},
-        "methods": list(plan.methods),
-        "runs": runs,
-        "table1": [{"dim": dim, "run": name, **{k: runs[name][k] for k in ("epochs", "clean_accuracy", "pgd20",
-                                                                          "pgd20_ce", "standard")}}
-                   for dim, name in plan.sweep],
-        "transfer": transfer,
-        "curves": curves,
-        "epochs": epochs,
-        "files": files,
-    }
+    report = _comparison(job, runs, transfer, curves=_curves(job, method_runs, models, device),
+                         epochs=_epochs(job, method_runs), folder=folder)
     ckpt.atomic_write_text(out / TABLES, format_tables(report))
     ckpt.atomic_write_json(out / COMPARISON, report)
     say(f"wrote {out / COMPARISON} and {out / TABLES}")
     return report
-
-
-# ------------------------------------------------------------------ the tables
-
 

@@ -22,7 +22,7 @@ from ..attacks import (GRADIENT_ATTACKS, attack_survivors, batched, correct_ever
 from ..errors import UserError
 from ..runtime import derive_seed
 from ..store import files as ckpt
-from . import sanity
+from . import probes, sanity
 from .suites import TRANSFER, AttackSpec, specs_for
 
 
@@ -76,14 +76,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite:
         with checks, ``sanity`` (a list of verdicts).
     """
     specs = specs_for(suite, model)
-    geometry(norm)
-    if not 0 <= eps <= 1:
-        hint = f"for {eps:g} grey levels write {eps:g}/255, not {eps:g}" if eps > 1 else "give a size in [0, 1], e.g. 8/255"
-        raise UserError(f"eps = {eps:g} is outside [0, 1] (images are in [0, 1]): {hint}")
-    if x.dim() != 4 or len(x) != len(y):
-        raise UserError(f"expected images [N, C, H, W] and labels [N]; got {tuple(x.shape)} and {tuple(y.shape)}")
-    if votes is not None and (isinstance(votes, bool) or not isinstance(votes, int) or votes < 1):
-        raise UserError(f"votes must be a whole number >= 1; got {votes!r}")
+    _check_arguments(x, y, eps=eps, norm=norm, votes=votes)
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     device = torch.device(device)
@@ -95,9 +88,9 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite:
         stack.enter_context(evaluating(model))
         if surrogate is not None:
             stack.enter_context(evaluating(surrogate))
-        randomised = len(y) > 0 and sanity.is_randomised(model, x, device=device, batch_size=batch_size)
+        randomised = len(y) > 0 and probes.is_randomised(model, x, device=device, batch_size=batch_size)
         votes = votes or (RANDOMISED_VOTES if randomised else 1)
-        gradient = len(y) == 0 or sanity.has_input_gradient(model, x, y, device=device)
+        gradient = len(y) == 0 or probes.has_input_gradient(model, x, y, device=device)
         if surrogate is not None:
             specs.append(TRANSFER)
         elif not gradient:
@@ -106,13 +99,9 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite:
                          device=device) if len(y) else torch.zeros(0, dtype=torch.bool)
         clean_accuracy = robust.sum().item() / len(y) if len(y) else 0.0
         x_worst = x.clone().cpu()
-        entries, done = [], 0
         key = _state_key(suite, len(x), eps, norm, seed, transfer=surrogate is not None)
-        if state_path is not None and Path(state_path).exists():
-            tensors, meta = ckpt.load_tensors(state_path, "evaluation state")
-            if meta.get("key") == key:
-                robust, x_worst, entries = tensors["robust"].bool(), tensors["x_worst"], meta["entries"]
-                done = len(entries)
+        robust, x_worst, entries = _restore(state_path, key, robust, x_worst)
+        done = len(entries)
         cascade = Cascade(model, x, y, x_worst, robust, eps=eps, norm=norm, batch_size=batch_size, device=device,
                           quiet=quiet, votes=votes, surrogate=surrogate)
         for index, spec in enumerate(specs):
@@ -134,6 +123,29 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite:
                                                  device=device, batch_size=batch_size, quiet=quiet, votes=votes)
     result["x_adv"] = x_worst  # popped by callers that write files; handy for analyses
     return result
+
+
+def _check_arguments(x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str, votes) -> None:
+    """Refuse, in one line each, an unknown norm, an eps outside [0, 1], images and labels that do
+    not pair up, and a number of votes that is not a whole number >= 1."""
+    geometry(norm)
+    if not 0 <= eps <= 1:
+        hint = f"for {eps:g} grey levels write {eps:g}/255, not {eps:g}" if eps > 1 else "give a size in [0, 1], e.g. 8/255"
+        raise UserError(f"eps = {eps:g} is outside [0, 1] (images are in [0, 1]): {hint}")
+    if x.dim() != 4 or len(x) != len(y):
+        raise UserError(f"expected images [N, C, H, W] and labels [N]; got {tuple(x.shape)} and {tuple(y.shape)}")
+    if votes is not None and (isinstance(votes, bool) or not isinstance(votes, int) or votes < 1):
+        raise UserError(f"votes must be a whole number >= 1; got {votes!r}")
+
+
+def _restore(state_path, key: str, robust: torch.Tensor, x_worst: torch.Tensor):
+    """The cascade's state saved under ``key`` in ``state_path`` (``robust``, ``x_worst`` and the
+    entries of the attacks already run), or the given fresh state with no entries."""
+    if state_path is not None and Path(state_path).exists():
+        tensors, meta = ckpt.load_tensors(state_path, "evaluation state")
+        if meta.get("key") == key:
+            return tensors["robust"].bool(), tensors["x_worst"], meta["entries"]
+    return robust, x_worst, []
 
 
 def _state_key(suite: str, n: int, eps: float, norm: str, seed: int, *, transfer: bool = False) -> str:

@@ -32,13 +32,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attacks import GRADIENT_ATTACKS, LOSSES, attack_survivors, evaluating, pgd
+from ..attacks import GRADIENT_ATTACKS, attack_survivors, evaluating, pgd
 from ..runtime import derive_seed
+from .probes import (CHECK_POINTS, autocast_dtype, gradient_agreement, has_input_gradient,
+                     input_gradients, score_spread, useless_gradients)
 
-CHECK_POINTS = 200  # the checks run on the first 200 points: cheap beside the cascade
 TOLERANCE = 0.01  # one percent of the checked points (or one point, if that is more)
 MIN_COSINE = 0.5  # median cosine between fp32 and autocast input gradients
-DETERMINISM_RTOL = 1e-6  # of the largest score: allows non-deterministic GPU reductions
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def _eps_text(eps: float) -> str:
 # ------------------------------------------------------------------ helpers
 
 
-def _still_correct(inp: CheckInput, x: torch.Tensor, y: torch.Tensor, *, tag: str, loss: str, eps: float,
+def still_correct(inp: CheckInput, x: torch.Tensor, y: torch.Tensor, *, tag: str, loss: str, eps: float,
                    alpha: float, steps: int, restarts: int, random_start: bool) -> torch.Tensor:
     """Which of the points ``x`` [m, C, H, W], ``y`` [m] (CPU) PGD fails to fool.
 
@@ -112,92 +112,6 @@ def _still_correct(inp: CheckInput, x: torch.Tensor, y: torch.Tensor, *, tag: st
         random_start=random_start, eot=inp.eot, seed=derive_seed(inp.seed, "sanity", tag, start)),
         x, y, correct, batch_size=inp.batch_size, device=inp.device, votes=inp.votes)
     return correct
-
-
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The low-precision dtype training would autocast to on ``device`` (None: no autocast)."""
-    if device.type == "cpu":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.float16  # fp16 is what underflows; bf16 shares fp32's exponent range
-    return None
-
-
-def input_gradients(model, x: torch.Tensor, y: torch.Tensor, loss: str, *, device, batch_size: int,
-                    autocast_dtype: torch.dtype | None = None, eot: int = 1) -> torch.Tensor:
-    """Per-example input gradients of an attack loss, as the attacks would see them.
-
-    Args:
-        model: maps images [N, C, H, W] in [0, 1] to class scores [N, k]; not modified.
-        x: images [N, C, H, W] (any device); y: labels [N].
-        loss: a key of ``repulsor.attacks.LOSSES`` (``"ce"``, ``"cw"``...).
-        device: where to compute; batch_size: examples per forward/backward pass.
-        autocast_dtype: run the forward pass under ``torch.autocast`` with this dtype, or
-            None for plain fp32.
-        eot: gradient samples averaged per example (for a randomised model), default 1.
-
-    Returns:
-        float32 tensor [N, C*H*W] on the CPU. A loss that does not depend on the input
-        through autograd (``.detach()`` or ``no_grad`` inside the model) gives zeros: to an
-        attacker that is exactly a zero gradient.
-    """
-    loss_fn = LOSSES[loss]
-    out = []
-    for start in range(0, len(x), batch_size):
-        xb = x[start : start + batch_size].to(device).detach().requires_grad_(True)
-        yb = y[start : start + batch_size].to(device)
-        total = torch.zeros_like(xb)
-        for _ in range(eot):
-            with torch.enable_grad():
-                if autocast_dtype is None:
-                    values, _ = loss_fn(model, xb, yb)
-                else:
-                    with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype):
-                        values, _ = loss_fn(model, xb, yb)
-                grad = None
-                if values.requires_grad:
-                    (grad,) = torch.autograd.grad(values.float().sum(), xb, allow_unused=True)
-            if grad is not None:
-                total += grad.detach().float()
-        out.append((total / eot).flatten(1).cpu())
-    return torch.cat(out) if out else torch.empty(0, x[0].numel() if len(x) else 0)
-
-
-def useless_gradients(grads: torch.Tensor) -> torch.Tensor:
-    """Bool [N]: rows of ``grads`` [N, D] that are exactly zero everywhere or not finite.
-
-    A non-finite gradient gives an attacker no direction either, so it counts with the zeros.
-    """
-    if grads.numel() == 0:
-        return torch.zeros(grads.shape[0], dtype=torch.bool)
-    return (grads.abs().amax(dim=1) == 0) | ~torch.isfinite(grads).all(dim=1)
-
-
-def gradient_agreement(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float, float]:
-    """How well low-precision input gradients agree with fp32 ones.
-
-    Args:
-        reference: fp32 gradients [N, D]; other: gradients under autocast [N, D].
-
-    Returns:
-        ``(median_cosine, zero_reference, zero_other)``: the median over examples of the
-        cosine similarity of the two gradients (1 when both are zero, since they then
-        agree; 0 when only one is zero or either is non-finite), and the fraction of
-        examples whose gradient is useless (all zero or non-finite) in each.
-    """
-    if reference.shape != other.shape:
-        raise ValueError(f"gradient shapes differ: {tuple(reference.shape)} and {tuple(other.shape)}")
-    if reference.shape[0] == 0:
-        return 1.0, 0.0, 0.0
-    ref, oth = reference.double(), other.double()
-    bad_ref, bad_oth = useless_gradients(reference), useless_gradients(other)
-    ref, oth = torch.nan_to_num(ref), torch.nan_to_num(oth)
-    # float64, so that gradients of about 1e-30 (still usable by a sign step) do not make
-    # their squared norms underflow to zero.
-    cosine = torch.nn.functional.cosine_similarity(ref, oth, dim=1, eps=1e-300)
-    cosine = torch.where(bad_ref | bad_oth, torch.zeros_like(cosine), cosine)
-    cosine = torch.where(bad_ref & bad_oth, torch.ones_like(cosine), cosine)
-    return (cosine.median().item(), bad_ref.double().mean().item(), bad_oth.double().mean().item())
 
 
 # ------------------------------------------------------------------- checks
@@ -221,13 +135,13 @@ def check_unbounded(inp: CheckInput) -> dict:
     # Step eps/20: 100 steps cross the box five times, yet fine enough to settle in narrow
     # regions of another class.
     settings = dict(eps=eps, alpha=eps / 20, steps=100, restarts=1, random_start=False)
-    correct = _still_correct(inp, inp.x, inp.y, tag=name, loss="cw", **settings)
+    correct = still_correct(inp, inp.x, inp.y, tag=name, loss="cw", **settings)
     # Cross-entropy on the survivors: a margin loss can be locally flat where cross-entropy
     # is not (negative L-inf distance heads), and that weakness is zero_gradients' to report;
     # this check asks whether gradient attacks can move the model's decisions at all.
     if correct.any():
         index = correct.nonzero().squeeze(1)
-        correct[index] = _still_correct(inp, inp.x[index], inp.y[index], tag=name + "-ce", loss="ce", **settings)
+        correct[index] = still_correct(inp, inp.x[index], inp.y[index], tag=name + "-ce", loss="ce", **settings)
     accuracy = correct.double().mean().item()
     ok = accuracy <= TOLERANCE
     return _verdict(
@@ -251,8 +165,8 @@ def check_more_iterations(inp: CheckInput) -> dict:
     if inp.eps == 0:
         return _skipped(name, "eps = 0 leaves the attacks nothing to do")
     common = dict(loss="cw", eps=inp.eps, random_start=True)
-    fewer = _still_correct(inp, inp.x, inp.y, tag="pgd-10", alpha=inp.eps / 4, steps=10, restarts=1, **common)
-    more = _still_correct(inp, inp.x, inp.y, tag="pgd-100x3", alpha=inp.eps / 10, steps=100, restarts=3, **common)
+    fewer = still_correct(inp, inp.x, inp.y, tag="pgd-10", alpha=inp.eps / 4, steps=10, restarts=1, **common)
+    more = still_correct(inp, inp.x, inp.y, tag="pgd-100x3", alpha=inp.eps / 10, steps=100, restarts=3, **common)
     fewer, more = fewer.double().mean().item(), more.double().mean().item()
     rise = more - fewer
     tolerance = inp.tolerance
@@ -383,7 +297,7 @@ def check_autocast_agreement(inp: CheckInput) -> dict:
     name = "autocast_agreement"
     if inp.n == 0:
         return _skipped(name, "no points to check")
-    dtype = _autocast_dtype(inp.device)
+    dtype = autocast_dtype(inp.device)
     if dtype is None:
         return _skipped(name, f"no autocast dtype is known for device {inp.device.type}")
     common = dict(device=inp.device, batch_size=inp.batch_size, eot=inp.eot)
@@ -400,44 +314,6 @@ def check_autocast_agreement(inp: CheckInput) -> dict:
         f"{100 * tolerance:.1f} points more)",
         cosine,
     )
-
-
-def score_spread(model, x: torch.Tensor, *, device, batch_size: int) -> tuple[float, float]:
-    """``(largest difference, tolerance)`` between two forward passes on the images ``x``.
-
-    The tolerance is 1e-6 times the largest absolute score (room for non-deterministic GPU
-    reductions); a model whose difference exceeds it draws randomness at every pass. Scores
-    that are NaN in both passes count as equal.
-    """
-    largest_diff, largest_score = 0.0, 0.0
-    with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            xb = x[start : start + batch_size].to(device)
-            first, second = model(xb).float(), model(xb).float()
-            diff = (first - second).abs()
-            diff = torch.where(torch.isnan(first) & torch.isnan(second), torch.zeros_like(diff), diff)
-            largest_diff = max(largest_diff, float(torch.nan_to_num(diff, nan=math.inf).max()))
-            finite = first[torch.isfinite(first)]
-            if finite.numel():
-                largest_score = max(largest_score, float(finite.abs().max()))
-    return largest_diff, DETERMINISM_RTOL * largest_score
-
-
-def is_randomised(model, x: torch.Tensor, *, device, batch_size: int) -> bool:
-    """Whether two forward passes on the first ``CHECK_POINTS`` images of ``x`` differ."""
-    largest_diff, tolerance = score_spread(model, x[:CHECK_POINTS], device=device, batch_size=batch_size)
-    return largest_diff > tolerance
-
-
-def has_input_gradient(model, x: torch.Tensor, y: torch.Tensor, *, device) -> bool:
-    """Whether the model's scores reach its input through autograd (a few points suffice).
-
-    False for a model with a non-differentiable step (``(x > 0.5).float()``, a ``no_grad``
-    preprocessor, ``.detach()``): no gradient attack can run on it without ``bpda``.
-    """
-    xb = x[:8].to(device).detach().requires_grad_(True)
-    with torch.enable_grad():
-        return bool(model(xb).requires_grad)
 
 
 def _eot_samples(entries: list) -> int:

@@ -12,7 +12,7 @@ after warm-up iterations. Peak memory is measured in a fresh subprocess per meas
 What is compared (see bench/README.md for why):
   1. a prototype training step vs a cross-entropy step on the same ResNet-18 (width 0.25),
      CIFAR-shaped random batch of 128, bf16 autocast + channels_last, through
-     repulsor.methods.METHODS[...].loss with a TrainContext and an SGD step (target <= 1.05x);
+     repulsor.training.methods.METHODS[...].loss with a TrainContext and an SGD step (target <= 1.05x);
   2. N prototype steps vs N PGD-10 adversarial-training steps (target >= 8x cheaper);
   3. our PGD-20 and APGD-CE vs torchattacks' PGD and APGD on the same model, batch, eps and
      steps: time ratio (target >= 1.0x) and accuracy after the attack; and, as an
@@ -55,7 +55,7 @@ from repulsor.training.methods import METHODS, TrainContext
 from repulsor.models import build_for_method, build_model, fit_to_data, head_distance
 from repulsor.prototypes import generate_prototypes
 from repulsor.runtime import autocast, precision_name, resolve_precision
-from repulsor.training.loop import make_optimizer
+from repulsor.training.schedule import make_optimizer
 
 CPU = torch.device("cpu")
 EPS_CIFAR, ALPHA_CIFAR = 8 / 255, 2 / 255

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from repulsor import data
+from repulsor.data import download, load
 from repulsor.data import DATASETS, SPLITS, augment, default_augmentation, load_dataset
 from repulsor.errors import UserError
 
@@ -132,10 +132,10 @@ def test_bad_val_size_is_a_user_error(bad):
 
 
 def test_default_val_size():
-    assert data._val_count(None, 60000) == 1000
-    assert data._val_count(None, 10000) == 1000
-    assert data._val_count(None, 5000) == 500
-    assert data._val_count(0.2, 50) == 10 and data._val_count(7, 50) == 7
+    assert load.val_count(None, 60000) == 1000
+    assert load.val_count(None, 10000) == 1000
+    assert load.val_count(None, 5000) == 500
+    assert load.val_count(0.2, 50) == 10 and load.val_count(7, 50) == 7
 
 
 # ----------------------------------------------------------------------------- npz
@@ -165,11 +165,11 @@ def test_npz_shards_concatenated_in_order_and_decoded_once(tmp_path):
     x, y = _images(30, 32, 32, 3), _labels(30)
     for i, (a, b) in enumerate([(0, 10), (10, 25), (25, 30)]):
         np.savez_compressed(tmp_path / f"train-{i:02d}.npz", x=x[a:b], y=y[a:b])
-    before = data._decode_cached.cache_info()
+    before = load.decode_cached.cache_info()
     got_x, got_y = load_dataset("cifar10", "train_full", data_dir=tmp_path)
     load_dataset("cifar10", "train", data_dir=tmp_path)
     load_dataset("cifar10", "val", data_dir=tmp_path)
-    after = data._decode_cached.cache_info()
+    after = load.decode_cached.cache_info()
     assert torch.equal(got_x, _exact(x)) and torch.equal(got_y, torch.from_numpy(y))
     assert after.misses - before.misses == 1 and after.hits - before.hits == 2
     got_x[:] = 0  # the caller owns its tensors: the cache must be unaffected
@@ -411,7 +411,7 @@ def test_download_md5_mismatch_leaves_nothing(tmp_path, monkeypatch):
     fake = tmp_path / "fake.tar.gz"
     fake.write_bytes(b"not the real archive")
     calls = []
-    monkeypatch.setattr(data, "_fetch", _fake_fetch(fake, calls))
+    monkeypatch.setattr(download, "fetch", _fake_fetch(fake, calls))
     target = tmp_path / "cifar"
     with pytest.raises(UserError, match="md5") as err:
         load_dataset("cifar10", "test", data_dir=target, download=True)
@@ -425,8 +425,8 @@ def test_download_verified_then_loaded(tmp_path, monkeypatch):
     fake = tmp_path / "fake.tar.gz"
     with tarfile.open(fake, "w:gz") as tar:
         _tar_add(tar, "cifar-10-batches-py/test_batch", pickle.dumps(batch, protocol=2))
-    good = data._md5(fake)
-    monkeypatch.setitem(data._DOWNLOADS, "cifar10", [data._Remote("cifar-10-python.tar.gz", good, ("http://a/", "http://b/"))])
+    good = download.md5(fake)
+    monkeypatch.setitem(download.DOWNLOADS, "cifar10", [download.Remote("cifar-10-python.tar.gz", good, ("http://a/", "http://b/"))])
     calls = []
     fetch = _fake_fetch(fake, calls)
 
@@ -435,7 +435,7 @@ def test_download_verified_then_loaded(tmp_path, monkeypatch):
             raise OSError("connection refused")
         fetch(url, dest)
 
-    monkeypatch.setattr(data, "_fetch", flaky)
+    monkeypatch.setattr(download, "fetch", flaky)
     target = tmp_path / "cifar"
     got_x, got_y = load_dataset("cifar10", "test", data_dir=target, download=True)
     assert torch.equal(got_x, _exact(xt)) and got_y.tolist() == yt.tolist()
@@ -449,7 +449,7 @@ def test_download_network_failure_is_a_user_error(tmp_path, monkeypatch):
     def down(url, dest, **kwargs):
         raise OSError("no route to host")
 
-    monkeypatch.setattr(data, "_fetch", down)
+    monkeypatch.setattr(download, "fetch", down)
     with pytest.raises(UserError, match="could not download train-images-idx3-ubyte.gz.*no route"):
         load_dataset("mnist", "train", data_dir=tmp_path / "m", download=True)
     assert list((tmp_path / "m").iterdir()) == []

@@ -6,7 +6,7 @@ from repulsor import cli
 from repulsor.config import to_dict
 from repulsor.demo import DEMO_SUITES, demo_config, run_demo
 from repulsor.errors import UserError
-from repulsor.training.loop import run_status
+from repulsor.training.folder import run_status
 
 # A short demo: two epochs, and an eps at which APGD-CE fools every point, so that the cascade's
 # later attacks (Square's 5000 queries) have nothing left to attack.

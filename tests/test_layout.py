@@ -132,3 +132,35 @@ def test_no_module_shares_its_name_with_a_public_function_of_the_package():
 
     clashes = [name for name in repulsor.__all__ if (SRC / f"{name}.py").exists() or (SRC / name).is_dir()]
     assert not clashes, f"repulsor.{clashes[0]} is both a module and a function"
+
+
+def _module_names(tree: ast.AST, modules: dict) -> set[str]:
+    """Local names a test file binds to modules of repulsor (``from repulsor import data``...)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "repulsor":
+            names |= {alias.asname or alias.name for alias in node.names if f"{node.module}.{alias.name}" in modules}
+        elif isinstance(node, ast.Import):
+            names |= {alias.asname for alias in node.names if alias.asname and alias.name in modules}
+    return names
+
+
+def test_tests_reach_public_names_only():
+    # A test that reaches a private name (a leading underscore) of repulsor pins an implementation
+    # detail; whatever a test needs is public in the module that owns it.
+    modules, found = _modules(), []
+    for path in sorted(SRC.parents[1].joinpath("tests").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        bound = _module_names(tree, modules)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "repulsor":
+                found += [f"{path.name}: from {node.module} import {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound
+                  and node.attr.startswith("_") and not node.attr.startswith("__")):
+                found.append(f"{path.name}:{node.lineno}: {node.value.id}.{node.attr}")
+            elif (isinstance(node, ast.Call) and ast.unparse(node.func).endswith(("setattr", "setitem")) and len(node.args) >= 2
+                  and isinstance(node.args[0], ast.Name) and node.args[0].id in bound
+                  and isinstance(node.args[1], ast.Constant) and str(node.args[1].value).startswith("_")):
+                found.append(f"{path.name}:{node.lineno}: monkeypatch of {node.args[0].id}.{node.args[1].value}")
+    assert not found, "\n".join(found)

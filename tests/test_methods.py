@@ -6,8 +6,9 @@ import torch
 
 from repulsor.data import DATASETS
 from repulsor.errors import UserError
-from repulsor.training.methods import METHODS, TrainContext, conformity_loss, mmc_centres, prototype_objective
+from repulsor.training.methods import METHODS, TrainContext, conformity_loss, prototype_objective
 from repulsor.models import PrototypeClassifier, build_for_method
+from repulsor.prototypes import mmc_centres
 from repulsor.training.loop import resolve_prototypes
 
 from test_train import tiny

@@ -12,7 +12,9 @@ from repulsor.errors import UserError
 from repulsor.evaluation.run import load_test_split
 from repulsor.training.methods import METHODS
 from repulsor.models import build_for_method
-from repulsor.training.loop import catastrophic_overfitting, lr_at, train
+from repulsor.training.loop import train
+from repulsor.training.schedule import lr_at
+from repulsor.training.validation import catastrophic_overfitting
 
 from conftest import TINY as BASE
 
@@ -164,7 +166,7 @@ def test_warmup_moves_the_cyclic_peak():
 
 
 def test_bias_groups_train_at_their_scale():
-    from repulsor.training.loop import make_optimizer
+    from repulsor.training.schedule import make_optimizer
 
     model = build_for_method(tiny(), METHODS["ce"], None)
     plain = make_optimizer(model, tiny().train)
@@ -178,7 +180,7 @@ def test_bias_groups_train_at_their_scale():
 
 
 def test_lookahead_pulls_towards_the_slow_weights():
-    from repulsor.training.loop import Lookahead
+    from repulsor.training.schedule import Lookahead
 
     model = torch.nn.Linear(3, 2)
     start = {k: v.clone() for k, v in model.state_dict().items()}

@@ -20,7 +20,8 @@ from .errors import Interrupted, UserError
 from .evaluation.run import evaluate_run, suite_done
 from .evaluation.suites import suite_specs
 from .store import run as store
-from .training.loop import run_status, train
+from .training.folder import run_status
+from .training.loop import train
 
 DEMO_CONFIG = {
     "data": {"name": "digits"},

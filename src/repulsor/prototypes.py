@@ -13,6 +13,8 @@ nearly collinear prototypes for k=100, D=500), so every metric here lives on a b
 
 Nearest-neighbour objectives raise the *smallest* separation, which is what bounds the margin
 between classes; a mean of all distances can grow while two prototypes stay close.
+
+MMC's prototypes are not searched for: ``mmc_centres`` places them as a regular simplex.
 """
 
 from __future__ import annotations
@@ -145,6 +147,16 @@ def generate_prototypes(num_classes: int, dim: int, *, metric: str = "linf", epo
             step_size = float(lr) * 0.5 * (1.0 + math.cos(math.pi * step / epochs))
             P = _project(P.detach() - step_size * velocity, metric)
     return best.detach().clone()
+
+
+def mmc_centres(num_classes: int, dim: int, scale: float = 10.0) -> torch.Tensor:
+    """Max-Mahalanobis centres: a regular simplex (pairwise cosine -1/(k-1)) scaled to norm ``scale``.
+
+    Returns [k, D] float32; needs D >= k (the simplex lives in the first k coordinates).
+    """
+    eye = torch.eye(num_classes, dim, dtype=torch.float64)
+    centred = eye - eye.mean(dim=0, keepdim=True)
+    return (scale * F.normalize(centred, dim=1)).float()
 
 
 def prototype_stats(P: torch.Tensor) -> dict[str, float]:

@@ -267,12 +267,3 @@ _register(Method("prototype_trades", prototype_trades_loss, head="prototype",
                  summary="prototype loss + beta * (1 - cos(f(x), f(x_adv))), TRADES-style",
                  options=("trades_beta",)))
 
-
-def mmc_centres(num_classes: int, dim: int, scale: float = 10.0) -> torch.Tensor:
-    """Max-Mahalanobis centres: a regular simplex (pairwise cosine -1/(k-1)) scaled to norm ``scale``.
-
-    Returns [k, D] float32; needs D >= k (the simplex lives in the first k coordinates).
-    """
-    eye = torch.eye(num_classes, dim, dtype=torch.float64)
-    centred = eye - eye.mean(dim=0, keepdim=True)
-    return (scale * F.normalize(centred, dim=1)).float()

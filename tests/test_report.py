@@ -284,3 +284,7 @@ def test_report_re_renders_from_its_figure_data_without_the_model(run, tmp_path,
     monkeypatch.undo()
     build_report([copy], out, n=40, neighbours=False)
     assert "Figures skipped" in (out / "report.md").read_text()
+    # Nor under another batch size (the attack's seeds derive from the batch) or other test data.
+    for override in ("eval.batch_size=7", f"data.test_dir={tmp_path}"):
+        build_report([copy], out, n=50, neighbours=False, overrides=[override])
+        assert "Figures skipped" in (out / "report.md").read_text(), override

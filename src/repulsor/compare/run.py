@@ -249,7 +249,7 @@ def _select(plan: ComparePlan, only) -> list[RunPlan]:
 
 def _train_and_evaluate(job: CompareJob, selected: list[RunPlan]) -> dict:
     """Train (or resume) each selected run and run its missing suites; returns ``{name: (status, error)}``."""
-    plan, out, protocol, n_test, quiet, say = job.plan, job.out, job.protocol, len(job.y), job.quiet, job.say
+    plan, out, protocol, quiet, say = job.plan, job.out, job.protocol, job.quiet, job.say
     status = {}
     for index, run in enumerate(selected, 1):
         say(f"[{index}/{len(selected)}] {run.name}")
@@ -258,7 +258,7 @@ def _train_and_evaluate(job: CompareJob, selected: list[RunPlan]) -> dict:
             continue
         results = store.read_results(out / run.name)
         for suite in plan.suites:
-            n = min(plan.n_for(suite), n_test)
+            n = job.n(suite)
             if evaluation_run.suite_done(results, suite, n, protocol_keys(protocol)):
                 continue
             say(f"{run.name}: evaluating suite {suite} on {n} test points")

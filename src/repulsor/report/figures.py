@@ -42,6 +42,8 @@ class Protocol:
     eps: float
     norm: str
     seed: int
+    batch_size: int  # the attack's seeds derive from the batch, so its numbers depend on it
+    test_data: str  # the folder the test points come from ("" for the data set's default)
     curve: bool  # compute a robustness curve (no RUN/analysis/ curve to copy)
     confusion: bool  # compute the confusion matrix (none in RUN/analysis/)
     neighbours: bool  # compute the neighbour grid (none in RUN/analysis/)
@@ -114,9 +116,8 @@ def compute(model, cfg, x: torch.Tensor, y: torch.Tensor, protocol: Protocol, *,
 
 def _grid(x, y, x_adv, clean_pred, adv_pred) -> dict:
     """The grid's points: those the attack fooled first, then the others, GRID_COLUMNS in all."""
-    fooled = ((clean_pred == y) & (adv_pred != y)).nonzero().squeeze(1)
-    others = torch.tensor([i for i in range(len(y)) if i not in set(fooled.tolist())], dtype=torch.long)
-    chosen = torch.cat([fooled, others])[:GRID_COLUMNS]
+    fooled = (clean_pred == y) & (adv_pred != y)
+    chosen = torch.cat([fooled.nonzero().squeeze(1), (~fooled).nonzero().squeeze(1)])[:GRID_COLUMNS]
     return {"grid.ids": chosen, "grid.x": x[chosen], "grid.x_adv": x_adv[chosen], "grid.y": y[chosen],
             "grid.clean_pred": clean_pred[chosen], "grid.adv_pred": adv_pred[chosen]}
 

@@ -219,7 +219,8 @@ def model_blocks(run_dir: Path, ctx: ReportContext, cfg, figdir: Path, label: st
     # A brief section (a comparison's method run) has no curve and no neighbour grid.
     shown = {"robustness_curve": not brief, "confusion": True, "neighbours": not brief and ctx.neighbours}
     copied = {name: copy_analysis(run_dir, name, figdir) if show else None for name, show in shown.items()}
-    protocol = figures.Protocol(n=n, eps=e.eps, norm=e.norm, seed=e.seed,
+    protocol = figures.Protocol(n=n, eps=e.eps, norm=e.norm, seed=e.seed, batch_size=e.batch_size,
+                                test_data=str(ctx.data_dir or cfg.data.test_dir or cfg.data.data_dir or ""),
                                 curve=shown["robustness_curve"] and copied["robustness_curve"] is None,
                                 confusion=copied["confusion"] is None,
                                 neighbours=shown["neighbours"] and copied["neighbours"] is None)

@@ -29,7 +29,7 @@ from ..training.methods import METHODS
 from ..models import build_for_method
 from ..prototypes import load_prototypes
 
-from .layout import BEST, CONFIG, LAST, LOCK, LOG, METRICS, MODEL, PROTOTYPES, RESULTS, TRAINING  # noqa: F401
+from .layout import CONFIG, LOCK, LOG, MODEL, PROTOTYPES, RESULTS, TRAINING  # CONFIG, LOCK, MODEL, RESULTS: also store.NAME
 
 # Settings that may differ between training and reading a run without changing its weights.
 _NOT_FINGERPRINTED = {"eval": None, "data": ("data_dir", "test_dir"), "prototypes": ("file",), "train": ("device",)}

@@ -38,14 +38,13 @@ from ..store import files as ckpt
 from ..store import run as store
 from ..store.layout import BEST, CONFIG, LAST, PROTOTYPES
 from .checkpoint import State, load_checkpoint, save_checkpoint
-from .folder import (append_metrics, check_run_dir, log, prepare_run_dir, rewrite_metrics, run_status, save_final,
+from .folder import (append_metrics, check_run_dir, log, prepare_run_dir, rewrite_metrics, save_final,
     save_run_prototypes, tensorboard_writer)
 from .methods import METHODS, Method, TrainContext
 from .schedule import Lookahead, lr_at, make_optimizer, set_lr
 from .validation import catastrophic_overfitting, validate
 
-# run_status lives in folder.py; named here too for the callers that still import it from this module.
-__all__ = ["Loop", "TrainingStopped", "end_epoch", "plan_text", "resolve_prototypes", "run_status", "train"]
+__all__ = ["Loop", "TrainingStopped", "end_epoch", "plan_text", "resolve_prototypes", "train"]
 
 
 class TrainingStopped(UserError):

@@ -52,8 +52,6 @@ SLOW = {
     # measured
     "tests/test_analysis.py::test_analyse_run_on_a_fake_run",
     "tests/test_analysis.py::test_analyse_run_on_a_real_tiny_run",
-    "tests/test_analysis.py::test_neighbour_grid_png[1]",
-    "tests/test_analysis.py::test_neighbour_grid_png[3]",
     "tests/test_analysis.py::test_robustness_curve_non_increasing_and_one_entry_per_eps",
     "tests/test_cli.py::test_analyse_prints_its_key_numbers",
     "tests/test_compare.py::test_a_missing_suite_is_rerun_alone",

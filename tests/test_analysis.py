@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from repulsor import analyses as analysis
-from repulsor.plots import curves, images, matrices
+from repulsor.plots import curves
 from repulsor.attacks import evaluating, pgd
 from repulsor.config import Config, to_toml
 from repulsor.errors import UserError
@@ -187,13 +187,6 @@ def test_adversarial_confusion_counts_only_clean_correct_points(tmp_path):
     assert [[int(v) for v in row[1:]] for row in rows[1:]] == expected.tolist()
 
 
-def test_confusion_plot_many_classes(tmp_path):
-    k = 100
-    matrix = analysis.confusion_matrix(torch.arange(300) % k, (torch.arange(300) * 7) % k, k)
-    written = matrices.plot_confusion(matrix, [f"c{i}" for i in range(k)], tmp_path / "big.png")
-    assert is_png(written["png"])
-
-
 # ------------------------------------------------------------------ overlap
 
 
@@ -304,23 +297,6 @@ def test_nearest_neighbours_pads_when_too_few_candidates(proto):
     idx, dist = analysis.nearest_training_neighbours(proto, x_train, y_train, x_train[:2], k=10)
     assert idx.shape == (2, 10)
     assert (idx[:, 4:] == -1).all() and torch.isinf(dist[:, 4:]).all()
-
-
-@pytest.mark.parametrize("channels", [1, 3])
-def test_neighbour_grid_png(tmp_path, channels):
-    shape = (channels, 8, 8)
-    x_train, y_train = synthetic(20, shape=shape)
-    x_query, y_query = synthetic(3, shape=shape, seed=4)
-    neighbours = torch.tensor([[0, 1, 2], [3, 4, -1], [5, 6, 7]])
-    written = images.neighbour_grid(x_query, y_query, (y_query + 1) % K, x_train, neighbours, ["a", "b", "c"],
-                                      tmp_path / "grid.png", y_train=y_train, distances=torch.rand(3, 3),
-                                      query_ids=[10, 11, 12])
-    assert is_png(written["png"])
-    rows = json.loads((tmp_path / "grid.json").read_text())["rows"]
-    assert [r["query"] for r in rows] == [10, 11, 12] and rows[1]["neighbours"] == [3, 4, -1]
-    empty = images.neighbour_grid(x_query[:0], y_query[:0], y_query[:0], x_train, torch.zeros(0, 3),
-                                    ["a", "b", "c"], tmp_path / "empty.png")
-    assert is_png(empty["png"], 500)
 
 
 # ------------------------------------------------------------------ metrics over epochs

@@ -132,7 +132,13 @@ def has_input_gradient(model, x: torch.Tensor, y: torch.Tensor, *, device) -> bo
 
     False for a model with a non-differentiable step (``(x > 0.5).float()``, a ``no_grad``
     preprocessor, ``.detach()``): no gradient attack can run on it without ``bpda``.
+    Asks autograd whether the scores reach ``x`` itself, not only the model's parameters, so
+    the answer does not depend on whether the parameters are frozen.
     """
     xb = x[:8].to(device).detach().requires_grad_(True)
     with torch.enable_grad():
-        return bool(model(xb).requires_grad)
+        scores = model(xb)
+        if not scores.requires_grad:
+            return False
+        (grad,) = torch.autograd.grad(scores.float().sum(), xb, allow_unused=True)
+    return grad is not None

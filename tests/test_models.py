@@ -220,3 +220,17 @@ def test_fit_to_data_fits_only_fresh_fast_cifar_networks():
     assert not fit_to_data(build_model(SimpleNamespace(name="mlp", width=0.125),
                                        SimpleNamespace(name="digits", num_classes=10, shape=(1, 8, 8),
                                                        mean=(0.3,), std=(0.4,))), torch.rand(4, 1, 8, 8))
+
+
+def test_fast_cifar_centres_its_pooled_features_for_every_head():
+    body = build_body("fast_cifar", in_channels=3, out_dim=10, width=0.125)
+    seen = {}
+    body.linear.register_forward_hook(lambda module, args, out: seen.update(features=args[0]))
+    x = torch.rand(16, 3, 32, 32)
+    body(x)
+    # GELU and a max-pool leave the features nearly all positive; the linear layer sees them centred.
+    assert seen["features"].mean(0).abs().max() < 1e-4
+    assert seen["features"].std(0).mean() > 0.5
+    assert body(x[:1]).shape == (1, 10)  # a last training batch of one image still runs
+    body.eval()
+    torch.testing.assert_close(body(x[:4]), body(x[:4]))

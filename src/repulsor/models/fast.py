@@ -95,8 +95,9 @@ class ConvGroup(nn.Module):
 
 class FastCIFAR(nn.Module):
     """Patch whitening, GELU, three ``ConvGroup`` of widths 64/256/256 (times ``width``), a
-    max-pool over the remaining grid, and a bias-free linear layer whose output is scaled by
-    1/9 (small initial logits).
+    max-pool over the remaining grid, a batch norm that centres the pooled features (no scale,
+    no shift; our addition to the published network, for prototype heads), and a bias-free
+    linear layer whose output is scaled by 1/9 (small initial logits).
 
     Args:
         in_channels: image channels C.
@@ -117,6 +118,11 @@ class FastCIFAR(nn.Module):
             groups.append(ConvGroup(cin, cout))
             cin = cout
         self.groups = nn.Sequential(*groups)
+        # The pooled features come out of GELU and a max-pool, so they are nearly all positive and
+        # share one large mean direction. A softmax head absorbs it (each logit gets a constant);
+        # a cosine head cannot, and every embedding starts close to one direction. A batch norm
+        # without scale or shift centres the features for every head alike.
+        self.pool_norm = nn.BatchNorm1d(cin, momentum=0.4, affine=False)
         self.linear = nn.Linear(cin, out_dim, bias=False)
         self.scale = 1 / 9
 
@@ -129,6 +135,11 @@ class FastCIFAR(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.groups(F.gelu(self.whiten(x)))
         x = torch.amax(x, dim=(2, 3))  # the max-pool over what is left of the image (3x3 at 32x32)
+        if self.training and len(x) == 1:  # one feature vector has no batch statistics: use the running ones
+            x = F.batch_norm(x, self.pool_norm.running_mean, self.pool_norm.running_var, training=False,
+                             eps=self.pool_norm.eps)
+        else:
+            x = self.pool_norm(x)
         return self.linear(x) * self.scale
 
 

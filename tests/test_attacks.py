@@ -505,3 +505,17 @@ def test_registry():
     with pytest.raises(UserError, match="unknown attack 'cw': choose one of fgsm, pgd, apgd, apgd_t"):
         get_attack("cw")
     assert set(LOSSES) == {"ce", "ce_targeted", "cw", "dlr", "dlr_targeted", "proto_margin", "proto_linf"}
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_random_starts_are_drawn_by_the_cpu_generator_whatever_the_device(norm):
+    # The draw happens on the CPU and moves to x's device, so that a seed gives the same start on
+    # a GPU as here (a CPU generator cannot draw on CUDA at all).
+    from repulsor.attacks.geometry import geometry
+    x = torch.rand(3, 1, 4, 4)
+    starts = [geometry(norm).random_start(x, 0.1, torch.Generator().manual_seed(5)) for _ in range(2)]
+    torch.testing.assert_close(starts[0], starts[1], rtol=0, atol=0)
+    if norm == "linf":
+        noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(5))
+        torch.testing.assert_close(starts[0], (x + (2 * noise - 1) * 0.1).clamp(0, 1), rtol=0, atol=0)
+    assert geometry(norm).norm(starts[0] - x).max() <= 0.1 + 1e-6

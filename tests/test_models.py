@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from repulsor.errors import UserError
 from repulsor.models import (DISTANCES, MODELS, Network, Normalize, PrototypeClassifier, build_body,
                              build_model)
+from repulsor.models.pcl import feature_taps
 
 # (name, input shape C,H,W, extra keyword arguments): tiny widths keep each case well under
 # a second on one thread.
@@ -234,3 +235,53 @@ def test_fast_cifar_centres_its_pooled_features_for_every_head():
     assert body(x[:1]).shape == (1, 10)  # a last training batch of one image still runs
     body.eval()
     torch.testing.assert_close(body(x[:4]), body(x[:4]))
+
+
+def test_fast_cifar_without_centred_features_is_the_published_network():
+    plain = build_body("fast_cifar", in_channels=3, out_dim=10, width=0.125, centre_features=False)
+    centred = build_body("fast_cifar", in_channels=3, out_dim=10, width=0.125)
+    assert plain.pool_norm is None and "pool_norm.running_mean" not in plain.state_dict()
+    assert {k for k in centred.state_dict() if not k.startswith("pool_norm.")} == set(plain.state_dict())
+    seen = {}
+    plain.linear.register_forward_hook(lambda module, args, out: seen.update(features=args[0]))
+    plain(torch.rand(16, 3, 32, 32))
+    assert seen["features"].mean() > 0.1  # GELU and max-pool features, uncentred
+    cfg = SimpleNamespace(name="fast_cifar", width=0.125, centre_features=False)
+    info = SimpleNamespace(shape=(3, 32, 32), num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3, name="cifar10")
+    assert build_model(cfg, info).body.pool_norm is None
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_cifar_batch_norm_is_a_shift_only_batch_norm(channels_last):
+    # Its scale is a tensor of ones, passed explicitly (CUDA's backward drops the shift's gradient
+    # when the scale is None); on the CPU that must be exactly the scale-free batch norm.
+    body = build_body("fast_cifar", in_channels=3, out_dim=10, width=0.125)
+    norm = body.groups[0].norm1
+    with torch.no_grad():
+        norm.bias.copy_(torch.linspace(-1, 1, norm.num_features))
+    x = torch.randn(8, norm.num_features, 6, 6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    mean, var = norm.running_mean.clone(), norm.running_var.clone()
+    out = norm(x)
+    ref_bias = norm.bias.detach().clone().requires_grad_(True)
+    ref = F.batch_norm(x, mean, var, None, ref_bias, True, 0.4, 1e-12)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    grad_x, grad_b = torch.autograd.grad(out.square().sum(), (x, norm.bias))
+    ref_x, ref_b = torch.autograd.grad(ref.square().sum(), (x, ref_bias))
+    torch.testing.assert_close(grad_x, ref_x, rtol=0, atol=0)
+    torch.testing.assert_close(grad_b, ref_b, rtol=0, atol=0)
+    torch.testing.assert_close(norm.running_mean, mean, rtol=0, atol=0)  # both updated the same way
+    assert int(norm.num_batches_tracked) == 1
+    assert "groups.0.norm1.weight" not in body.state_dict()
+
+
+def test_pcl_taps_every_fast_cifar_group_but_the_last():
+    cfg = SimpleNamespace(name="fast_cifar", width=0.125)
+    info = SimpleNamespace(shape=(3, 32, 32), num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3, name="cifar10")
+    model = build_model(cfg, info, pcl=True)
+    body = model.network.body
+    taps, last = feature_taps(body)
+    assert taps == list(body.groups)[:-1] and last is body.linear
+    assert model(torch.rand(4, 3, 32, 32)).shape == (4, 10)

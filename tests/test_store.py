@@ -150,3 +150,11 @@ def test_no_lock_is_left_after_training(runs):
     for run in runs:
         assert not (run / store.LOCK).exists()
         assert os.listdir(run)
+
+
+def test_a_setting_added_later_keeps_earlier_fingerprints_at_its_default():
+    earlier = {"model": {"name": "fast_cifar", "width": 1.0}, "train": {"lr": 0.1}}
+    now = {"model": {"name": "fast_cifar", "width": 1.0, "centre_features": True}, "train": {"lr": 0.1}}
+    changed = {"model": {"name": "fast_cifar", "width": 1.0, "centre_features": False}, "train": {"lr": 0.1}}
+    assert store.fingerprint(now, None) == store.fingerprint(earlier, None)
+    assert store.fingerprint(changed, None) != store.fingerprint(earlier, None)

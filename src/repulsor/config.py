@@ -40,6 +40,7 @@ class ModelConfig:
     width: float = 1.0
     depth: int = 34  # wrn only
     widen_factor: int = 10  # wrn only
+    centre_features: bool = True  # fast_cifar only: batch-normalise the pooled features (no scale, no shift)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ class Linf:
 
     def random_start(self, x: torch.Tensor, eps, generator: torch.Generator | None = None) -> torch.Tensor:
         """A point drawn uniformly from the eps-ball around ``x``, clipped to [0, 1]."""
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
         return (x + (2 * noise - 1) * _per_example(eps, x)).clamp(0, 1)
 
     def direction(self, grad: torch.Tensor) -> torch.Tensor:
@@ -66,11 +66,11 @@ class L2:
     def random_start(self, x: torch.Tensor, eps, generator: torch.Generator | None = None) -> torch.Tensor:
         """A point drawn uniformly from the eps-ball around ``x``, clipped to [0, 1]."""
         n = x.shape[0]
-        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        direction = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
         direction = direction / (_per_example(self.norm(direction), x) + _TINY)
         # Uniform in the ball: radius distributed as U^(1/d).
         dim = x[0].numel()
-        radius = torch.rand(n, generator=generator, device=x.device, dtype=x.dtype) ** (1.0 / dim)
+        radius = torch.rand(n, generator=generator, dtype=x.dtype).to(x.device) ** (1.0 / dim)
         delta = direction * _per_example(radius, x) * _per_example(eps, x)
         return self.project(x + delta, x, eps)
 

@@ -41,7 +41,7 @@ def _positive_int(value, what: str, name: str) -> int:
 
 def build_body(name: str, *, in_channels: int, out_dim: int, width: float = 1.0,
                depth: int | None = None, widen_factor: int | None = None,
-               input_size: tuple[int, int] | None = None) -> nn.Module:
+               input_size: tuple[int, int] | None = None, centre_features: bool = True) -> nn.Module:
     """Build a body by name.
 
     Args:
@@ -53,6 +53,8 @@ def build_body(name: str, *, in_channels: int, out_dim: int, width: float = 1.0,
         depth: WRN depth (6n + 4, default 34); ignored by the other bodies.
         widen_factor: WRN widening (default 10); ignored by the other bodies.
         input_size: (H, W) of the images; needed by ``mlp`` only (default (8, 8)).
+        centre_features: ``fast_cifar`` only: the batch norm over its pooled features (default on;
+            off is the published network).
 
     Returns:
         ``nn.Module`` mapping normalised images [N, C, H, W] to [N, out_dim].
@@ -72,6 +74,8 @@ def build_body(name: str, *, in_channels: int, out_dim: int, width: float = 1.0,
         if input_size is not None:
             input_size = tuple(_positive_int(s, "input_size", name) for s in input_size)
         return mlp(in_channels=in_channels, out_dim=out_dim, width=width, input_size=input_size)
+    if name == "fast_cifar":
+        return fast_cifar(in_channels=in_channels, out_dim=out_dim, width=width, centre_features=centre_features)
     return MODELS[name](in_channels=in_channels, out_dim=out_dim, width=width)
 
 
@@ -114,7 +118,8 @@ def build_model(model_cfg, info, prototypes: torch.Tensor | None = None,
         out_dim = int(prototypes.shape[1])
 
     body = build_body(name, in_channels=channels, out_dim=out_dim, width=width, depth=depth,
-                      widen_factor=widen_factor, input_size=(height, wide))
+                      widen_factor=widen_factor, input_size=(height, wide),
+                      centre_features=getattr(model_cfg, "centre_features", True))
     network = Network(Normalize(info.mean, info.std), body)
     if pcl:
         if prototypes is not None:

@@ -64,9 +64,21 @@ class PatchWhitening(nn.Module):
         return F.conv2d(x, self.weight, self.bias)
 
 
+class ShiftBatchNorm(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` (running statistics tracked, ``momentum`` set) whose scale is a tensor of
+    ones: CUDA's batch-norm backward gives an empty shift gradient when the weight is None (and the
+    scale one changes no bit on the CPU). No weight in the state dict, as before."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(x, self.running_mean, self.running_var, torch.ones_like(self.bias), self.bias,
+                            self.training, self.momentum, self.eps)
+
+
 def _batch_norm(channels: int) -> nn.BatchNorm2d:
     """Batch norm whose scale stays 1 (no weight) and whose shift is learned."""
-    norm = nn.BatchNorm2d(channels, momentum=0.4, eps=1e-12, affine=False)
+    norm = ShiftBatchNorm(channels, momentum=0.4, eps=1e-12, affine=False)
     norm.bias = nn.Parameter(torch.zeros(channels))  # F.batch_norm takes a bias without a weight
     return norm
 
@@ -108,7 +120,7 @@ class FastCIFAR(nn.Module):
     [N, out_dim]. Call ``fit(x)`` with normalised training images before training.
     """
 
-    def __init__(self, *, in_channels: int, out_dim: int, width: float = 1.0):
+    def __init__(self, *, in_channels: int, out_dim: int, width: float = 1.0, centre_features: bool = True):
         super().__init__()
         self.whiten = PatchWhitening(in_channels)
         widths = [scaled_channels(w, width) for w in WIDTHS]
@@ -122,7 +134,7 @@ class FastCIFAR(nn.Module):
         # share one large mean direction. A softmax head absorbs it (each logit gets a constant);
         # a cosine head cannot, and every embedding starts close to one direction. A batch norm
         # without scale or shift centres the features for every head alike.
-        self.pool_norm = nn.BatchNorm1d(cin, momentum=0.4, affine=False)
+        self.pool_norm = nn.BatchNorm1d(cin, momentum=0.4, affine=False) if centre_features else None
         self.linear = nn.Linear(cin, out_dim, bias=False)
         self.scale = 1 / 9
 
@@ -135,7 +147,9 @@ class FastCIFAR(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.groups(F.gelu(self.whiten(x)))
         x = torch.amax(x, dim=(2, 3))  # the max-pool over what is left of the image (3x3 at 32x32)
-        if self.training and len(x) == 1:  # one feature vector has no batch statistics: use the running ones
+        if self.pool_norm is None:
+            pass
+        elif self.training and len(x) == 1:  # one feature vector has no batch statistics: use the running ones
             x = F.batch_norm(x, self.pool_norm.running_mean, self.pool_norm.running_var, training=False,
                              eps=self.pool_norm.eps)
         else:
@@ -143,5 +157,5 @@ class FastCIFAR(nn.Module):
         return self.linear(x) * self.scale
 
 
-def fast_cifar(*, in_channels: int, out_dim: int, width: float = 1.0) -> FastCIFAR:
-    return FastCIFAR(in_channels=in_channels, out_dim=out_dim, width=width)
+def fast_cifar(*, in_channels: int, out_dim: int, width: float = 1.0, centre_features: bool = True) -> FastCIFAR:
+    return FastCIFAR(in_channels=in_channels, out_dim=out_dim, width=width, centre_features=centre_features)

@@ -26,19 +26,22 @@ def feature_taps(body: nn.Module) -> tuple[list[nn.Module], nn.Linear]:
     """The earlier layers whose outputs get auxiliary projections, and the last linear layer.
 
     ResNets and WRNs: every stage but the last (their last stage feeds the pooled penultimate
-    features). Small CNN: the first pooling block and the first hidden layer. MLP: the first
+    features); fast_cifar likewise, every conv group but the last. Small CNN: the first pooling block and the first hidden layer. MLP: the first
     hidden layer.
     """
     stages = getattr(body, "stages", None)
     if isinstance(stages, nn.Sequential) and isinstance(getattr(body, "fc", None), nn.Linear):
         return list(stages)[:-1], body.fc
+    groups = getattr(body, "groups", None)  # fast_cifar: every conv group but the last, as the ResNets
+    if isinstance(groups, nn.Sequential) and isinstance(getattr(body, "linear", None), nn.Linear):
+        return list(groups)[:-1], body.linear
     features = getattr(body, "features", None)
     if isinstance(features, nn.Sequential) and isinstance(getattr(body, "fc3", None), nn.Linear):
         return [features[2], body.fc1], body.fc3
     if isinstance(getattr(body, "fc3", None), nn.Linear):
         return [body.fc1], body.fc3
     raise UserError(f"pcl: no feature taps known for a {type(body).__name__} body; use resnet18, "
-                    "preact_resnet18, wrn, small_cnn or mlp")
+                    "preact_resnet18, wrn, small_cnn, mlp or fast_cifar")
 
 
 class PCLClassifier(nn.Module):

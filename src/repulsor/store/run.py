@@ -33,6 +33,9 @@ from .layout import CONFIG, LOCK, LOG, MODEL, PROTOTYPES, RESULTS, TRAINING  # C
 
 # Settings that may differ between training and reading a run without changing its weights.
 _NOT_FINGERPRINTED = {"eval": None, "data": ("data_dir", "test_dir"), "prototypes": ("file",), "train": ("device",)}
+# Settings added after fingerprints were introduced (0.4.0) enter the fingerprint only when they differ
+# from their default, so that the weights of earlier runs keep theirs.
+_FINGERPRINTED_UNLESS = {("model", "centre_features"): True}
 
 
 def fingerprint(config: dict, prototypes: torch.Tensor | None) -> str:
@@ -43,7 +46,11 @@ def fingerprint(config: dict, prototypes: torch.Tensor | None) -> str:
         dropped = _NOT_FINGERPRINTED.get(section, ())
         if dropped is None:
             continue
-        kept[section] = {k: v for k, v in values.items() if k not in dropped} if isinstance(values, dict) else values
+        if not isinstance(values, dict):
+            kept[section] = values
+            continue
+        kept[section] = {k: v for k, v in values.items() if k not in dropped
+                         and ((section, k) not in _FINGERPRINTED_UNLESS or v != _FINGERPRINTED_UNLESS[section, k])}
     digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode())
     if prototypes is not None:
         digest.update(prototypes.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())

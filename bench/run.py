@@ -197,7 +197,7 @@ def train_step_fn(method_name: str, *, precision: str, channels_last: bool, batc
 
 
 FAST_BATCH = 1024  # the fast recipe's batch (configs/cifar10-fast.toml)
-FAST_RUNS = ROOT / "results" / "compare-cifar10-fast"
+FAST_RUNS = ROOT / "results" / "fast-check" / "cpu"  # fast_cifar runs trained on a 2-core CPU of this kind
 
 
 def fast_cifar_step_fn(method_name: str, *, batch: int):
@@ -241,7 +241,7 @@ def fast_cifar_section(report, s: dict, peak16: float, quick: bool) -> None:
                    f" {flops / seconds / peak16:.1%} of the bf16 matmul peak")
     report.add("fast_cifar", "training step FLOPs (FlopCounterMode, fwd+bwd)",
                f"{flops / 1e9:.0f} GFLOP ({flops / batch / 3 / 2e9:.3f} GMAC per image forward, if backward = 2x)")
-    # Time to accuracy: read from the committed runs of the comparison, when they are there.
+    # Time to accuracy: read from the committed runs trained on such a CPU, when they are there.
     for run in sorted(FAST_RUNS.glob("*/training.json")) if FAST_RUNS.is_dir() else []:
         training = json.loads(run.read_text())
         results = run.parent / "results.json"
@@ -252,8 +252,8 @@ def fast_cifar_section(report, s: dict, peak16: float, quick: bool) -> None:
         if clean is not None:
             report.add("fast_cifar", f"time to accuracy: {run.parent.name}",
                        f"{100 * clean:.1f}% clean on the exact first 1000 test images after"
-                       f" {training['cost']['wall_seconds'] / 60:.1f} min of training"
-                       f" ({training['cost']['epochs']} epochs)")
+                       f" {training['cost']['wall_seconds'] / 60:.1f} min of training on a 2-core CPU"
+                       f" ({training['cost']['epochs']} epochs, {training['cost'].get('precision', '?')})")
 
 
 def count_flops(fn) -> int:

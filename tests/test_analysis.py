@@ -421,3 +421,15 @@ def test_analyse_run_on_a_real_tiny_run(tmp_path):
     for name in ("robustness_curve.png", "confusion.png", "epochs.png"):
         assert is_png(run / "analysis" / name), name
     assert (run / "analysis" / "summary.json").exists()
+
+
+def test_metrics_over_epochs_keep_every_extra_validation_loss(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_jsonl(a, [{"epoch": 1, "train_loss": 1.0, "lr": 0.1, "val_clean": 0.5, "val_robust": 0.1,
+                     "val_robust_proto_linf": 0.4, "val_robust_ce": 0.05}])
+    write_jsonl(b, [{"epoch": 1, "train_loss": 1.0, "lr": 0.1, "val_clean": 0.6, "val_robust": 0.0}])
+    result = analysis.plot_metrics_over_epochs({"p": a, "c": b}, tmp_path / "epochs.png")
+    rows = list(csv.reader(open(tmp_path / "epochs.csv")))
+    assert rows[0][-2:] == ["val_robust_proto_linf", "val_robust_ce"]
+    assert rows[1][-2:] == ["0.4", "0.05"] and rows[2][-2:] == ["", ""]
+    assert result["runs"]["p"]["best_robust"] == 0.1  # the selection attack's number, not the extra ones

@@ -319,7 +319,8 @@ def test_only_names_a_run(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["compare-digits-tiny", "compare-mnist-cpu", "compare-cifar10-cpu",
-                                  "compare-mnist-paper", "compare-cifar10-paper"])
+                                  "compare-mnist-paper", "compare-cifar10-paper", "compare-cifar10-fast",
+                                  "compare-cifar10-fast-half"])
 def test_shipped_configs_are_valid(name):
     plan = load_compare_config(CONFIGS / f"{name}.toml")
     assert plan.methods[0] == "ce" and plan.transfer
@@ -327,6 +328,9 @@ def test_shipped_configs_are_valid(name):
     if "paper" in name:
         assert plan.base.model.width == 1.0 and [d for d, _ in plan.sweep] == [50, 100, 200]
         assert any(run.cfg.train.epochs >= 100 for run in plan.runs)
+    if name == "compare-cifar10-fast":  # Figure 4's extra validation losses, for every prototype-head run
+        assert {run.name: run.cfg.train.val_losses for run in plan.runs if run.method == "prototype"} == {
+            name: ["proto_linf", "ce"] for name in ("prototype", "prototype-D50", "prototype-D200")}
 
 
 def test_cli_prints_the_tables(finished, tmp_path, capsys, monkeypatch):

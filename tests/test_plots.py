@@ -244,3 +244,13 @@ def test_embedding_pca_writes_its_variance(tmp_path, drawn):
     info = axes_info(drawn[-1], 0)
     assert info["xlabel"] == "PC 1 (60.0% of variance)" and info["ylabel"] == "PC 2 (25.0% of variance)"
     assert info["title"].endswith("on the unit sphere") and sorted(info["texts"]) == ["a", "b", "c"]
+
+
+def test_epochs_draw_each_extra_validation_loss_in_the_runs_colour(tmp_path, drawn):
+    series = {"p": {"val_robust": [(1, 0.1), (2, 0.0)], "val_clean": [(1, 0.5), (2, 0.6)],
+                    "val_robust_proto_linf": [(1, 0.4), (2, 0.3)], "val_robust_ce": [(1, 0.05), (2, 0.0)]}}
+    curves.draw_epochs(series, tmp_path / "epochs", title="t", last_epoch=2)
+    info = axes_info(drawn[-1], 0)
+    assert info["lines"][2:] == [[[1, 40], [2, 30]], [[1, 5], [2, 0]]]
+    assert [t.get_text() for t in info["legend"].get_texts()] == [
+        "p robust, cw loss", "p clean", "p robust, proto_linf loss", "p robust, ce loss"]

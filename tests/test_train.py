@@ -252,3 +252,30 @@ def test_auto_precision_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch)
     assert runtime.resolve_precision("auto", cpu) is None  # fp32: bf16 is 10-20x slower without AVX-512 BF16
     assert runtime.resolve_precision("bf16", cpu) == torch.bfloat16  # asked for explicitly: still honoured
     assert runtime.precision_name(None) == "fp32"
+
+
+def test_validation_tracks_figure_4s_losses_beside_the_selection_attack(tmp_path):
+    from repulsor.training.validation import validate
+
+    cfg = tiny(train={"method": "prototype", "epochs": 1, "val_losses": ["proto_linf", "ce"]},
+               eval={"after_train": False})
+    run = train(cfg, tmp_path / "run", quiet=True)
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"val_robust", "val_robust_proto_linf", "val_robust_ce"} <= set(record)
+    # The extra losses are the same PGD with another loss: against the model they were recorded for,
+    # they give exactly what a fresh call gives, and the selection number is the CW one, unchanged.
+    model = repulsor.load_model(run)
+    x_val, y_val = torch.rand(40, 1, 8, 8), torch.arange(40) % 10
+    plain = validate(model, x_val, y_val, tiny(train={"method": "prototype"}), torch.device("cpu"))
+    both = validate(model, x_val, y_val, cfg, torch.device("cpu"))
+    assert both["val_robust"] == plain["val_robust"] and both["val_clean"] == plain["val_clean"]
+    assert set(both) == {"val_clean", "val_robust", "val_robust_proto_linf", "val_robust_ce"}
+    assert all(0 <= both[k] <= both["val_clean"] for k in both if k.startswith("val_robust"))
+
+
+def test_validation_losses_are_checked_against_the_method():
+    with pytest.raises(UserError, match="not one of"):
+        tiny(train={"val_losses": ["fgsm"]})
+    with pytest.raises(UserError, match="attacks a prototype head"):
+        tiny(train={"method": "ce", "val_losses": ["proto_linf"]})
+    assert tiny(train={"method": "ce", "val_losses": ["ce", "dlr"]}).train.val_losses == ["ce", "dlr"]

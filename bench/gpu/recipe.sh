@@ -15,10 +15,10 @@ export PYTHONPATH=$PWD/src:/tmp/site
 mkdir -p /tmp/data/cifar10
 [ -f /tmp/data/cifar10/train.npz ] || python3 bench/gpu/pack_jpeg.py unpack carry/cifar10_jpeg.npz /tmp/data/cifar10 | tee -a "$OUT/log.txt"
 variants=(
-    "ce-plain-e10|train.method=ce train.label_smoothing=0.2 model.centre_features=false"
-    "ce-plain-e20|train.method=ce train.label_smoothing=0.2 model.centre_features=false train.epochs=20"
+    "ce-plain-e10|train.method=ce train.label_smoothing=0.2 train.val_losses=[] model.centre_features=false"
+    "ce-plain-e20|train.method=ce train.label_smoothing=0.2 train.val_losses=[] model.centre_features=false train.epochs=20"
     "prototype-plain-e20|train.method=prototype model.centre_features=false train.epochs=20"
-    "ce-w1.4-e10|train.method=ce train.label_smoothing=0.2 model.width=1.4"
+    "ce-w1.4-e10|train.method=ce train.label_smoothing=0.2 train.val_losses=[] model.width=1.4"
     "prototype-w1.4-e10|train.method=prototype model.width=1.4"
 )
 for v in "${variants[@]}"; do

@@ -91,6 +91,9 @@ class TrainConfig:
     val_every: int = 1
     val_n: int = 1000  # validation points for clean and robust accuracy
     val_attack_steps: int = 10
+    # Figure 4: more PGD losses run on the validation split each epoch, recorded as val_robust_<loss>
+    # (e.g. ["proto_linf", "ce"]: the authors' loss and cross-entropy); selection still reads val_robust.
+    val_losses: list[str] = field(default_factory=list)
     fgsm_alpha: float = 1.25  # fgsm_rs step as a multiple of eps (Wong et al.)
     overfit_drop: float = 0.5  # fgsm_rs: catastrophic overfitting when val robust acc falls by this fraction of its peak
 
@@ -159,6 +162,9 @@ CHOICES = {
     ("train", "norm"): _norm_names,
     ("eval", "norm"): _norm_names,
 }
+
+# The untargeted attack losses (attacks.losses) that train.val_losses may name.
+VAL_LOSSES = ("ce", "cw", "dlr", "proto_margin", "proto_linf")
 
 # (section, key) -> (low, high, low_inclusive); None means unbounded.
 RANGES = {
@@ -322,6 +328,12 @@ def _check_consistency(config: Config) -> None:
         raise UserError(f"train.label_smoothing = {config.train.label_smoothing:g} applies to cross-entropy losses only;"
                         f" the {method} loss is not one: set it to 0 (in a compare config, set it under"
                         " [method.NAME.train] for the cross-entropy methods)")
+    for loss in config.train.val_losses:
+        if loss not in VAL_LOSSES:
+            raise UserError(f"train.val_losses: {loss!r} is not one of {', '.join(VAL_LOSSES)}")
+        if loss.startswith("proto_") and not METHODS[method].uses_prototypes:
+            raise UserError(f"train.val_losses: {loss} attacks a prototype head, and {method} has none; in a compare"
+                            " config, set it under [method.NAME.train] for the prototype methods")
     if METHODS[method].uses_prototypes and config.prototypes.dim < info.num_classes:
         raise UserError(
             f"prototypes.dim = {config.prototypes.dim} is smaller than the {info.num_classes} classes of"

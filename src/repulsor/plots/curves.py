@@ -49,8 +49,10 @@ def plot_robustness_curves(curves: dict[str, list[dict]], path, title: str = "Ro
 
 
 def draw_epochs(series: dict, path, *, title: str, last_epoch: int):
-    """Robust (solid) and clean (dashed) validation accuracy per epoch, one colour per run:
-    ``series`` is ``{label: {"val_robust": [(epoch, value)], "val_clean": [...]}}``. Returns the PNG path."""
+    """Robust (solid) and clean (dashed) validation accuracy per epoch, one colour per run, and the
+    robust accuracy under each extra validation loss (dotted, then dash-dotted): ``series`` is
+    ``{label: {"val_robust": [(epoch, value)], "val_clean": [...], "val_robust_<loss>": [...]}}``.
+    Returns the PNG path."""
     png = draw.png_path(path)
     fig = draw.new_figure(6.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
@@ -58,11 +60,17 @@ def draw_epochs(series: dict, path, *, title: str, last_epoch: int):
         color = f"C{i % 10}"
         if lines["val_robust"]:
             epochs, values = zip(*lines["val_robust"])
-            ax.plot(epochs, [100 * v for v in values], color=color, marker="o", markersize=3, label=f"{label} robust")
+            ax.plot(epochs, [100 * v for v in values], color=color, marker="o", markersize=3, label=f"{label} robust, cw loss"
+                    if any(key.startswith("val_robust_") for key in lines) else f"{label} robust")
         if lines["val_clean"]:
             epochs, values = zip(*lines["val_clean"])
             ax.plot(epochs, [100 * v for v in values], color=color, linestyle="--", marker="s", markersize=4,
                     markerfacecolor="white", label=f"{label} clean")
+        extra = [key for key in lines if key.startswith("val_robust_") and lines[key]]
+        for j, key in enumerate(extra):
+            epochs, values = zip(*lines[key])
+            ax.plot(epochs, [100 * v for v in values], color=color, linestyle=(":", "-.")[j % 2], marker="^",
+                    markersize=3, label=f"{label} robust, {key.removeprefix('val_robust_')} loss")
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -21,22 +21,27 @@ def validate(model, x_val, y_val, cfg: Config, device, batch_size: int = 500) ->
     The attack is PGD-``val_attack_steps`` at the training threat model, step
     2.5 * eps / steps, with the CW margin loss, so that model selection (early stopping)
     is made against the decision rule on held-out training data, never on the test split.
+    Each loss of ``train.val_losses`` runs the same PGD once more and gives
+    ``val_robust_<loss>`` (Figure 4's curves under several losses).
     """
     t = cfg.train
-    correct = robust = 0
+    losses = ["cw", *(loss for loss in t.val_losses if loss != "cw")] if t.eps > 0 else []
+    correct, robust = 0, dict.fromkeys(losses, 0)
     with evaluating(model):
         for start in range(0, len(x_val), batch_size):
             x = x_val[start : start + batch_size].to(device)
             y = y_val[start : start + batch_size].to(device)
             with torch.no_grad():
                 correct += (model(x).argmax(1) == y).sum().item()
-            if t.eps > 0:
+            for loss in losses:
                 x_adv = pgd(model, x, y, eps=t.eps, alpha=2.5 * t.eps / t.val_attack_steps,
-                            steps=t.val_attack_steps, norm=t.norm, loss="cw", seed=derive_seed(t.seed, "val", start))
+                            steps=t.val_attack_steps, norm=t.norm, loss=loss, seed=derive_seed(t.seed, "val", start))
                 with torch.no_grad():
-                    robust += (model(x_adv).argmax(1) == y).sum().item()
+                    robust[loss] += (model(x_adv).argmax(1) == y).sum().item()
     n = max(1, len(x_val))
-    return {"val_clean": correct / n, "val_robust": robust / n if t.eps > 0 else None}
+    record = {"val_clean": correct / n, "val_robust": robust["cw"] / n if t.eps > 0 else None}
+    record.update({f"val_robust_{loss}": robust[loss] / n for loss in t.val_losses if t.eps > 0})
+    return record
 
 
 def catastrophic_overfitting(peak: float, now: float, n: int, drop: float) -> bool:

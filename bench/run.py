@@ -204,7 +204,7 @@ def fast_cifar_step_fn(method_name: str, *, batch: int):
     """One training step of configs/cifar10-fast.toml's recipe on a random CIFAR-shaped batch."""
     raw = {"data": {"name": "cifar10"}, "model": {"name": "fast_cifar"},
            "train": {"method": method_name, "batch_size": batch, "lr": 1.5, "momentum": 0.85, "nesterov": True,
-                     "weight_decay": 1.95e-6, "bias_lr_scale": 64.0, "precision": "auto", "channels_last": True,
+                     "weight_decay": 1.33e-3, "bias_lr_scale": 64.0, "precision": "auto", "channels_last": True,
                      "label_smoothing": 0.2 if method_name == "ce" else 0.0}}
     cfg = from_dict(raw)
     torch.manual_seed(0)

@@ -99,7 +99,8 @@ def _load_exported(folder, name):
 
 
 def test_exported_runs_and_built_models_match_in_a_fresh_process(runs, tmp_path):
-    """Prototype and ce runs, and small_cnn / resnet18 (width 0.125) models built directly."""
+    """Prototype and ce runs, and small_cnn / resnet18 / fast_cifar (width 0.125; the last without its
+    feature centring) models built directly."""
     jobs, expected = [], {}
     for name, run in runs.items():
         out = tmp_path / f"export-{name}"
@@ -113,8 +114,10 @@ def test_exported_runs_and_built_models_match_in_a_fresh_process(runs, tmp_path)
             expected[name] = model(x)
         jobs.append({"name": name, "dir": str(out), "inputs": str(tmp_path / f"x-{name}.safetensors"),
                      "outputs": str(tmp_path / f"scores-{name}.safetensors")})
-    for name, data, proto, distance in (("small_cnn", "mnist", False, None), ("resnet18", "cifar10", True, "linf")):
-        cfg = from_dict({"data": {"name": data}, "model": {"name": name, "width": 0.125},
+    for name, data, proto, distance, extra in (("small_cnn", "mnist", False, None, {}),
+                                               ("resnet18", "cifar10", True, "linf", {}),
+                                               ("fast_cifar", "cifar10", True, "cosine", {"centre_features": False})):
+        cfg = from_dict({"data": {"name": data}, "model": {"name": name, "width": 0.125, **extra},
                          "train": {"method": "prototype" if proto else "ce"}})
         torch.manual_seed(0)
         prototypes = generate_prototypes(10, 12, epochs=5) if proto else None

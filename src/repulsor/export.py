@@ -204,6 +204,8 @@ def body_spec(model_cfg, info, out_dim: int) -> tuple[str, dict]:
         kwargs.update(depth=int(model_cfg.depth), widen_factor=int(model_cfg.widen_factor))
     elif name == "mlp":
         kwargs["input_size"] = [height, width_px]
+    elif name == "fast_cifar" and not getattr(model_cfg, "centre_features", True):
+        kwargs["centre_features"] = False
     return name, kwargs
 
 

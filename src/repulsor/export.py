@@ -194,18 +194,13 @@ def _replace_name(text: str, old: str, new: str) -> str:
 def body_spec(model_cfg, info, out_dim: int) -> tuple[str, dict]:
     """(builder name, keyword arguments) that ``repulsor.models.build_body`` would call."""
     from .models import MODELS
+    from .models.build import body_kwargs
 
     name = model_cfg.name
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; use one of {', '.join(MODELS)}")
-    channels, height, width_px = (int(s) for s in info.shape)
-    kwargs = {"in_channels": channels, "out_dim": int(out_dim), "width": float(model_cfg.width)}
-    if name == "wrn":
-        kwargs.update(depth=int(model_cfg.depth), widen_factor=int(model_cfg.widen_factor))
-    elif name == "mlp":
-        kwargs["input_size"] = [height, width_px]
-    elif name == "fast_cifar" and not getattr(model_cfg, "centre_features", True):
-        kwargs["centre_features"] = False
+    kwargs = body_kwargs(model_cfg, info, out_dim)
+    kwargs["width"] = float(kwargs["width"])
     return name, kwargs
 
 

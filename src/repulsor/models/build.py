@@ -79,6 +79,22 @@ def build_body(name: str, *, in_channels: int, out_dim: int, width: float = 1.0,
     return MODELS[name](in_channels=in_channels, out_dim=out_dim, width=width)
 
 
+def body_kwargs(model_cfg, info, out_dim: int) -> dict:
+    """The keyword arguments that ``build_body(model_cfg.name, ...)`` needs for ``model_cfg``, and no
+    others: ``build_model`` builds with them and ``export`` writes them into a standalone model file,
+    so the two cannot disagree about a body's settings."""
+    name = getattr(model_cfg, "name", None)
+    channels, height, wide = (int(s) for s in info.shape)
+    kwargs = {"in_channels": channels, "out_dim": int(out_dim), "width": getattr(model_cfg, "width", 1.0)}
+    if name == "wrn":
+        kwargs.update(depth=getattr(model_cfg, "depth", None), widen_factor=getattr(model_cfg, "widen_factor", None))
+    elif name == "mlp":
+        kwargs["input_size"] = [height, wide]
+    elif name == "fast_cifar" and not getattr(model_cfg, "centre_features", True):
+        kwargs["centre_features"] = False
+    return kwargs
+
+
 def build_model(model_cfg, info, prototypes: torch.Tensor | None = None,
                 distance: str | None = None, pcl: bool = False) -> nn.Module:
     """Build the classifier a config asks for.
@@ -98,11 +114,6 @@ def build_model(model_cfg, info, prototypes: torch.Tensor | None = None,
     Returns:
         An ``nn.Module`` mapping [0, 1] images [N, C, H, W] to scores [N, k].
     """
-    name = getattr(model_cfg, "name", None)
-    width = getattr(model_cfg, "width", 1.0)
-    depth = getattr(model_cfg, "depth", None)
-    widen_factor = getattr(model_cfg, "widen_factor", None)
-    channels, height, wide = (int(s) for s in info.shape)
     k = int(info.num_classes)
 
     if prototypes is None:
@@ -117,14 +128,12 @@ def build_model(model_cfg, info, prototypes: torch.Tensor | None = None,
         check_prototypes(prototypes, k, prototypes.shape[1], path=f"the prototypes for {_info_name(info)}")
         out_dim = int(prototypes.shape[1])
 
-    body = build_body(name, in_channels=channels, out_dim=out_dim, width=width, depth=depth,
-                      widen_factor=widen_factor, input_size=(height, wide),
-                      centre_features=getattr(model_cfg, "centre_features", True))
+    body = build_body(getattr(model_cfg, "name", None), **body_kwargs(model_cfg, info, out_dim))
     network = Network(Normalize(info.mean, info.std), body)
     if pcl:
         if prototypes is not None:
             raise UserError("pcl learns its own centres on a linear-head network; do not pass prototypes")
-        return PCLClassifier(network, k, (channels, height, wide))
+        return PCLClassifier(network, k, tuple(int(s) for s in info.shape))
     if prototypes is None:
         return network
     return PrototypeClassifier(network, prototypes, distance)

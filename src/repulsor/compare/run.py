@@ -39,8 +39,6 @@ from .tables import format_tables
 
 CURVE_STEPS = 20
 CURVE_LOSS = "ce"
-#: Keys that do not change what a run computes, ignored when checking an existing run.
-_IGNORED_KEYS = {("train", "device")}
 
 
 def _fingerprint(path: Path) -> str:
@@ -50,7 +48,9 @@ def _fingerprint(path: Path) -> str:
 
 
 def _check_existing(run: RunPlan, run_dir: Path) -> None:
-    """Refuse to reuse a run folder trained with a different config (it would mix protocols)."""
+    """Refuse to reuse a run folder trained with a different config (it would mix protocols).
+    Settings that cannot change the weights (the data's folders, the device) may differ, so that a
+    committed or moved run folder is reused where its data lies elsewhere."""
     saved = to_dict(load_config(run_dir / CONFIG))
     wanted = to_dict(run.cfg)
     # Settings that only other methods read (fgsm_rs's overfit_drop for a ce run, ...) do not matter.
@@ -58,7 +58,7 @@ def _check_existing(run: RunPlan, run_dir: Path) -> None:
         ("train", key) for key in METHODS[run.method].options}
     for section in ("data", "model", "prototypes", "train"):
         for key, value in wanted[section].items():
-            if (section, key) in _IGNORED_KEYS | others or saved[section].get(key) == value:
+            if not store.decides_weights(section, key) or (section, key) in others or saved[section].get(key) == value:
                 continue
             raise UserError(f"{run_dir} was trained with {section}.{key} = {saved[section].get(key)!r}, but the compare"
                             f" config asks for {value!r}; delete that folder to retrain it, or use another --out")

@@ -38,18 +38,24 @@ _NOT_FINGERPRINTED = {"eval": None, "data": ("data_dir", "test_dir"), "prototype
 _FINGERPRINTED_UNLESS = {("model", "centre_features"): True}
 
 
+def decides_weights(section: str, key: str) -> bool:
+    """Whether setting ``section.key`` can change what a run's weights are (it enters the
+    fingerprint); the folders of the data and the device do not, nor anything under ``eval``."""
+    dropped = _NOT_FINGERPRINTED.get(section, ())
+    return dropped is not None and key not in dropped
+
+
 def fingerprint(config: dict, prototypes: torch.Tensor | None) -> str:
     """A short hash of what decides a run's weights: its config (as ``config.to_dict``
     gives it, without ``eval`` and the folders) and its prototypes [k, D] (or None)."""
     kept = {}
     for section, values in config.items():
-        dropped = _NOT_FINGERPRINTED.get(section, ())
-        if dropped is None:
+        if _NOT_FINGERPRINTED.get(section, ()) is None:
             continue
         if not isinstance(values, dict):
             kept[section] = values
             continue
-        kept[section] = {k: v for k, v in values.items() if k not in dropped
+        kept[section] = {k: v for k, v in values.items() if decides_weights(section, k)
                          and ((section, k) not in _FINGERPRINTED_UNLESS or v != _FINGERPRINTED_UNLESS[section, k])}
     digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode())
     if prototypes is not None:

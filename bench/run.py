@@ -197,7 +197,8 @@ def train_step_fn(method_name: str, *, precision: str, channels_last: bool, batc
 
 
 FAST_BATCH = 1024  # the fast recipe's batch (configs/cifar10-fast.toml)
-FAST_RUNS = ROOT / "results" / "fast-check" / "cpu"  # fast_cifar runs trained on a 2-core CPU of this kind
+# Folders of fast_cifar runs trained on a 2-core CPU of this kind: the recipe checks and the comparison.
+FAST_RUNS = (ROOT / "results" / "fast-check" / "cpu", ROOT / "results" / "compare-cifar10-fast-cpu")
 
 
 def fast_cifar_step_fn(method_name: str, *, batch: int):
@@ -242,7 +243,7 @@ def fast_cifar_section(report, s: dict, peak16: float, quick: bool) -> None:
     report.add("fast_cifar", "training step FLOPs (FlopCounterMode, fwd+bwd)",
                f"{flops / 1e9:.0f} GFLOP ({flops / batch / 3 / 2e9:.3f} GMAC per image forward, if backward = 2x)")
     # Time to accuracy: read from the committed runs trained on such a CPU, when they are there.
-    for run in sorted(FAST_RUNS.glob("*/training.json")) if FAST_RUNS.is_dir() else []:
+    for run in sorted(run for folder in FAST_RUNS for run in folder.glob("*/training.json")):
         training = json.loads(run.read_text())
         results = run.parent / "results.json"
         if not results.is_file():
@@ -250,7 +251,7 @@ def fast_cifar_section(report, s: dict, peak16: float, quick: bool) -> None:
         res = json.loads(results.read_text())
         clean = max(res.get("suites", {}).values(), key=lambda r: r.get("n", 0), default={}).get("clean_accuracy")
         if clean is not None:
-            report.add("fast_cifar", f"time to accuracy: {run.parent.name}",
+            report.add("fast_cifar", f"time to accuracy: {run.parent.relative_to(ROOT / 'results')}",
                        f"{100 * clean:.1f}% clean on the exact first 1000 test images after"
                        f" {training['cost']['wall_seconds'] / 60:.1f} min of training on a 2-core CPU"
                        f" ({training['cost']['epochs']} epochs, {training['cost'].get('precision', '?')})")

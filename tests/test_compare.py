@@ -4,6 +4,7 @@ outputs (comparison.json, tables.md, plots), the transfer attack and config erro
 import copy
 import csv
 import json
+import shutil
 import time
 import tomllib
 from pathlib import Path
@@ -280,6 +281,25 @@ def test_a_setting_only_another_method_reads_does_not_retrain(finished, monkeypa
     raw.setdefault("train", {}).update(overfit_drop=0.3, trades_beta=1.0)
     monkeypatch.setattr(compare_mod, "train", Recorder(compare_mod.train, fail=True))
     compare(raw, finished.out, quiet=True, only=["pgd_at"])
+
+
+def test_a_moved_run_folder_is_reused_where_its_data_lies_elsewhere(finished, tmp_path, monkeypatch):
+    """Committed runs name their data by a relative path and are read where the data lies elsewhere:
+    the folders of the data, like the device, do not change the weights, so the run is not retrained."""
+    out = tmp_path / "out"
+    shutil.copytree(finished.out, out)
+    path = out / "pgd_at" / "config.toml"
+    saved = tomllib.loads(path.read_text())
+    saved["data"]["data_dir"] = "../elsewhere/" + Path(saved["data"]["data_dir"] or "digits").name
+    saved["train"]["device"] = "cuda"
+    path.write_text(tomli_w.dumps(saved))
+    monkeypatch.setattr(compare_mod, "train", Recorder(compare_mod.train, fail=True))
+    report = compare(finished.raw, out, quiet=True, only=["pgd_at"])
+    assert report["runs"]["pgd_at"]["status"] == "trained before"
+    saved["model"]["width"] = saved["model"]["width"] * 2  # a setting that does change the weights
+    path.write_text(tomli_w.dumps(saved))
+    with pytest.raises(UserError, match=r"pgd_at was trained with model\.width"):
+        compare(finished.raw, out, quiet=True, only=["pgd_at"])
 
 
 @pytest.mark.parametrize("change, message", [

@@ -51,6 +51,10 @@ def test_int_accepted_for_float():
         ({"train": {"milestones": [1, "x"]}}, "must be an integer"),
         ({"train": {"lr": 0.1, "lr_min": 0.2}}, "lr_min"),
         ({"train": 3}, "must be a table"),
+        ({"data": {"name": "cifar10"}, "model": {"whiten_directions": 13}},
+         "model.whiten_directions = 13 is more than the 12 directions of a 2x2 patch of cifar10"),
+        ({"data": {"name": "mnist"}, "model": {"whiten_directions": 5}}, "more than the 4 directions"),
+        ({"model": {"whiten_directions": -1}}, "model.whiten_directions = -1 is out of range"),
     ],
 )
 def test_errors_name_the_problem(raw, fragment):

@@ -116,7 +116,8 @@ def test_exported_runs_and_built_models_match_in_a_fresh_process(runs, tmp_path)
                      "outputs": str(tmp_path / f"scores-{name}.safetensors")})
     for name, data, proto, distance, extra in (("small_cnn", "mnist", False, None, {}),
                                                ("resnet18", "cifar10", True, "linf", {}),
-                                               ("fast_cifar", "cifar10", True, "cosine", {"centre_features": False})):
+                                               ("fast_cifar", "cifar10", True, "cosine",
+                                                {"centre_features": False, "whiten_directions": 6})):
         cfg = from_dict({"data": {"name": data}, "model": {"name": name, "width": 0.125, **extra},
                          "train": {"method": "prototype" if proto else "ce"}})
         torch.manual_seed(0)

@@ -208,6 +208,36 @@ def test_fast_cifar_whitening_decorrelates_patches_and_costs_0_12_gmac():
     assert abs(counter.get_total_flops() / 2e9 - 0.118) < 0.005  # the published ~0.12 GMAC per image
 
 
+def test_fast_cifar_whitening_can_keep_only_the_largest_directions():
+    from repulsor.models.fast import PATCH, WHITEN_EPS
+
+    g = torch.Generator().manual_seed(0)
+    # Images without colour detail (what JPEG's 4:2:0 chroma subsampling nearly achieves): grey
+    # detail plus one colour per image, so no colour varies inside a 2x2 patch.
+    x = torch.randn(64, 1, 32, 32, generator=g) + 0.5 * torch.randn(64, 3, 1, 1, generator=g)
+    patches = x.double().unfold(2, PATCH, 1).unfold(3, PATCH, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)
+    eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+    full = build_body("fast_cifar", in_channels=3, out_dim=10, width=0.125)
+    kept = build_body("fast_cifar", in_channels=3, out_dim=10, width=0.125, whiten_directions=6)
+    assert full.whiten.out_channels == 24 and kept.whiten.out_channels == 12
+    assert kept.groups[0].conv1.in_channels == 12
+    full.fit(x)
+    kept.fit(x)
+    filters = kept.whiten.weight.double().reshape(12, -1)
+    torch.testing.assert_close(filters[6:], -filters[:6])  # each direction with both signs
+    # They span the 6 largest directions, scaled to unit variance, and are the full whitening's last 6.
+    top = eigenvectors[:, 6:]
+    torch.testing.assert_close(filters[:6] @ top @ top.T, filters[:6], atol=1e-5, rtol=1e-4)
+    scales = filters[:6].norm(dim=1) ** -2 - WHITEN_EPS
+    torch.testing.assert_close(scales, eigenvalues[6:], atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(kept.whiten.weight, torch.cat([full.whiten.weight[6:12], full.whiten.weight[18:24]]))
+    # What is dropped is what these images lack: the colour inside a 2x2 patch, far below the rest.
+    assert eigenvalues[:6].max() < 0.1 * eigenvalues[6:].min()
+    assert kept(x[:4]).shape == (4, 10)
+    with pytest.raises(UserError, match=r"whiten_directions must be an integer from 0 \(all\) to 12, got 13"):
+        build_body("fast_cifar", in_channels=3, out_dim=10, whiten_directions=13)
+
+
 def test_fit_to_data_fits_only_fresh_fast_cifar_networks():
     from repulsor.models import fit_to_data
 

@@ -158,3 +158,7 @@ def test_a_setting_added_later_keeps_earlier_fingerprints_at_its_default():
     changed = {"model": {"name": "fast_cifar", "width": 1.0, "centre_features": False}, "train": {"lr": 0.1}}
     assert store.fingerprint(now, None) == store.fingerprint(earlier, None)
     assert store.fingerprint(changed, None) != store.fingerprint(earlier, None)
+    now["model"]["whiten_directions"] = 0  # added in 0.5.1
+    assert store.fingerprint(now, None) == store.fingerprint(earlier, None)
+    now["model"]["whiten_directions"] = 6
+    assert store.fingerprint(now, None) != store.fingerprint(earlier, None)

@@ -41,6 +41,7 @@ class ModelConfig:
     depth: int = 34  # wrn only
     widen_factor: int = 10  # wrn only
     centre_features: bool = True  # fast_cifar only: batch-normalise the pooled features (no scale, no shift)
+    whiten_directions: int = 0  # fast_cifar only: keep the largest N of the C*4 patch directions (0 = all)
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,7 @@ RANGES = {
     ("model", "width"): (0.0, None, False),
     ("model", "depth"): (10, None, True),
     ("model", "widen_factor"): (1, None, True),
+    ("model", "whiten_directions"): (0, None, True),
     ("prototypes", "dim"): (2, None, True),
     ("prototypes", "epochs"): (0, None, True),
     ("prototypes", "lr"): (0.0, None, False),
@@ -344,6 +346,10 @@ def _check_consistency(config: Config) -> None:
 
     if config.eval.suite not in SUITES:
         raise UserError(f"eval.suite = {config.eval.suite!r} is not one of {', '.join(SUITES)}")
+    directions = info.shape[0] * 4  # fast_cifar's 2x2 patches of C channels
+    if config.model.whiten_directions > directions:
+        raise UserError(f"model.whiten_directions = {config.model.whiten_directions} is more than the {directions}"
+                        f" directions of a 2x2 patch of {config.data.name}: use 1-{directions}, or 0 for all")
     if config.model.name == "small_cnn" and min(info.shape[1:]) < 16:
         raise UserError(
             f"model.name = 'small_cnn' needs images of at least 16x16 pixels, but {config.data.name} images are"

@@ -41,7 +41,8 @@ def _positive_int(value, what: str, name: str) -> int:
 
 def build_body(name: str, *, in_channels: int, out_dim: int, width: float = 1.0,
                depth: int | None = None, widen_factor: int | None = None,
-               input_size: tuple[int, int] | None = None, centre_features: bool = True) -> nn.Module:
+               input_size: tuple[int, int] | None = None, centre_features: bool = True,
+               whiten_directions: int = 0) -> nn.Module:
     """Build a body by name.
 
     Args:
@@ -55,6 +56,8 @@ def build_body(name: str, *, in_channels: int, out_dim: int, width: float = 1.0,
         input_size: (H, W) of the images; needed by ``mlp`` only (default (8, 8)).
         centre_features: ``fast_cifar`` only: the batch norm over its pooled features (default on;
             off is the published network).
+        whiten_directions: ``fast_cifar`` only: how many of the largest patch-covariance directions
+            its whitening keeps (0, the default and the published network: all ``C * 4``).
 
     Returns:
         ``nn.Module`` mapping normalised images [N, C, H, W] to [N, out_dim].
@@ -75,7 +78,13 @@ def build_body(name: str, *, in_channels: int, out_dim: int, width: float = 1.0,
             input_size = tuple(_positive_int(s, "input_size", name) for s in input_size)
         return mlp(in_channels=in_channels, out_dim=out_dim, width=width, input_size=input_size)
     if name == "fast_cifar":
-        return fast_cifar(in_channels=in_channels, out_dim=out_dim, width=width, centre_features=centre_features)
+        directions = in_channels * 4  # a 2x2 patch of C channels
+        if (not isinstance(whiten_directions, numbers.Integral) or isinstance(whiten_directions, bool)
+                or not 0 <= whiten_directions <= directions):
+            raise UserError(f"model {name}: whiten_directions must be an integer from 0 (all) to {directions},"
+                            f" got {whiten_directions!r}")
+        return fast_cifar(in_channels=in_channels, out_dim=out_dim, width=width, centre_features=centre_features,
+                          whiten_directions=whiten_directions)
     return MODELS[name](in_channels=in_channels, out_dim=out_dim, width=width)
 
 
@@ -90,8 +99,11 @@ def body_kwargs(model_cfg, info, out_dim: int) -> dict:
         kwargs.update(depth=getattr(model_cfg, "depth", None), widen_factor=getattr(model_cfg, "widen_factor", None))
     elif name == "mlp":
         kwargs["input_size"] = [height, wide]
-    elif name == "fast_cifar" and not getattr(model_cfg, "centre_features", True):
-        kwargs["centre_features"] = False
+    elif name == "fast_cifar":
+        if not getattr(model_cfg, "centre_features", True):
+            kwargs["centre_features"] = False
+        if getattr(model_cfg, "whiten_directions", 0):
+            kwargs["whiten_directions"] = int(model_cfg.whiten_directions)
     return kwargs
 
 

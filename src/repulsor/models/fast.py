@@ -33,16 +33,24 @@ class PatchWhitening(nn.Module):
 
     ``fit(x)`` sets the filters from normalised training images [N, C, H, W]: the
     eigenvectors of the patch covariance scaled by ``1 / sqrt(eigenvalue + WHITEN_EPS)``,
-    each with both signs, so the output has ``2 * C * PATCH**2`` channels. Until ``fit`` is
-    called the filters are a random projection. The filters are a buffer (never trained, but
-    in the state dict), so a trained model loads without any data.
+    each with both signs, so the output has ``2 * directions`` channels. ``directions`` of the
+    ``C * PATCH**2`` eigenvectors are kept, those of the largest eigenvalues (0 or None: all).
+    Dropping the smallest suits training images that lack them: JPEG's 4:2:0 chroma subsampling
+    leaves the 6 chroma directions inside a 2x2 RGB patch nearly empty, while exact test images
+    fill them (``bench/jpeg_gap.py``). Until ``fit`` is called the filters are a random
+    projection. The filters are a buffer (never trained, but in the state dict), so a trained
+    model loads without any data.
     """
 
-    def __init__(self, in_channels: int):
+    def __init__(self, in_channels: int, directions: int | None = None):
         super().__init__()
         features = in_channels * PATCH * PATCH
-        self.register_buffer("weight", torch.randn(2 * features, in_channels, PATCH, PATCH) / features ** 0.5)
-        self.bias = nn.Parameter(torch.zeros(2 * features))
+        directions = directions or features
+        if not 1 <= directions <= features:
+            raise ValueError(f"a {PATCH}x{PATCH} patch of {in_channels} channels has {features} directions,"
+                             f" not {directions}")
+        self.register_buffer("weight", torch.randn(2 * directions, in_channels, PATCH, PATCH) / features ** 0.5)
+        self.bias = nn.Parameter(torch.zeros(2 * directions))
 
     @property
     def out_channels(self) -> int:
@@ -55,7 +63,9 @@ class PatchWhitening(nn.Module):
         patches = x.double().unfold(2, PATCH, 1).unfold(3, PATCH, 1)  # [N, C, H-1, W-1, P, P]
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * PATCH * PATCH)
         covariance = patches.T @ patches / len(patches)
-        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+        kept = self.out_channels // 2
+        eigenvalues, eigenvectors = eigenvalues[-kept:], eigenvectors[:, -kept:]
         filters = eigenvectors.T / torch.sqrt(eigenvalues.clamp_min(0) + WHITEN_EPS)[:, None]
         filters = torch.cat([filters, -filters]).view(-1, c, PATCH, PATCH)
         self.weight.copy_(filters.to(self.weight.dtype))
@@ -115,14 +125,17 @@ class FastCIFAR(nn.Module):
         in_channels: image channels C.
         out_dim: size of the output (k logits, or D for a prototype head).
         width: multiplier of the three group widths.
+        centre_features: the batch norm over the pooled features (off: the published network).
+        whiten_directions: the patch directions the whitening keeps, largest first (0: all ``C * 4``).
 
     Input [N, C, H, W] normalised (32x32 is the intended size; at least 16x16), output
     [N, out_dim]. Call ``fit(x)`` with normalised training images before training.
     """
 
-    def __init__(self, *, in_channels: int, out_dim: int, width: float = 1.0, centre_features: bool = True):
+    def __init__(self, *, in_channels: int, out_dim: int, width: float = 1.0, centre_features: bool = True,
+                 whiten_directions: int = 0):
         super().__init__()
-        self.whiten = PatchWhitening(in_channels)
+        self.whiten = PatchWhitening(in_channels, whiten_directions)
         widths = [scaled_channels(w, width) for w in WIDTHS]
         cin = self.whiten.out_channels
         groups = []
@@ -157,5 +170,7 @@ class FastCIFAR(nn.Module):
         return self.linear(x) * self.scale
 
 
-def fast_cifar(*, in_channels: int, out_dim: int, width: float = 1.0, centre_features: bool = True) -> FastCIFAR:
-    return FastCIFAR(in_channels=in_channels, out_dim=out_dim, width=width, centre_features=centre_features)
+def fast_cifar(*, in_channels: int, out_dim: int, width: float = 1.0, centre_features: bool = True,
+               whiten_directions: int = 0) -> FastCIFAR:
+    return FastCIFAR(in_channels=in_channels, out_dim=out_dim, width=width, centre_features=centre_features,
+                     whiten_directions=whiten_directions)

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from repulsor.data import DATASETS  # noqa: E402
-from repulsor.models.fast import PATCH, WHITEN_EPS, PatchWhitening  # noqa: E402
+from repulsor.models.fast import PATCH, WHITEN_EPS, PatchWhitening, patch_directions, patch_rows  # noqa: E402
 from repulsor.store.run import load_model  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -51,16 +51,10 @@ def images(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(z["x"][:n]).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(z["y"][:n])
 
 
-def patches(x: torch.Tensor) -> torch.Tensor:
-    """The 2x2 patches of normalised images [N, C, H, W] as rows [N * (H-1) * (W-1), C * 4], ordered as
-    PatchWhitening.fit orders them."""
+def normalised(x: torch.Tensor) -> torch.Tensor:
+    """Images [N, C, H, W] in [0, 1] normalised as the model's first layer does."""
     info = DATASETS["cifar10"]
-    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
-    std = torch.tensor(info.std).view(1, -1, 1, 1)
-    x = ((x - mean) / std).double()
-    c = x.shape[1]
-    p = x.unfold(2, PATCH, 1).unfold(3, PATCH, 1).permute(0, 2, 3, 1, 4, 5)
-    return p.reshape(-1, c * PATCH * PATCH)
+    return (x - torch.tensor(info.mean).view(1, -1, 1, 1)) / torch.tensor(info.std).view(1, -1, 1, 1)
 
 
 @torch.no_grad()
@@ -88,11 +82,10 @@ def main(argv=None) -> int:
     train_x, _ = images(JPEG_TRAIN, N_TRAIN)
     tests = {"JPEG copies": images(JPEG_TEST, N_TEST), "exact pixels": images(EXACT_TEST, N_TEST)}
 
-    train_patches = patches(train_x)
-    eigenvalues, eigenvectors = torch.linalg.eigh(train_patches.T @ train_patches / len(train_patches))
+    eigenvalues, eigenvectors = patch_directions(normalised(train_x))
     variances = {"JPEG training images": eigenvalues}
     for name, (x, _) in tests.items():
-        projected = patches(x) @ eigenvectors
+        projected = patch_rows(normalised(x)) @ eigenvectors
         variances[f"test, {name}"] = (projected ** 2).mean(0)
     # The make-up of each direction: its luminance part (the same weight on R, G and B) and its
     # patch-mean part (the same weight on the four pixels of a channel).

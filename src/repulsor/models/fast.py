@@ -28,6 +28,21 @@ WHITEN_EPS = 5e-4  # added to the patch-covariance eigenvalues before the invers
 WHITEN_SAMPLES = 5000  # training images whose patches give the covariance
 
 
+def patch_rows(x: torch.Tensor) -> torch.Tensor:
+    """The ``PATCH x PATCH`` patches of images ``x`` [N, C, H, W], stride 1, as float64 rows
+    [N * (H-1) * (W-1), C * PATCH**2], each ordered (channel, row, column) as a whitening filter is."""
+    c = x.shape[1]
+    patches = x.double().unfold(2, PATCH, 1).unfold(3, PATCH, 1)  # [N, C, H-1, W-1, P, P]
+    return patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * PATCH * PATCH)
+
+
+def patch_directions(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eigenvalues (ascending) and eigenvectors (columns) of the patch covariance of images
+    ``x`` [N, C, H, W] (second moments: normalised images have a mean near zero)."""
+    rows = patch_rows(x)
+    return torch.linalg.eigh(rows.T @ rows / len(rows))
+
+
 class PatchWhitening(nn.Module):
     """A frozen ``PATCH x PATCH`` convolution that whitens image patches, and a learned bias.
 
@@ -60,10 +75,7 @@ class PatchWhitening(nn.Module):
     def fit(self, x: torch.Tensor) -> None:
         """Whitening filters from the 2x2 patches of normalised images ``x`` [N, C, H, W]."""
         c = x.shape[1]
-        patches = x.double().unfold(2, PATCH, 1).unfold(3, PATCH, 1)  # [N, C, H-1, W-1, P, P]
-        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * PATCH * PATCH)
-        covariance = patches.T @ patches / len(patches)
-        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+        eigenvalues, eigenvectors = patch_directions(x)  # ascending
         kept = self.out_channels // 2
         eigenvalues, eigenvectors = eigenvalues[-kept:], eigenvectors[:, -kept:]
         filters = eigenvectors.T / torch.sqrt(eigenvalues.clamp_min(0) + WHITEN_EPS)[:, None]

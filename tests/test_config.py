@@ -55,6 +55,14 @@ def test_int_accepted_for_float():
          "model.whiten_directions = 13 is more than the 12 directions of a 2x2 patch of cifar10"),
         ({"data": {"name": "mnist"}, "model": {"whiten_directions": 5}}, "more than the 4 directions"),
         ({"model": {"whiten_directions": -1}}, "model.whiten_directions = -1 is out of range"),
+        ({"data": {"flip": "sometimes"}}, "data.flip = 'sometimes' is not one of"),
+        ({"data": {"padding": "edge"}}, "data.padding = 'edge' is not one of"),
+        ({"data": {"name": "mnist", "flip": "alternate"}}, "data.flip = 'alternate' has no flips to order"),
+        ({"data": {"name": "cifar10", "augment": "none", "flip": "alternate"}}, "has no flips to order"),
+        ({"data": {"name": "mnist", "padding": "reflect"}}, "data.padding = 'reflect' has no translations to pad"),
+        ({"data": {"name": "cifar10", "crop_padding": 0, "padding": "reflect"}}, "has no translations to pad"),
+        ({"data": {"name": "cifar10", "crop_padding": 32, "padding": "reflect"}},
+         "data.padding = 'reflect' needs data.crop_padding below the 32-pixel side"),
     ],
 )
 def test_errors_name_the_problem(raw, fragment):

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from repulsor.data import download, load
-from repulsor.data import DATASETS, SPLITS, augment, default_augmentation, load_dataset
+from repulsor.data import (DATASETS, SPLITS, alternating_flips, augment, configured_augmentation,
+                           default_augmentation, load_dataset)
 from repulsor.errors import UserError
 
 
@@ -498,6 +499,62 @@ def test_augment_crops_are_windows_of_the_padded_image():
         assert len(matches) == 1
         offsets.add(matches[0][:2])
     assert len(offsets) > 3  # offsets actually vary across the batch
+
+
+def test_augment_reflect_padding_crops_windows_of_the_reflected_image():
+    p = 2
+    x = torch.rand(12, 3, 6, 6, generator=torch.Generator().manual_seed(0)) + 0.1
+    out = augment(x, generator=torch.Generator().manual_seed(5), crop_padding=p, flip=False, padding="reflect")
+    padded = torch.nn.functional.pad(x, (p, p, p, p), mode="reflect")
+    assert padded[0, 0, 0, 0] == x[0, 0, 2, 2]  # reflect mirrors about the edge pixel
+    assert (out > 0.05).all()  # no black border anywhere
+    offsets = set()
+    for o, xp in zip(out, padded):
+        matches = [(dy, dx) for dy in range(2 * p + 1) for dx in range(2 * p + 1)
+                   if torch.equal(o, xp[:, dy : dy + 6, dx : dx + 6])]
+        assert len(matches) == 1
+        offsets.add(matches[0])
+    assert len(offsets) > 3
+    same_draws = augment(x, generator=torch.Generator().manual_seed(5), crop_padding=p, flip=False)
+    zero_border = (same_draws == 0).flatten(1).any(1)  # the same offsets with zero padding
+    assert torch.equal(zero_border, ~(out == same_draws).flatten(1).all(1))
+    with pytest.raises(UserError, match="padding must be one of zeros, reflect"):
+        augment(x, generator=torch.Generator(), padding="edge")
+    with pytest.raises(UserError, match="reflect padding needs images larger than 6"):
+        augment(x, generator=torch.Generator(), crop_padding=6, padding="reflect")
+
+
+def test_augment_mirrors_exactly_the_images_it_is_told():
+    x = torch.rand(8, 2, 5, 7, generator=torch.Generator().manual_seed(0))
+    mirrored = torch.tensor([True, False, False, True, True, False, True, False])
+    out = augment(x, generator=torch.Generator().manual_seed(0), crop_padding=0, mirrored=mirrored)
+    for o, i, m in zip(out, x, mirrored):
+        assert torch.equal(o, i.flip(-1) if m else i)
+    # Given flips draw no flips: the crops are those of a random-flip batch with the same seed.
+    a = augment(x, generator=torch.Generator().manual_seed(3), crop_padding=2, mirrored=torch.zeros(8, dtype=torch.bool))
+    b = augment(x, generator=torch.Generator().manual_seed(3), crop_padding=2, flip=False)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="mirrored must be a bool tensor"):
+        augment(x, generator=torch.Generator(), flip=False, mirrored=mirrored)
+    with pytest.raises(ValueError, match="mirrored must be a bool tensor"):
+        augment(x, generator=torch.Generator(), mirrored=mirrored[:4])
+
+
+def test_alternating_flips_show_every_image_both_ways_in_two_epochs():
+    first = torch.rand(1000, generator=torch.Generator().manual_seed(0)) < 0.5
+    assert torch.equal(alternating_flips(first, 0), first) and torch.equal(alternating_flips(first, 4), first)
+    assert torch.equal(alternating_flips(first, 1), ~first) and torch.equal(alternating_flips(first, 7), ~first)
+    assert 400 < int(first.sum()) < 600
+
+
+def test_configured_augmentation_reads_the_data_settings():
+    assert configured_augmentation("cifar10", "auto", 4) == {"crop_padding": 4, "flip": True, "padding": "zeros"}
+    assert configured_augmentation("cifar10", "crop_flip", 2, "reflect") == {"crop_padding": 2, "flip": True,
+                                                                             "padding": "reflect"}
+    assert configured_augmentation("mnist", "auto", 4) == {"crop_padding": 0, "flip": False}
+    assert configured_augmentation("mnist", "crop_flip", 3) == {"crop_padding": 3, "flip": True, "padding": "zeros"}
+    assert configured_augmentation("cifar10", "none", 4) == {"crop_padding": 0, "flip": False}
+    assert configured_augmentation("cifar10", "crop_flip", 0)["flip"]
 
 
 # ----------------------------------------------------------------------------- shared data

@@ -162,3 +162,9 @@ def test_a_setting_added_later_keeps_earlier_fingerprints_at_its_default():
     assert store.fingerprint(now, None) == store.fingerprint(earlier, None)
     now["model"]["whiten_directions"] = 6
     assert store.fingerprint(now, None) != store.fingerprint(earlier, None)
+    now["model"]["whiten_directions"] = 0
+    earlier["data"] = {"name": "cifar10"}
+    now["data"] = {"name": "cifar10", "padding": "zeros", "flip": "random"}  # added in 0.5.2
+    assert store.fingerprint(now, None) == store.fingerprint(earlier, None)
+    for key, value in (("padding", "reflect"), ("flip", "alternate")):
+        assert store.fingerprint({**now, "data": {**now["data"], key: value}}, None) != store.fingerprint(earlier, None)

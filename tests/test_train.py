@@ -199,7 +199,7 @@ def test_lookahead_pulls_towards_the_slow_weights():
 @pytest.mark.slow
 def test_fast_cifar_recipe_trains_and_resumes_exactly(tmp_path, shared_data):
     """The fast recipe's pieces together (whitening fit, bias groups, lookahead, label smoothing,
-    translations) on a Fashion-MNIST subset: interrupted inside epoch 2 and resumed, the run ends
+    reflect-padded translations, alternating flips) on a Fashion-MNIST subset: interrupted inside epoch 2 and resumed, the run ends
     with exactly the weights of an uninterrupted one (the lookahead's slow weights are in the
     checkpoint)."""
     import os
@@ -210,7 +210,7 @@ def test_fast_cifar_recipe_trains_and_resumes_exactly(tmp_path, shared_data):
     from repulsor.errors import Interrupted
 
     raw = {"data": {"name": "fashion_mnist", "data_dir": str(shared_data / "fashion_mnist"), "train_subset": 2048,
-                    "augment": "crop_flip", "crop_padding": 2},
+                    "augment": "crop_flip", "crop_padding": 2, "padding": "reflect", "flip": "alternate"},
            "model": {"name": "fast_cifar", "width": 0.125},
            "train": {"method": "ce", "epochs": 2, "batch_size": 64, "lr": 1.5, "lr_min": 0.1, "warmup": 0.23,
                      "momentum": 0.85, "nesterov": True, "weight_decay": 2e-6, "bias_lr_scale": 64.0,

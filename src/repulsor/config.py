@@ -32,6 +32,8 @@ class DataConfig:
     split_seed: int = 0
     augment: str = "auto"  # auto (crop+flip for CIFAR, none otherwise) | none | crop_flip
     crop_padding: int = 4  # crop_flip (and auto on CIFAR): translations of up to this many pixels
+    padding: str = "zeros"  # what the translations bring in at the border: zeros | reflect
+    flip: str = "random"  # random (a fresh half each epoch) | alternate (each image mirrored every other epoch)
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,8 @@ def _metric_names() -> tuple:
 CHOICES = {
     ("data", "name"): _dataset_names,
     ("data", "augment"): ("auto", "none", "crop_flip"),
+    ("data", "padding"): ("zeros", "reflect"),
+    ("data", "flip"): ("random", "alternate"),
     ("model", "name"): _model_names,
     ("prototypes", "metric"): _metric_names,
     ("prototypes", "distance"): ("cosine", "linf", "l2"),  # of the heads' distances, those a prototype run may use
@@ -346,6 +350,20 @@ def _check_consistency(config: Config) -> None:
 
     if config.eval.suite not in SUITES:
         raise UserError(f"eval.suite = {config.eval.suite!r} is not one of {', '.join(SUITES)}")
+    from .data import configured_augmentation
+
+    d = config.data
+    augmented = configured_augmentation(d.name, d.augment, d.crop_padding)
+    if d.flip != "random" and not augmented["flip"]:
+        raise UserError(f"data.flip = {d.flip!r} has no flips to order: data.augment = {d.augment!r} does not mirror"
+                        f" {d.name} images; set data.augment = \"crop_flip\" or leave data.flip at \"random\"")
+    if d.padding != "zeros" and not augmented["crop_padding"]:
+        raise UserError(f"data.padding = {d.padding!r} has no translations to pad: data.augment = {d.augment!r}"
+                        f" with crop_padding {d.crop_padding} does not crop {d.name} images; set data.augment ="
+                        " \"crop_flip\" and data.crop_padding >= 1, or leave data.padding at \"zeros\"")
+    if d.padding == "reflect" and augmented["crop_padding"] >= min(info.shape[1:]):
+        raise UserError(f"data.padding = 'reflect' needs data.crop_padding below the {min(info.shape[1:])}-pixel"
+                        f" side of {d.name} images, got {augmented['crop_padding']}")
     directions = info.shape[0] * 4  # fast_cifar's 2x2 patches of C channels
     if config.model.whiten_directions > directions:
         raise UserError(f"model.whiten_directions = {config.model.whiten_directions} is more than the {directions}"

@@ -24,12 +24,12 @@ Modules, lowest first:
 * ``locate``: which files of a folder hold a part, in which format; the missing-file error.
 * ``readers``: decoding .npz, IDX, CIFAR pickles and archives into validated arrays.
 * ``load``: the data folder, the decode cache, digits, the train/val split; ``load_dataset``.
-* ``augmentation``: ``augment`` and ``default_augmentation``.
+* ``augmentation``: ``augment``, ``default_augmentation``, ``configured_augmentation``, ``alternating_flips``.
 """
 
 from __future__ import annotations
 
-from .augmentation import augment, default_augmentation
+from .augmentation import alternating_flips, augment, configured_augmentation, default_augmentation
 from .download import download_dataset
 from .load import load_dataset
 from .registry import DATASETS, SPLITS, DatasetInfo
@@ -40,6 +40,8 @@ __all__ = [
     "SPLITS",
     "load_dataset",
     "download_dataset",
+    "alternating_flips",
     "augment",
+    "configured_augmentation",
     "default_augmentation",
 ]

@@ -35,7 +35,8 @@ from .layout import CONFIG, LOCK, LOG, MODEL, PROTOTYPES, RESULTS, TRAINING  # C
 _NOT_FINGERPRINTED = {"eval": None, "data": ("data_dir", "test_dir"), "prototypes": ("file",), "train": ("device",)}
 # Settings added after fingerprints were introduced (0.4.0) enter the fingerprint only when they differ
 # from their default, so that the weights of earlier runs keep theirs.
-_FINGERPRINTED_UNLESS = {("model", "centre_features"): True, ("model", "whiten_directions"): 0}
+_FINGERPRINTED_UNLESS = {("model", "centre_features"): True, ("model", "whiten_directions"): 0,
+                         ("data", "padding"): "zeros", ("data", "flip"): "random"}
 
 
 def decides_weights(section: str, key: str) -> bool:

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import Config, load_config, resolve_paths
-from ..data import DATASETS, augment, default_augmentation, load_dataset
+from ..data import DATASETS, alternating_flips, augment, configured_augmentation, load_dataset
 from ..errors import Interrupted, UserError
 from ..models import build_for_method, fit_to_data
 from ..prototypes import check_prototypes, generate_prototypes, load_prototypes, mmc_centres
@@ -100,6 +100,7 @@ class Loop:
     y_val: torch.Tensor
     steps_per_epoch: int
     augmentation: dict  # keyword arguments of ``data.augment``
+    first_flips: torch.Tensor | None  # data.flip = "alternate": the images mirrored in even epochs
     device: torch.device
     group: ProcessGroup
     started: float  # time.time() when this process began training
@@ -196,11 +197,14 @@ def _start(cfg: Config, out: Path, *, resume: bool, quiet: bool, tensorboard: bo
     if group.distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    augmentation = _augmentation(cfg)
+    d = cfg.data
+    augmentation = configured_augmentation(d.name, d.augment, d.crop_padding, d.padding)
+    first_flips = _first_flips(cfg, augmentation, len(x_train))
     writer = tensorboard_writer(out, tensorboard, group)
     loop = Loop(cfg=cfg, out=out, model=model, train_model=train_model, optimizer=optimizer, scaler=scaler,
                 lookahead=lookahead, method=method, amp_dtype=amp_dtype, x_train=x_train, y_train=y_train,
-                x_val=x_val, y_val=y_val, steps_per_epoch=steps_per_epoch, augmentation=augmentation, device=device,
+                x_val=x_val, y_val=y_val, steps_per_epoch=steps_per_epoch, augmentation=augmentation,
+                first_flips=first_flips, device=device,
                 group=group, started=time.time(), quiet=quiet, writer=writer)
     return loop, state
 
@@ -238,13 +242,11 @@ def _precision(precision: str, device: torch.device, group: ProcessGroup):
     return amp_dtype
 
 
-def _augmentation(cfg: Config) -> dict:
-    if cfg.data.augment == "none":
-        return {"crop_padding": 0, "flip": False}
-    if cfg.data.augment == "crop_flip":
-        return {"crop_padding": cfg.data.crop_padding, "flip": True}
-    aug = default_augmentation(cfg.data.name)
-    return {**aug, "crop_padding": cfg.data.crop_padding} if aug["crop_padding"] else aug
+def _first_flips(cfg: Config, augmentation: dict, n_train: int) -> torch.Tensor | None:
+    """The images mirrored in epoch 0 under ``data.flip = "alternate"`` (None otherwise)."""
+    if cfg.data.flip != "alternate" or not augmentation["flip"]:
+        return None
+    return torch.rand(n_train, generator=generator(cfg.train.seed, "flips")) < 0.5
 
 
 def _restore(out: Path, group: ProcessGroup, model, optimizer, scaler, lookahead) -> State:
@@ -305,13 +307,15 @@ def _run_epoch(loop: Loop, state: State, stop: _StopSignal) -> None:
     epoch, batch = state.epoch, t.batch_size
     order = torch.randperm(len(loop.x_train), generator=generator(t.seed, "order", epoch))
     aug_gen = generator(t.seed, "augment", epoch)
+    flips = None if loop.first_flips is None else alternating_flips(loop.first_flips, epoch)
     # Draw the augmentations of skipped steps too, so a resumed epoch sees the same crops.
     bar = tqdm(total=steps_per_epoch, initial=state.step, disable=loop.quiet or not group.is_main,
                desc=f"epoch {epoch + 1}/{t.epochs}", unit="step", leave=False, dynamic_ncols=True)
     loop.model.train()
     for step in range(steps_per_epoch):
         index = order[step * batch : (step + 1) * batch]
-        x_cpu = augment(loop.x_train[index], generator=aug_gen, **loop.augmentation)
+        x_cpu = augment(loop.x_train[index], generator=aug_gen, mirrored=None if flips is None else flips[index],
+                        **loop.augmentation)
         if step < state.step:
             continue
         x = _to_device(x_cpu[group.rank :: group.world_size], loop.device, t.channels_last)

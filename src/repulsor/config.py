@@ -141,6 +141,18 @@ def _model_names() -> tuple:
     return tuple(MODELS)
 
 
+def _paddings() -> tuple:
+    from .data.augmentation import PADDINGS
+
+    return PADDINGS
+
+
+def _flips() -> tuple:
+    from .data.augmentation import FLIPS
+
+    return FLIPS
+
+
 def _norm_names() -> tuple:
     from .attacks.geometry import GEOMETRIES
 
@@ -157,8 +169,8 @@ def _metric_names() -> tuple:
 CHOICES = {
     ("data", "name"): _dataset_names,
     ("data", "augment"): ("auto", "none", "crop_flip"),
-    ("data", "padding"): ("zeros", "reflect"),
-    ("data", "flip"): ("random", "alternate"),
+    ("data", "padding"): _paddings,
+    ("data", "flip"): _flips,
     ("model", "name"): _model_names,
     ("prototypes", "metric"): _metric_names,
     ("prototypes", "distance"): ("cosine", "linf", "l2"),  # of the heads' distances, those a prototype run may use

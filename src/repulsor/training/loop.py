@@ -199,7 +199,7 @@ def _start(cfg: Config, out: Path, *, resume: bool, quiet: bool, tensorboard: bo
             model, device_ids=[device.index] if device.type == "cuda" else None)
     d = cfg.data
     augmentation = configured_augmentation(d.name, d.augment, d.crop_padding, d.padding)
-    first_flips = _first_flips(cfg, augmentation, len(x_train))
+    first_flips = _first_flips(cfg, len(x_train))
     writer = tensorboard_writer(out, tensorboard, group)
     loop = Loop(cfg=cfg, out=out, model=model, train_model=train_model, optimizer=optimizer, scaler=scaler,
                 lookahead=lookahead, method=method, amp_dtype=amp_dtype, x_train=x_train, y_train=y_train,
@@ -242,9 +242,10 @@ def _precision(precision: str, device: torch.device, group: ProcessGroup):
     return amp_dtype
 
 
-def _first_flips(cfg: Config, augmentation: dict, n_train: int) -> torch.Tensor | None:
-    """The images mirrored in epoch 0 under ``data.flip = "alternate"`` (None otherwise)."""
-    if cfg.data.flip != "alternate" or not augmentation["flip"]:
+def _first_flips(cfg: Config, n_train: int) -> torch.Tensor | None:
+    """The images mirrored in epoch 0 under ``data.flip = "alternate"`` (None otherwise; the
+    config refuses alternate flips where the augmentation has none)."""
+    if cfg.data.flip != "alternate":
         return None
     return torch.rand(n_train, generator=generator(cfg.train.seed, "flips")) < 0.5
 

@@ -117,10 +117,13 @@ def test_prototype_scores_match_direct_computation(distance):
         "l2": -diff.norm(dim=2),
         "linf": -diff.abs().amax(dim=2),
         "sqeuclid": -(diff ** 2).sum(2),
+        # the authors' code's rules: the output divided by its L-inf / L2 norm, dotted with raw prototypes
+        "dot_linf": (z / z.abs().amax(1, keepdim=True)) @ P.T,
+        "dot_l2": (z / z.norm(dim=1, keepdim=True)) @ P.T,
     }[distance]
     torch.testing.assert_close(s, direct, rtol=1e-4, atol=1e-4)
     assert torch.equal(s.argmax(1), direct.argmax(1))
-    if distance != "cosine":
+    if distance in ("l2", "linf", "sqeuclid"):
         nearest = {"l2": diff.norm(dim=2), "sqeuclid": diff.norm(dim=2),
                    "linf": diff.abs().amax(dim=2)}[distance].argmin(1)
         assert torch.equal(s.argmax(1), nearest)

@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "a user mistake prints one line and exits with status 2.")
     parser.add_argument("--version", action="version", version=f"repulsor {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_demo_parser, _train_parser, _evaluate_parser, _analyse_parser, _prototypes_parser, _compare_parser,
-                _report_parser, _export_parser):
+    for add in (_demo_parser, _train_parser, _evaluate_parser, _diagnose_parser, _analyse_parser, _prototypes_parser,
+                _compare_parser, _report_parser, _export_parser):
         add(sub)  # one function per command, in the order of --help
     return parser
 
@@ -96,13 +96,32 @@ def _evaluate_parser(sub) -> None:
                                "  repulsor evaluate runs/mnist-prototype --surrogate runs/mnist-ce\n"
                                "Ctrl-C keeps the attacks already finished: run the same command again to continue.")
     ev.add_argument("run", help="run folder written by repulsor train")
-    ev.add_argument("--suite", help="quick | paper | standard | adaptive | rand (default: the run's eval.suite;"
+    ev.add_argument("--suite", help="quick | margin | paper | standard | adaptive | rand (default: the run's eval.suite;"
                     " rand: EOT attacks for a randomised model)")
     ev.add_argument("--surrogate", metavar="RUN", help="another run whose model crafts a transfer attack, added at"
                     " the end of the cascade (for a model without useful gradients)")
     ev.add_argument("--norm", choices=("linf", "l2"), help="threat model (default: the run's eval.norm)")
     ev.add_argument("--batch-size", type=int, help="examples per attack call (default: the run's eval.batch_size)")
     _add_common(ev, sets="the run's config for this command (eval.* and data folders)")
+
+
+def _diagnose_parser(sub) -> None:
+    from .evaluation.protocols import LOSS_SETTINGS, PROTOCOLS, QUIRKS
+
+    dg = sub.add_parser("diagnose", formatter_class=_formatter,
+                        help="reproduce one of the authors' flawed evaluation paths (diagnosis, not robustness)",
+                        epilog="examples:\n  repulsor diagnose runs/code-linf --protocol authors-path-b --loss inf\n"
+                               "  repulsor diagnose runs/code-linf --protocol authors-path-b --loss inf --off fp16,mismatch\n"
+                               "  repulsor diagnose runs/code-linf --protocol authors-transfer --loss inf --surrogate runs/ce\n"
+                               "these paths reproduce the protocol of Serban et al.'s public code, quirks included, to\n"
+                               "find where its numbers come from; measure robustness with repulsor evaluate --suite standard.")
+    dg.add_argument("run", help="run folder written by repulsor train")
+    dg.add_argument("--protocol", required=True, help=f"one of {', '.join(p.split(':', 1)[1] for p in PROTOCOLS)}")
+    dg.add_argument("--loss", required=True, help=f"the code's loss setting the attack maximises: {', '.join(LOSS_SETTINGS)}"
+                    " (ce for a model with a linear head)")
+    dg.add_argument("--off", default="", help=f"comma-separated quirks to switch off: {', '.join(QUIRKS)}")
+    dg.add_argument("--surrogate", metavar="RUN", help="the cross-entropy run the transfer path crafts its examples on")
+    _add_common(dg, sets="the run's config for this command (eval.* and data folders)")
 
 
 def _analyse_parser(sub) -> None:
@@ -276,6 +295,21 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_diagnose(args) -> int:
+    from .evaluation.run import diagnose_run
+
+    off = tuple(q.strip() for q in args.off.split(",") if q.strip())
+    r = diagnose_run(args.run, protocol=args.protocol, loss=args.loss, off=off, n=args.n, eps=args.eps, seed=args.seed,
+                     surrogate=args.surrogate, device=args.device or "auto", overrides=args.set)
+    print(f"{r['protocol']} (a reproduction of a flawed protocol, not a robustness measure), loss setting {r['loss']},"
+          f" quirks off: {', '.join(r['off']) or 'none'}; first {r['n']} test points, eps = {r['eps']:.4g}")
+    print(f"  clean accuracy (the model's own rule): {r['clean_accuracy']:.4f}")
+    print(f"  as the path feeds and scores it:       {r['accuracy_as_fed']:.4f}; after its clamp {r['accuracy_at_start']:.4f}")
+    print(f"  after the path's PGD-{r['switches']['steps']}:                 {r['accuracy']:.4f}"
+          f" (pooled over all points {r['accuracy_pooled']:.4f}; {r['seconds']:.1f}s)")
+    return 0
+
+
 def cmd_analyse(args) -> int:
     from .analyses import analyse_run, summary_lines
 
@@ -340,6 +374,7 @@ CONTINUE = {
     "demo": "run the same command again to continue",
     "train": "run the same command again",
     "evaluate": "the attacks already finished are saved; run the same command again to continue",
+    "diagnose": "nothing was written; run the same command again",
     "analyse": "nothing was written; run the same command again",
     "prototypes": "nothing was written; run the same command again",
     "compare": "finished runs and suites are saved; run the same command again to continue",
@@ -347,7 +382,8 @@ CONTINUE = {
     "export": "nothing was written; run the same command again",
 }
 
-COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "prototypes": cmd_prototypes,
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "diagnose": cmd_diagnose,
+            "prototypes": cmd_prototypes,
             "compare": cmd_compare, "report": cmd_report, "export": cmd_export, "analyse": cmd_analyse}
 
 

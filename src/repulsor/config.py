@@ -44,16 +44,17 @@ class ModelConfig:
     widen_factor: int = 10  # wrn only
     centre_features: bool = True  # fast_cifar only: batch-normalise the pooled features (no scale, no shift)
     whiten_directions: int = 0  # fast_cifar only: keep the largest N of the C*4 patch directions (0 = all)
+    normalize: bool = True  # the data set's mean/std as the model's first layer; false: raw [0, 1] pixels (the authors' code)
 
 
 @dataclass(frozen=True)
 class PrototypeConfig:
     dim: int = 100  # output dimension D
-    metric: str = "linf"  # separation metric of Eq. 5: linf | l2 | cosine
+    metric: str = "linf"  # separation metric of Eq. 5: linf | l2 | cosine | linf_sum (the authors' code: unbounded)
     epochs: int = 100
     lr: float = 0.01
     seed: int = 0
-    distance: str = "cosine"  # training loss and decision rule: cosine (Eq. 6) | linf (authors' code) | l2
+    distance: str = "cosine"  # decision rule (and, with train.objective = "rule", the loss): cosine (Eq. 6) | linf | l2 | dot_linf | dot_l2 (the authors' code's rules)
     file: str = ""  # load prototypes from this safetensors file instead of generating them
 
 
@@ -68,6 +69,7 @@ class TrainConfig:
     schedule: str = "cyclic"  # cyclic | onecycle | multistep | constant
     milestones: list[int] = field(default_factory=list)  # multistep, in epochs
     gamma: float = 0.1  # multistep decay factor
+    optimizer: str = "sgd"  # sgd | adam (AdamW: decoupled weight decay; momentum is its beta1)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
@@ -88,6 +90,9 @@ class TrainConfig:
     trades_beta: float = 6.0
     pcl_weight: float = 1.0  # pcl: weight of the conformity loss next to cross-entropy
     pcl_push: float = 1e-4  # pcl: weight of the push from other centres (Mustafa et al.'s code)
+    # Prototype heads: the training loss. "rule": the one the decision rule defines (Eq. 6 for cosine,
+    # the distance to p_y otherwise); the authors' code's two: linf_distance ("inf") | batch_cosine ("mean").
+    objective: str = "rule"
     # Model selection on the validation split (never on the test split).
     early_stopping: bool = False
     patience: int = 10
@@ -153,6 +158,18 @@ def _flips() -> tuple:
     return FLIPS
 
 
+def _objective_names() -> tuple:
+    from .training.methods import OBJECTIVES
+
+    return OBJECTIVES
+
+
+def _rule_names() -> tuple:
+    from .models.heads import DISTANCES
+
+    return tuple(d for d in DISTANCES if d != "sqeuclid")  # sqeuclid is MMC's own
+
+
 def _norm_names() -> tuple:
     from .attacks.geometry import GEOMETRIES
 
@@ -173,7 +190,9 @@ CHOICES = {
     ("data", "flip"): _flips,
     ("model", "name"): _model_names,
     ("prototypes", "metric"): _metric_names,
-    ("prototypes", "distance"): ("cosine", "linf", "l2"),  # of the heads' distances, those a prototype run may use
+    ("prototypes", "distance"): _rule_names,
+    ("train", "objective"): _objective_names,
+    ("train", "optimizer"): ("sgd", "adam"),
     ("train", "schedule"): ("cyclic", "onecycle", "multistep", "constant"),
     ("train", "precision"): ("auto", "fp32", "bf16", "fp16"),
     ("train", "norm"): _norm_names,
@@ -352,6 +371,13 @@ def _check_consistency(config: Config) -> None:
         if loss.startswith("proto_") and not METHODS[method].uses_prototypes:
             raise UserError(f"train.val_losses: {loss} attacks a prototype head, and {method} has none; in a compare"
                             " config, set it under [method.NAME.train] for the prototype methods")
+    rule = METHODS[method].distance or config.prototypes.distance
+    if METHODS[method].uses_prototypes and rule.startswith("dot_") and config.train.objective == "rule":
+        raise UserError(f"prototypes.distance = {rule!r} is a decision rule with no loss of its own: set train.objective"
+                        " to linf_distance or batch_cosine (the authors' code's two losses)")
+    if config.train.objective != "rule" and not METHODS[method].uses_prototypes:
+        raise UserError(f"train.objective = {config.train.objective!r} is a loss of prototype heads, and {method} has"
+                        " none: leave it at \"rule\"")
     if METHODS[method].uses_prototypes and config.prototypes.dim < info.num_classes:
         raise UserError(
             f"prototypes.dim = {config.prototypes.dim} is smaller than the {info.num_classes} classes of"

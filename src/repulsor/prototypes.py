@@ -14,6 +14,13 @@ nearly collinear prototypes for k=100, D=500), so every metric here lives on a b
 Nearest-neighbour objectives raise the *smallest* separation, which is what bounds the margin
 between classes; a mean of all distances can grow while two prototypes stay close.
 
+One more metric reproduces the authors' public code for diagnosis, never as a default:
+
+- ``linf_sum``: initialised uniformly in [-1, 1]^D (seeded here; the code is unseeded), then
+  plain SGD with momentum 0.9 at a constant step on minus the sum of the L-inf distances of all
+  distinct pairs, without any projection. Coordinates grow without bound (about +-77 after
+  100 steps for k=10, D=100, the code's "about +-73" up to the unseeded draw).
+
 MMC's prototypes are not searched for: ``mmc_centres`` places them as a regular simplex.
 """
 
@@ -29,7 +36,8 @@ import torch.nn.functional as F
 from .store.files import atomic_write_bytes
 from .errors import UserError
 
-METRICS = ("cosine", "l2", "linf")
+METRICS = ("cosine", "l2", "linf", "linf_sum")
+UNBOUNDED = ("linf_sum",)  # the authors' code's generation: no projection, no best-iterate choice
 
 # Temperature of the soft minimum, in distance units (distances here lie in [0, 2]). Small
 # enough to track the nearest neighbour, large enough that the few next-nearest also push,
@@ -87,12 +95,17 @@ def _loss(P: torch.Tensor, metric: str) -> torch.Tensor:
         # On the sphere |u - v|^2 = 2 - 2 cos; the clamp keeps sqrt's gradient finite.
         sq = (2.0 - 2.0 * (U @ U.T)).clamp_min(1e-12)
         d = sq.sqrt().masked_fill(diag, math.inf)
+    elif metric == "linf_sum":
+        # The authors' objective: every distinct pair once, no nearest-neighbour weighting.
+        return -torch.triu(torch.cdist(P, P, p=math.inf), diagonal=1).sum()
     else:
         d = torch.cdist(P, P, p=math.inf).masked_fill(diag, math.inf)
     return -_softmin_rows(d, _SOFTMIN_TAU).sum()
 
 
 def _project(P: torch.Tensor, metric: str) -> torch.Tensor:
+    if metric in UNBOUNDED:
+        return P
     if metric == "linf":
         return P.clamp(-1.0, 1.0)
     return F.normalize(P, dim=1)
@@ -111,14 +124,16 @@ def generate_prototypes(num_classes: int, dim: int, *, metric: str = "linf", epo
     Args:
         num_classes: k >= 2, one prototype per class.
         dim: D >= 2, the output size of the network.
-        metric: ``"cosine"`` or ``"l2"`` (unit sphere) or ``"linf"`` (box [-1, 1]^D).
+        metric: ``"cosine"`` or ``"l2"`` (unit sphere) or ``"linf"`` (box [-1, 1]^D); or
+            ``"linf_sum"``, the authors' code's unbounded generation (constant step, no
+            projection, the last iterate), for diagnosis only.
         epochs: number of gradient steps (>= 0; 0 returns the random initialisation).
         lr: initial step size (> 0); the paper uses 0.01 for 100 epochs.
         seed: seed of the initialisation.
 
     Returns:
         Tensor [k, D], float32, on the CPU. Rows have unit L2 norm for cosine and l2;
-        every coordinate lies in [-1, 1] for linf.
+        every coordinate lies in [-1, 1] for linf; linf_sum is unbounded.
     """
     _validate(num_classes, dim, metric, epochs, lr, seed)
     # The caller may hold no_grad or inference_mode (e.g. inside an evaluation); the descent
@@ -126,7 +141,7 @@ def generate_prototypes(num_classes: int, dim: int, *, metric: str = "linf", epo
     with torch.inference_mode(False), torch.enable_grad():
         gen = torch.Generator(device=_CPU).manual_seed(int(seed))
         shape = (int(num_classes), int(dim))
-        if metric == "linf":
+        if metric in ("linf", "linf_sum"):
             P = torch.rand(shape, generator=gen, dtype=torch.float32, device=_CPU) * 2.0 - 1.0
         else:
             # A normalised Gaussian is uniform on the sphere.
@@ -134,17 +149,18 @@ def generate_prototypes(num_classes: int, dim: int, *, metric: str = "linf", epo
 
         best, best_loss = P, math.inf
         velocity = torch.zeros_like(P)
+        unbounded = metric in UNBOUNDED
         for step in range(int(epochs) + 1):
             P = P.detach().requires_grad_(True)
             loss = _loss(P, metric)
             value = float(loss.detach())
-            if value < best_loss:
+            if value < best_loss or unbounded:  # the code keeps its last iterate
                 best, best_loss = P.detach(), value
             if step == epochs:
                 break
             (grad,) = torch.autograd.grad(loss, P)
             velocity = _MOMENTUM * velocity + grad
-            step_size = float(lr) * 0.5 * (1.0 + math.cos(math.pi * step / epochs))
+            step_size = float(lr) if unbounded else float(lr) * 0.5 * (1.0 + math.cos(math.pi * step / epochs))
             P = _project(P.detach() - step_size * velocity, metric)
     return best.detach().clone()
 

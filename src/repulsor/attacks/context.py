@@ -48,17 +48,34 @@ def evaluating(model: nn.Module):
             param.requires_grad_(flag)
 
 
-def check_attack_inputs(x, y, eps, norm: str, *, ndim: int | None = None):
+def check_attack_inputs(x, y, eps, norm: str, *, ndim: int | None = None, per_coordinate: bool = False):
     """The checks every attack call starts with; returns ``(x, y, geometry(norm), eps)``.
 
     ``x`` comes back detached, ``y`` as int64 on ``x.device`` (losses and ``one_hot`` need
     int64 labels), ``eps`` as a float. Raises ``UserError`` for an unknown norm, malformed
     images or labels (``check_images``) or an ``eps`` that is not a finite number >= 0.
+    With ``per_coordinate`` (PGD only), ``eps`` may also be a tensor broadcastable to ``x``
+    for the L-inf ball: one radius per coordinate, returned expanded to ``x``'s shape.
     """
     geom = geometry(norm)
     check_images(x, y, ndim=ndim)
-    eps = check_number("eps", eps)
+    if per_coordinate and torch.is_tensor(eps):
+        eps = check_radii(eps, x, norm)
+    else:
+        eps = check_number("eps", eps)
     return x.detach(), y.to(device=x.device, dtype=torch.int64), geom, eps
+
+
+def check_radii(eps: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
+    """An L-inf radius per coordinate: finite, >= 0, broadcastable to ``x``; expanded to its shape."""
+    if norm != "linf":
+        raise UserError(f"a radius per coordinate is an L-inf threat model; got norm {norm!r}")
+    if not eps.is_floating_point() or not torch.isfinite(eps).all() or (eps < 0).any():
+        raise UserError("eps per coordinate must be finite floats >= 0")
+    try:
+        return eps.detach().to(device=x.device, dtype=x.dtype).expand_as(x).clone()
+    except RuntimeError:
+        raise UserError(f"eps of shape {list(eps.shape)} does not broadcast to the images {list(x.shape)}") from None
 
 
 def check_images(x, y, *, ndim: int | None = None) -> None:

@@ -20,9 +20,12 @@ _TINY = 1e-12
 
 
 def _per_example(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Broadcast a scalar or a [N] tensor to shape [N, 1, 1, ...] matching ``like``."""
+    """Broadcast a scalar or a [N] tensor to shape [N, 1, 1, ...] matching ``like``; a tensor of
+    ``like``'s shape (an L-inf radius per coordinate, PGD only) is used as it is."""
     if not torch.is_tensor(value):
         return torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if value.shape == like.shape and like.dim() > 1:
+        return value.to(device=like.device, dtype=like.dtype)
     return value.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 

@@ -49,7 +49,10 @@ def pgd(
             scores [N, k]. Its mode is not touched: call inside ``with evaluating(model):``.
         x: clean images [N, C, H, W], float, values in [0, 1].
         y: true labels [N], int64.
-        eps: radius of the threat ball, in pixel units (8/255 = eight grey levels), >= 0.
+        eps: radius of the threat ball, in pixel units (8/255 = eight grey levels), >= 0. For
+            L-inf, also a tensor broadcastable to ``x``: a radius per coordinate, as a threat
+            model written in other units needs (the diagnostic protocols of
+            ``evaluation.protocols`` reproduce one in normalised units).
         alpha: step length, same units as ``eps``, > 0 (e.g. 2/255 for L-inf).
         steps: number of gradient steps, >= 0.
         norm: ``"linf"`` (default) or ``"l2"``.
@@ -75,7 +78,7 @@ def pgd(
     Returns:
         ``x_adv`` [N, C, H, W] on ``x.device``, or ``(x_adv, trace)`` with ``return_trace``.
     """
-    x, y, geom, eps = check_attack_inputs(x, y, eps, norm)
+    x, y, geom, eps = check_attack_inputs(x, y, eps, norm, per_coordinate=True)
     alpha = check_number("alpha", alpha, strict=True)
     steps = check_int("steps", steps, minimum=0)
     restarts = check_int("restarts", restarts, minimum=1)
@@ -96,7 +99,7 @@ def pgd(
             break
         run = _pgd_run(
             model, loss_fn, geom, x[active], y[active], None if targets is None else targets[active],
-            start[active], eps=eps, alpha=alpha, steps=steps, early_stop=early_stop,
+            start[active], eps=eps[active] if torch.is_tensor(eps) else eps, alpha=alpha, steps=steps, early_stop=early_stop,
             score_last=restarts > 1 or return_trace,
         )
         run_x, run_loss, run_fooled, run_trace = run
@@ -142,7 +145,8 @@ def _pgd_run(model, loss_fn, geom, x, y, targets, start, *, eps, alpha, steps, e
             if active.numel() == 0:
                 trace[t + 1 :] = trace[t]
                 return out_x, out_loss, out_fooled, trace
-        x_cur = geom.project(geom.step(x_cur, grad, alpha), x[active], eps)
+        radius = eps[active] if torch.is_tensor(eps) else eps
+        x_cur = geom.project(geom.step(x_cur, grad, alpha), x[active], radius)
     out_x[active], out_loss[active], out_fooled[active] = x_cur, loss, wrong
     return out_x, out_loss, out_fooled, trace
 

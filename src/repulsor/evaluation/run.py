@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 
 from ..config import Config, load_config, load_run_config
-from ..data import load_dataset
+from ..data import DATASETS, load_dataset
 from ..errors import UserError
 from ..runtime import init_process_group, resolve_device
 from ..store import run as store
 from .cascade import evaluate
+from .protocols import get_protocol, run_protocol
 from .suites import suite_specs
 
 
@@ -111,6 +112,41 @@ def evaluate_run(run_dir: str | Path, *, suite: str | None = None, n: int | None
         store.append_log(run_dir, f"evaluate {key}: n={len(y)} clean {result['clean_accuracy']:.4f}; {attacks};"
                          f" worst case {result['robust_accuracy']:.4f}")
         return merged
+
+
+def diagnostic_key(protocol: str, loss: str, off=()) -> str:
+    """Where ``diagnose_run`` records a protocol in ``results.json``'s ``diagnostics``."""
+    return f"{protocol}|{loss}" + (f"|off={','.join(sorted(off))}" if off else "")
+
+
+def diagnose_run(run_dir: str | Path, *, protocol: str, loss: str, off=(), n: int | None = None,
+                 eps: float | None = None, seed: int | None = None, surrogate: str | Path | None = None,
+                 device: str = "auto", overrides: list[str] = ()) -> dict:
+    """Run one of the authors' evaluation paths (``evaluation.protocols``, a diagnostic, never a
+    measure of robustness) on a run's first ``n`` test points and record it under
+    ``results.json``'s ``diagnostics``. Returns the result."""
+    run_dir = Path(run_dir)
+    name = get_protocol(protocol).name  # an unknown name fails before any work
+    cfg = load_run_config(run_dir, overrides)
+    n = cfg.eval.n if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"--n {n!r} is not allowed: it must be a whole number >= 1")
+    dev = resolve_device(device)
+    model = store.load_model(run_dir, device=dev)
+    source = None if surrogate is None else store.load_model(surrogate, device=dev)
+    info = DATASETS[cfg.data.name]
+    x, y, _ = load_test_split(cfg, n)
+    with store.locked(run_dir, "diagnose"):
+        result = run_protocol(model, x, y, protocol=name, loss=loss, off=tuple(off), mean=info.mean, std=info.std,
+                              eps=cfg.eval.eps if eps is None else eps, seed=cfg.eval.seed if seed is None else seed,
+                              surrogate=source, device=dev)
+        if surrogate is not None:
+            result["surrogate"] = str(Path(surrogate).resolve())
+        key = diagnostic_key(name, loss, off)
+        store.record_diagnostic(run_dir, key, result)
+        store.append_log(run_dir, f"diagnose {key} (a reproduction of a flawed protocol): n={len(y)} accuracy"
+                         f" {result['accuracy']:.4f} (at its start {result['accuracy_at_start']:.4f})")
+    return dict(result, key=key)
 
 
 def _combine_shards(result: dict, group, device, n_total: int) -> dict:

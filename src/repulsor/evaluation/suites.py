@@ -53,6 +53,9 @@ STANDARD = [
 SUITES: dict[str, list[AttackSpec]] = {
     # PGD-20, step eps/4 (2/255 at 8/255), random start, cross-entropy on the class scores.
     "quick": [_pgd("pgd-20", 20, "ce")],
+    # The same PGD-20 with the CW margin of the class scores: it aims at the decision rule
+    # whatever the scores' scale (a softmax over large scores saturates cross-entropy).
+    "margin": [_pgd("pgd-20 (cw)", 20, "cw")],
     # The paper's protocol: PGD-20 and PGD-100 with the loss the authors' code used (the
     # L-inf distance of f(x) to the true prototype; cross-entropy for linear heads), no restarts.
     "paper": [_pgd("pgd-20 (authors' loss)", 20, "paper"), _pgd("pgd-100 (authors' loss)", 100, "paper")],

@@ -141,7 +141,7 @@ def build_model(model_cfg, info, prototypes: torch.Tensor | None = None,
         out_dim = int(prototypes.shape[1])
 
     body = build_body(getattr(model_cfg, "name", None), **body_kwargs(model_cfg, info, out_dim))
-    network = Network(Normalize(info.mean, info.std), body)
+    network = Network(input_normalization(model_cfg, info), body)
     if pcl:
         if prototypes is not None:
             raise UserError("pcl learns its own centres on a linear-head network; do not pass prototypes")
@@ -149,6 +149,15 @@ def build_model(model_cfg, info, prototypes: torch.Tensor | None = None,
     if prototypes is None:
         return network
     return PrototypeClassifier(network, prototypes, distance)
+
+
+def input_normalization(model_cfg, info) -> Normalize:
+    """The model's first layer: the data set's mean/std, or (``model.normalize = false``, as the
+    authors' code trained) the identity, mean 0 and std 1, so the body sees raw [0, 1] pixels."""
+    if getattr(model_cfg, "normalize", True):
+        return Normalize(info.mean, info.std)
+    channels = int(info.shape[0])
+    return Normalize([0.0] * channels, [1.0] * channels)
 
 
 def _info_name(info) -> str:

@@ -14,7 +14,37 @@ from torch import nn
 
 from ..errors import UserError
 
-DISTANCES = ("cosine", "l2", "linf", "sqeuclid")
+# The decision rules of a prototype head. The first four classify by the nearest (or most
+# similar) prototype; the ``dot_*`` rules are the authors' code's (``hyper_proto.py``): the output
+# normalised in L-inf (``dot_linf``, its "inf" setting) or L2 (``dot_l2``, its "mean" setting),
+# then its dot product with the *unnormalised* prototypes, which is neither the nearest prototype
+# nor what that code's attack maximises. They are here to reproduce that code, never as defaults.
+DISTANCES = ("cosine", "l2", "linf", "sqeuclid", "dot_linf", "dot_l2")
+
+
+def rule_scores(z: torch.Tensor, prototypes: torch.Tensor, rule: str) -> torch.Tensor:
+    """Class scores [N, k] (float32, higher = more likely) of embeddings ``z`` [N, D] under the
+    decision rule ``rule`` (one of ``DISTANCES``) with prototypes [k, D].
+
+    Computed in float32 with autocast off: distances between nearby points in bf16 lose most of
+    their digits, and attacks need their gradients.
+    """
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z, P = z.float(), prototypes.float()
+        if rule == "cosine":
+            return F.normalize(z, dim=1) @ F.normalize(P, dim=1).T
+        if rule == "dot_linf":
+            return F.normalize(z, p=math.inf, dim=1) @ P.T
+        if rule == "dot_l2":
+            return F.normalize(z, dim=1) @ P.T
+        if rule == "l2":
+            return -torch.cdist(z, P)
+        if rule == "linf":
+            return -torch.cdist(z, P, p=math.inf)
+        if rule == "sqeuclid":
+            # The expanded form has the exact gradient 2 (p - z) and no square root.
+            return -((z * z).sum(1, keepdim=True) - 2.0 * (z @ P.T) + (P * P).sum(1))
+    raise UserError(f"unknown prototype rule {rule!r}; use one of {', '.join(DISTANCES)}")
 
 
 class Normalize(nn.Module):
@@ -69,8 +99,9 @@ class PrototypeClassifier(nn.Module):
     Args:
         network: maps [0, 1] images [N, C, H, W] to embeddings [N, D].
         prototypes: [k, D], kept fixed (a buffer, saved in the state dict, never trained).
-        distance: ``cosine`` (cosine similarity), ``l2`` / ``linf`` (negative L2 / L-inf
-            distance), ``sqeuclid`` (negative squared L2, as in Max-Mahalanobis centres).
+        distance: the decision rule: ``cosine`` (cosine similarity), ``l2`` / ``linf`` (negative
+            L2 / L-inf distance), ``sqeuclid`` (negative squared L2, as in Max-Mahalanobis
+            centres), or the authors' code's ``dot_linf`` / ``dot_l2`` (see ``DISTANCES``).
 
     ``forward(x)`` returns scores [N, k]; its argmax is the nearest (or most similar)
     prototype, so attacks on the scores attack the actual decision rule.
@@ -96,27 +127,13 @@ class PrototypeClassifier(nn.Module):
         return self.network(x)
 
     def scores(self, z: torch.Tensor) -> torch.Tensor:
-        """Class scores of embeddings: [N, D] -> [N, k] float32, higher = closer.
-
-        Computed in float32 with autocast off: distances between nearby points in bf16 lose
-        most of their digits, and attacks need their gradients.
-        """
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            z = z.float()
-            P = self.prototypes.float()
-            if self.distance == "cosine":
-                return F.normalize(z, dim=1) @ F.normalize(P, dim=1).T
-            if self.distance == "l2":
-                return -torch.cdist(z, P)
-            if self.distance == "linf":
-                return -torch.cdist(z, P, p=math.inf)
-            # The expanded form has the exact gradient 2 (p - z) and no square root.
-            sq = (z * z).sum(1, keepdim=True) - 2.0 * (z @ P.T) + (P * P).sum(1)
-            return -sq
+        """Class scores of embeddings: [N, D] -> [N, k] float32, higher = closer (``rule_scores``)."""
+        return rule_scores(z, self.prototypes, self.distance)
 
     def distances(self, scores: torch.Tensor) -> torch.Tensor:
         """The distances d(z, p_j) [N, k] behind ``scores(z)``, lower = closer: 1 - cosine
-        similarity for ``cosine``, the distance itself for the others. Attacks in
+        similarity for ``cosine``, the distance itself for the others (minus the score for the
+        ``dot_*`` rules, whose scores are no distance). Attacks in
         representation space read them here, so they attack the decision rule itself."""
         return 1 - scores if self.distance == "cosine" else -scores
 

@@ -36,7 +36,8 @@ _NOT_FINGERPRINTED = {"eval": None, "data": ("data_dir", "test_dir"), "prototype
 # Settings added after fingerprints were introduced (0.4.0) enter the fingerprint only when they differ
 # from their default, so that the weights of earlier runs keep theirs.
 _FINGERPRINTED_UNLESS = {("model", "centre_features"): True, ("model", "whiten_directions"): 0,
-                         ("data", "padding"): "zeros", ("data", "flip"): "random"}
+                         ("data", "padding"): "zeros", ("data", "flip"): "random",
+                         ("model", "normalize"): True, ("train", "objective"): "rule", ("train", "optimizer"): "sgd"}
 
 
 def decides_weights(section: str, key: str) -> bool:
@@ -140,6 +141,20 @@ def record_suite(run_dir: str | Path, key: str, result: dict, header: dict) -> d
     merged["attacks"] = [dict(entry, suite=name) for name, res in suites.items() for entry in res["attacks"]]
     merged["worst_case"] = {name: res["robust_accuracy"] for name, res in suites.items()}
     merged["last_suite"] = key
+    ckpt.atomic_write_json(Path(run_dir) / RESULTS, merged)
+    return merged
+
+
+def record_diagnostic(run_dir: str | Path, key: str, result: dict) -> dict:
+    """Merge one diagnostic protocol's ``result`` into ``RUN/results.json`` under ``diagnostics[key]``.
+
+    Diagnostics (``evaluation.protocols``: the authors' flawed evaluation paths, reproduced) stay
+    apart from the suites: they never enter ``attacks`` or ``worst_case``. Written atomically.
+    """
+    merged = read_results(run_dir)
+    diagnostics = merged.get("diagnostics", {})
+    diagnostics[key] = dict(result, code_version=code_version(), evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    merged["diagnostics"] = diagnostics
     ckpt.atomic_write_json(Path(run_dir) / RESULTS, merged)
     return merged
 

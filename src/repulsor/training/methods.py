@@ -85,6 +85,32 @@ def _distance(ctx: TrainContext) -> str:
     return ctx.raw_model.distance
 
 
+# The training losses of a prototype head (``train.objective``): the one its decision rule defines,
+# and the two of the authors' code (``hyper_proto.py``), named for what they compute.
+OBJECTIVES = ("rule", "linf_distance", "batch_cosine")
+
+
+def prototype_batch_loss(ctx: TrainContext, scores: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The scalar prototype loss of a batch under ``train.objective``.
+
+    - ``rule``: ``prototype_objective`` of the head's own scores, averaged over the batch.
+    - ``linf_distance`` (the code's "inf"): the batch mean of ``||z_i - p_{y_i}||_inf``, the raw
+      output against the raw (unnormalised) prototype.
+    - ``batch_cosine`` (the code's "mean"): ``1 - cos`` between the output and the true
+      prototypes taken *over the batch dimension*, one cosine per output coordinate between
+      the column z[:, d] and the column p_y[:, d] across the batch, averaged over coordinates.
+      Not Eq. 6's per-example cosine: each example's loss depends on the rest of its batch.
+    """
+    objective = ctx.cfg.objective
+    if objective == "rule":
+        return prototype_objective(scores, y, _distance(ctx)).mean()
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z, target = z.float(), ctx.raw_model.prototypes.float()[y]
+        if objective == "linf_distance":
+            return (z - target).abs().amax(dim=1).mean()
+        return (1 - F.cosine_similarity(z, target, dim=0)).mean()
+
+
 def _attack(ctx: TrainContext, x, y, *, loss, early_stop=False):
     """Training-time PGD at the configured threat model (no restarts, every step on every point)."""
     cfg = ctx.cfg
@@ -106,9 +132,10 @@ def ce_loss(ctx: TrainContext, x, y):
 
 
 def prototype_loss(ctx: TrainContext, x, y):
-    """Repulsive prototypes (Eq. 6 for cosine; distance to p_y for l2/linf). Clean inputs only."""
-    scores = ctx.model(x)
-    return prototype_objective(scores, y, _distance(ctx)).mean(), scores.detach(), Passes(1, 1)
+    """Repulsive prototypes (Eq. 6 for cosine; distance to p_y for l2/linf; or ``train.objective``).
+    Clean inputs only."""
+    scores, z = ctx.model(x, return_embedding=True)
+    return prototype_batch_loss(ctx, scores, z, y), scores.detach(), Passes(1, 1)
 
 
 def pgd_at_loss(ctx: TrainContext, x, y):
@@ -167,9 +194,9 @@ def _embedding_gap_to(clean_embedding: torch.Tensor):
 def prototype_at_loss(ctx: TrainContext, x, y):
     """Prototype loss on PGD examples that maximise the CW margin of the prototype scores."""
     x_adv = _attack(ctx, x, y, loss="cw")
-    scores = ctx.model(x_adv)
+    scores, z = ctx.model(x_adv, return_embedding=True)
     steps = ctx.cfg.attack_steps
-    return prototype_objective(scores, y, _distance(ctx)).mean(), scores.detach(), Passes(steps + 1, steps + 1)
+    return prototype_batch_loss(ctx, scores, z, y), scores.detach(), Passes(steps + 1, steps + 1)
 
 
 def prototype_trades_loss(ctx: TrainContext, x, y):
@@ -181,7 +208,7 @@ def prototype_trades_loss(ctx: TrainContext, x, y):
     scores, z = ctx.model(torch.cat([x, x_adv]), return_embedding=True)
     n = len(x)
     gap = 1 - F.cosine_similarity(z[:n].float(), z[n:].float(), dim=1)
-    loss = prototype_objective(scores[:n], y, _distance(ctx)).mean() + ctx.cfg.trades_beta * gap.mean()
+    loss = prototype_batch_loss(ctx, scores[:n], z[:n], y) + ctx.cfg.trades_beta * gap.mean()
     steps = ctx.cfg.attack_steps
     return loss, scores[:n].detach(), Passes(steps + 3, steps + 2)
 
@@ -242,12 +269,14 @@ def _register(method: Method) -> None:
 _CE = ("label_smoothing",)
 
 _register(Method("ce", ce_loss, summary="cross-entropy on clean inputs (the paper's Regular run)", options=_CE))
+_PROTO = ("objective",)  # read by every prototype-head method
+
 _register(Method("prototype", prototype_loss, head="prototype",
-                 summary="repulsive prototypes, clean inputs only (the paper's method)"))
+                 summary="repulsive prototypes, clean inputs only (the paper's method)", options=_PROTO))
 _register(Method("hpn", prototype_loss, head="prototype", distance="cosine",
-                 summary="hyperspherical prototype networks (Mettes et al.): cosine prototypes, Eq. 6"))
+                 summary="hyperspherical prototype networks (Mettes et al.): cosine prototypes, Eq. 6", options=_PROTO))
 _register(Method("mmc", prototype_loss, head="prototype", distance="sqeuclid", prototypes="mmc",
-                 summary="Max-Mahalanobis centres (Pang et al.): loss ||z - mu_y||^2"))
+                 summary="Max-Mahalanobis centres (Pang et al.): loss ||z - mu_y||^2", options=_PROTO))
 _register(Method("pgd_at", pgd_at_loss, summary="PGD adversarial training (Madry et al.)",
                  options=_CE))
 _register(Method("trades", trades_loss, summary="TRADES (Zhang et al.)",
@@ -256,7 +285,7 @@ _register(Method("fgsm_rs", fgsm_rs_loss, watch_overfitting=True,
                  summary="fast FGSM training with random start (Wong et al.)",
                  options=("fgsm_alpha", "overfit_drop", *_CE)))
 _register(Method("prototype_at", prototype_at_loss, head="prototype",
-                 summary="prototype loss on PGD examples"))
+                 summary="prototype loss on PGD examples", options=_PROTO))
 _register(Method("pcl", pcl_loss, head="pcl",
                  summary="prototype conformity loss (Mustafa et al.): CE + learned centres in hidden spaces",
                  options=("pcl_weight", "pcl_push", *_CE)))
@@ -265,5 +294,5 @@ _register(Method("pcl_at", pcl_at_loss, head="pcl",
                  options=("pcl_weight", "pcl_push", *_CE)))
 _register(Method("prototype_trades", prototype_trades_loss, head="prototype",
                  summary="prototype loss + beta * (1 - cos(f(x), f(x_adv))), TRADES-style",
-                 options=("trades_beta",)))
+                 options=("trades_beta", *_PROTO)))
 

@@ -45,7 +45,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def make_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
-    """SGD; biases (1-d ``*.bias``) in their own group at ``bias_lr_scale`` times the rate and
+    """SGD (or, with ``optimizer = "adam"``, AdamW with beta1 = ``momentum`` and decoupled weight
+    decay); biases (1-d ``*.bias``) in their own group at ``bias_lr_scale`` times the rate and
     weight decay divided by it. Frozen parameters are left out. Each group's ``lr_scale`` is
     applied by the schedule."""
     biases, others = [], []
@@ -56,6 +57,8 @@ def make_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
     groups = [{"params": others, "lr_scale": 1.0, "weight_decay": t.weight_decay}]
     if biases:
         groups.append({"params": biases, "lr_scale": t.bias_lr_scale, "weight_decay": t.weight_decay / t.bias_lr_scale})
+    if getattr(t, "optimizer", "sgd") == "adam":
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.momentum, 0.999))
     return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov)
 
 

@@ -44,6 +44,7 @@ class ModelConfig:
     widen_factor: int = 10  # wrn only
     centre_features: bool = True  # fast_cifar only: batch-normalise the pooled features (no scale, no shift)
     whiten_directions: int = 0  # fast_cifar only: keep the largest N of the C*4 patch directions (0 = all)
+    output_scale: float = 1 / 9  # fast_cifar only: the factor on its output (the published 1/9)
     normalize: bool = True  # the data set's mean/std as the model's first layer; false: raw [0, 1] pixels (the authors' code)
 
 
@@ -211,6 +212,7 @@ RANGES = {
     ("model", "depth"): (10, None, True),
     ("model", "widen_factor"): (1, None, True),
     ("model", "whiten_directions"): (0, None, True),
+    ("model", "output_scale"): (0.0, None, False),
     ("prototypes", "dim"): (2, None, True),
     ("prototypes", "epochs"): (0, None, True),
     ("prototypes", "lr"): (0.0, None, False),

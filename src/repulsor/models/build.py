@@ -16,7 +16,7 @@ from torch import nn
 from ..data import DATASETS
 from ..errors import UserError
 from ..prototypes import check_prototypes
-from .fast import fast_cifar
+from .fast import OUTPUT_SCALE, fast_cifar
 from .heads import DISTANCES, Network, Normalize, PrototypeClassifier
 from .pcl import PCLClassifier
 from .resnet import preact_resnet18, resnet18
@@ -42,7 +42,7 @@ def _positive_int(value, what: str, name: str) -> int:
 def build_body(name: str, *, in_channels: int, out_dim: int, width: float = 1.0,
                depth: int | None = None, widen_factor: int | None = None,
                input_size: tuple[int, int] | None = None, centre_features: bool = True,
-               whiten_directions: int = 0) -> nn.Module:
+               whiten_directions: int = 0, output_scale: float | None = None) -> nn.Module:
     """Build a body by name.
 
     Args:
@@ -58,6 +58,7 @@ def build_body(name: str, *, in_channels: int, out_dim: int, width: float = 1.0,
             off is the published network).
         whiten_directions: ``fast_cifar`` only: how many of the largest patch-covariance directions
             its whitening keeps (0, the default and the published network: all ``C * 4``).
+        output_scale: ``fast_cifar`` only: the factor on its output (None: the published 1/9).
 
     Returns:
         ``nn.Module`` mapping normalised images [N, C, H, W] to [N, out_dim].
@@ -83,8 +84,9 @@ def build_body(name: str, *, in_channels: int, out_dim: int, width: float = 1.0,
                 or not 0 <= whiten_directions <= directions):
             raise UserError(f"model {name}: whiten_directions must be an integer from 0 (all) to {directions},"
                             f" got {whiten_directions!r}")
+        extra = {} if output_scale is None else {"output_scale": float(output_scale)}
         return fast_cifar(in_channels=in_channels, out_dim=out_dim, width=width, centre_features=centre_features,
-                          whiten_directions=whiten_directions)
+                          whiten_directions=whiten_directions, **extra)
     return MODELS[name](in_channels=in_channels, out_dim=out_dim, width=width)
 
 
@@ -104,6 +106,8 @@ def body_kwargs(model_cfg, info, out_dim: int) -> dict:
             kwargs["centre_features"] = False
         if getattr(model_cfg, "whiten_directions", 0):
             kwargs["whiten_directions"] = int(model_cfg.whiten_directions)
+        if getattr(model_cfg, "output_scale", OUTPUT_SCALE) != OUTPUT_SCALE:
+            kwargs["output_scale"] = float(model_cfg.output_scale)
     return kwargs
 
 

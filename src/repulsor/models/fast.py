@@ -25,6 +25,7 @@ from .resnet import scaled_channels
 WIDTHS = (64, 256, 256)
 PATCH = 2  # side of the whitening patches
 WHITEN_EPS = 5e-4  # added to the patch-covariance eigenvalues before the inverse square root
+OUTPUT_SCALE = 1 / 9  # the published factor on the output (small initial logits)
 WHITEN_SAMPLES = 5000  # training images whose patches give the covariance
 
 
@@ -139,13 +140,16 @@ class FastCIFAR(nn.Module):
         width: multiplier of the three group widths.
         centre_features: the batch norm over the pooled features (off: the published network).
         whiten_directions: the patch directions the whitening keeps, largest first (0: all ``C * 4``).
+        output_scale: the factor on the linear layer's output (the published 1/9: small initial
+            logits). A loss whose targets are large (the authors' unbounded prototypes, about +-77)
+            needs a larger one: with 1/9 the weights must grow nine times as far.
 
     Input [N, C, H, W] normalised (32x32 is the intended size; at least 16x16), output
     [N, out_dim]. Call ``fit(x)`` with normalised training images before training.
     """
 
     def __init__(self, *, in_channels: int, out_dim: int, width: float = 1.0, centre_features: bool = True,
-                 whiten_directions: int = 0):
+                 whiten_directions: int = 0, output_scale: float = OUTPUT_SCALE):
         super().__init__()
         self.whiten = PatchWhitening(in_channels, whiten_directions)
         widths = [scaled_channels(w, width) for w in WIDTHS]
@@ -161,7 +165,7 @@ class FastCIFAR(nn.Module):
         # without scale or shift centres the features for every head alike.
         self.pool_norm = nn.BatchNorm1d(cin, momentum=0.4, affine=False) if centre_features else None
         self.linear = nn.Linear(cin, out_dim, bias=False)
-        self.scale = 1 / 9
+        self.scale = output_scale
 
     fit_samples = WHITEN_SAMPLES  # training images ``fit`` needs (models.fit_to_data passes no more)
 
@@ -183,6 +187,6 @@ class FastCIFAR(nn.Module):
 
 
 def fast_cifar(*, in_channels: int, out_dim: int, width: float = 1.0, centre_features: bool = True,
-               whiten_directions: int = 0) -> FastCIFAR:
+               whiten_directions: int = 0, output_scale: float = OUTPUT_SCALE) -> FastCIFAR:
     return FastCIFAR(in_channels=in_channels, out_dim=out_dim, width=width, centre_features=centre_features,
-                     whiten_directions=whiten_directions)
+                     whiten_directions=whiten_directions, output_scale=output_scale)

@@ -37,7 +37,7 @@ _NOT_FINGERPRINTED = {"eval": None, "data": ("data_dir", "test_dir"), "prototype
 # from their default, so that the weights of earlier runs keep theirs.
 _FINGERPRINTED_UNLESS = {("model", "centre_features"): True, ("model", "whiten_directions"): 0,
                          ("data", "padding"): "zeros", ("data", "flip"): "random",
-                         ("model", "normalize"): True, ("train", "objective"): "rule", ("train", "optimizer"): "sgd"}
+                         ("model", "normalize"): True, ("model", "output_scale"): 1 / 9, ("train", "objective"): "rule", ("train", "optimizer"): "sgd"}
 
 
 def decides_weights(section: str, key: str) -> bool:

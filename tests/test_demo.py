@@ -62,3 +62,23 @@ def test_demo_config_takes_overrides():
     cfg = demo_config(["eval.n=12", "train.device=cpu"])
     assert cfg.eval.n == 12 and cfg.train.device == "cpu" and cfg.train.method == "prototype"
     assert not cfg.eval.after_train  # the demo runs its two suites itself
+
+
+@pytest.mark.slow
+def test_demo_written_to_a_log_has_no_progress_bar_frames(tmp_path):
+    """Redirected to a file (CI, nohup, SLURM), the README's main job writes lines, not a bar's
+    carriage-return redraws: one line per epoch and per attack, and the summary."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "demo.log"
+    with open(log, "w") as handle:
+        done = subprocess.run([sys.executable, "-m", "repulsor", "demo", "--out", str(tmp_path / "demo")],
+                              stdout=handle, stderr=subprocess.STDOUT, timeout=600)
+    text = log.read_text()
+    assert done.returncode == 0, text[-2000:]
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert len(lines) < 100, len(lines)
+    assert any(line.startswith("epoch=") or " epoch=" in line for line in lines)  # the epoch lines stay
+    assert any("apgd-ce: accuracy after" in line for line in lines)  # and one line per attack

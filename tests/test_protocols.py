@@ -233,3 +233,20 @@ def test_fp16_quirk_runs_the_network_in_half_precision():
     view = View(model, torch.tensor(MEAN), torch.tensor(STD), normalised=False, mismatch=False, rule=None, fp16=True)
     assert view.embed(torch.rand(2, 3, 8, 8)).dtype == torch.float16
     assert set(QUIRKS) == set(SOUND)
+
+
+def test_fast_body_output_scale_multiplies_its_output_and_travels_with_the_config():
+    from repulsor.models.build import body_kwargs, build_body
+    from repulsor.data import DATASETS
+
+    torch.manual_seed(0)
+    published = build_body("fast_cifar", in_channels=3, out_dim=10, width=0.125).eval()
+    torch.manual_seed(0)
+    unit = build_body("fast_cifar", in_channels=3, out_dim=10, width=0.125, output_scale=1.0).eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(unit(x), 9 * published(x), rtol=1e-5, atol=1e-6)
+    cfg = from_dict({"data": {"name": "cifar10"}, "model": {"name": "fast_cifar", "output_scale": 1.0}})
+    assert body_kwargs(cfg.model, DATASETS["cifar10"], 10)["output_scale"] == 1.0
+    assert "output_scale" not in body_kwargs(from_dict({"data": {"name": "cifar10"}, "model": {"name": "fast_cifar"}}).model,
+                                             DATASETS["cifar10"], 10)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,13 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def live_progress() -> bool:
+    """Whether progress bars may redraw: only when stderr is a terminal. Written to a file (CI,
+    ``nohup``, a SLURM job) every redraw would be a carriage-return frame in the log; there the
+    one line per epoch and per attack says the same."""
+    return sys.stderr.isatty()
 
 
 def derive_seed(*parts) -> int:

@@ -9,6 +9,7 @@ so that an interrupted suite resumes at the next attack.
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from ..attacks import (GRADIENT_ATTACKS, attack_survivors, batched, correct_every_time, evaluating, geometry,
                        get_attack)
 from ..errors import UserError
-from ..runtime import derive_seed
+from ..runtime import derive_seed, live_progress
 from ..store import files as ckpt
 from . import probes, sanity
 from .suites import TRANSFER, AttackSpec, specs_for
@@ -211,8 +212,13 @@ class Cascade:
             return x_adv
 
         total = int(self.robust.sum())
-        with tqdm(total=total, desc=spec.name, unit="pt", disable=self.quiet, leave=False, dynamic_ncols=True) as bar:
+        live = not self.quiet and live_progress()
+        with tqdm(total=total, desc=spec.name, unit="pt", disable=not live, leave=False, dynamic_ncols=True) as bar:
             attacked = attack_survivors(self.model, checked_attack, self.x, self.y, self.robust,
                                         batch_size=self.batch_size, device=self.device, votes=self.votes,
                                         x_worst=self.x_worst, progress=bar.update)
-        return self._entry(spec, spec.kwargs(self.eps, self.norm), attacked, time.time() - started)
+        entry = self._entry(spec, spec.kwargs(self.eps, self.norm), attacked, time.time() - started)
+        if not self.quiet and not live:  # in a log: one line per attack instead of a bar's frames
+            print(f"  {spec.name}: accuracy after {entry['accuracy']:.4f} ({attacked} attacked, {entry['seconds']:.1f}s)",
+                  file=sys.stderr, flush=True)
+        return entry

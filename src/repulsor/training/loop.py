@@ -33,7 +33,7 @@ from ..errors import Interrupted, UserError
 from ..models import build_for_method, fit_to_data
 from ..prototypes import check_prototypes, generate_prototypes, load_prototypes, mmc_centres
 from ..runtime import (ProcessGroup, autocast, cpu_has_native_bf16, derive_seed, generator, init_process_group,
-    precision_name, resolve_device, resolve_precision)
+    live_progress, precision_name, resolve_device, resolve_precision)
 from ..store import files as ckpt
 from ..store import run as store
 from ..store.layout import BEST, CONFIG, LAST, PROTOTYPES
@@ -310,7 +310,7 @@ def _run_epoch(loop: Loop, state: State, stop: _StopSignal) -> None:
     aug_gen = generator(t.seed, "augment", epoch)
     flips = None if loop.first_flips is None else alternating_flips(loop.first_flips, epoch)
     # Draw the augmentations of skipped steps too, so a resumed epoch sees the same crops.
-    bar = tqdm(total=steps_per_epoch, initial=state.step, disable=loop.quiet or not group.is_main,
+    bar = tqdm(total=steps_per_epoch, initial=state.step, disable=loop.quiet or not group.is_main or not live_progress(),
                desc=f"epoch {epoch + 1}/{t.epochs}", unit="step", leave=False, dynamic_ncols=True)
     loop.model.train()
     for step in range(steps_per_epoch):

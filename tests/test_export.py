@@ -208,3 +208,71 @@ def test_readme_gives_every_suite_its_own_points(runs, tmp_path):
     readme = (tmp_path / "out" / "README.md").read_text()
     assert f"| {name} | {first['n']} | clean | {100 * first['clean_accuracy']:.2f}% |" in readme
     assert "| small | 7 | clean | 50.00% |" in readme and "| small | 7 | **worst case**" in readme
+
+
+def _with_standard(run, tmp_path, n, **extra):
+    """A copy of ``run`` whose results.json holds a standard result on ``n`` points (its numbers made up
+    for the test: the export's rules read only n, the status of each attack and the accuracies)."""
+    copy = tmp_path / f"run-{n}"
+    shutil.copytree(run, copy)
+    results = json.loads((copy / "results.json").read_text())
+    attacks = [{"name": name, "status": "done", "accuracy": 0.4} for name in ("apgd-ce", "apgd-t", "fab-t", "square")]
+    results["suites"]["standard"] = {"n": n, "clean_accuracy": 0.9368, "robust_accuracy": 0.4125, "attacks": attacks,
+                                     "code_version": "0.6.0+gabc", **extra}
+    (copy / "results.json").write_text(json.dumps(results))
+    return copy
+
+
+def test_model_info_json_carries_robustbench_fields_from_the_standard_suite_only(runs, tmp_path, capsys):
+    from repulsor.robustbench import FIELDS, FOR_THE_USER
+
+    run = _with_standard(runs["ce"], tmp_path, 360)
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "out"), "--model-info", "--model-info-n", "300"]) == 0
+    info = json.loads((tmp_path / "out" / "model_info.json").read_text())
+    assert tuple(info) == FIELDS
+    assert info["clean_acc"] == "93.68" and info["autoattack_acc"] == "41.25" and info["eps"] == "0.1"
+    assert info["dataset"] == "digits" and info["architecture"] == "mlp" and info["number_forward_passes"] == 1
+    assert all(info[field] == "" for field in FOR_THE_USER)
+    assert "not the official AutoAttack code" in info["footnote"] and "first 360 test points" in info["footnote"]
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "## RobustBench entry" in readme and all(f"`{f}`" in readme for f in FOR_THE_USER)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("quick only", "has none; run: repulsor evaluate"),
+    ("too few points", "on at least 500 test points"),
+    ("an attack skipped", "is not an AutoAttack number"),
+])
+def test_model_info_is_refused_in_one_line_and_nothing_is_written(runs, tmp_path, capsys, case, message):
+    run = runs["ce"]  # its results.json holds the quick suite only
+    if case == "too few points":
+        run = _with_standard(runs["ce"], tmp_path, 100)
+    elif case == "an attack skipped":
+        run = _with_standard(runs["ce"], tmp_path, 600)
+        results = json.loads((run / "results.json").read_text())
+        results["suites"]["standard"]["attacks"][3].update(status="not applicable", reason="no input gradient")
+        (run / "results.json").write_text(json.dumps(results))
+    out = tmp_path / "out"
+    assert cli.main(["export", str(run), "--out", str(out), "--model-info", "--model-info-n", "500"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_model_info_default_needs_the_whole_official_test_split(runs, tmp_path, capsys):
+    assert cli.main(["export", str(runs["ce"]), "--out", str(tmp_path / "o"), "--model-info"]) == 2
+    assert "no official test split size" in capsys.readouterr().err  # digits: the user says how many
+    from repulsor.robustbench import required_points
+
+    assert required_points("cifar10", None) == 10000 and required_points("cifar10", 500) == 500
+
+
+def test_a_model_of_the_authors_code_exports_with_its_rule_and_without_normalisation(tmp_path):
+    raw = {**TINY, "model": {**TINY["model"], "normalize": False},
+           "prototypes": {**TINY["prototypes"], "metric": "linf_sum", "distance": "dot_linf"},
+           "train": {**TINY["train"], "objective": "linf_distance", "epochs": 1}, "eval": {**TINY["eval"], "n": 20}}
+    run = train(from_dict(raw), tmp_path / "code", quiet=True)
+    written = export_run(run, tmp_path / "out")
+    assert written["spec"]["distance"] == "dot_linf" and written["spec"]["mean"] == [0.0]
+    assert written["max_abs_diff"] <= 1e-5
+    assert "the authors' code's rule" in (tmp_path / "out" / "README.md").read_text()

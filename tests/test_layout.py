@@ -24,7 +24,7 @@ LAYERS = [
     ["repulsor.evaluation"],  # the cascade on any model; a run folder's evaluation
     ["repulsor.analyses"],  # the paper's analyses: numbers, then their figures
     ["repulsor.training"],  # the one training loop (evaluates at its end)
-    ["repulsor.compare", "repulsor.demo", "repulsor.export", "repulsor.report"],
+    ["repulsor.compare", "repulsor.demo", "repulsor.export", "repulsor.robustbench", "repulsor.report"],
     ["repulsor.cli", "repulsor.__main__", "repulsor"],
 ]
 

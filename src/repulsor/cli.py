@@ -188,6 +188,10 @@ def _export_parser(sub) -> None:
                                    "an existing export is never overwritten: choose a new --out.")
     export.add_argument("run", help="run folder written by repulsor train")
     export.add_argument("--out", required=True, help="folder to write model.py, model.safetensors and README.md into")
+    export.add_argument("--model-info", action="store_true", help="also write RobustBench's model_info.json, from the"
+                        " run's standard suite (refused unless it covers enough test points)")
+    export.add_argument("--model-info-n", type=int, metavar="N", help="the test points the standard result must cover"
+                        " (default: the whole official test split, e.g. 10000 for CIFAR-10)")
 
 
 def _fraction(text: str) -> float:
@@ -361,9 +365,10 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_run
 
-    result = export_run(args.run, args.out)
-    for key in ("model_py", "weights", "readme"):
-        print(f"wrote {result[key]}")
+    result = export_run(args.run, args.out, model_info=args.model_info, model_info_n=args.model_info_n)
+    for key in ("model_py", "weights", "readme", "model_info"):
+        if key in result:
+            print(f"wrote {result[key]}")
     print(f"load it without repulsor: import sys; sys.path.insert(0, {args.out!r}); "
           "from model import load_model; model = load_model()")
     return 0

@@ -313,8 +313,9 @@ def export_model(model: nn.Module, cfg, out_dir, *, source: str = "a model", res
         "input_shape": list(info.shape),
         "num_classes": int(info.num_classes),
         "classes": list(info.classes),
-        "mean": list(info.mean),
-        "std": list(info.std),
+        # the model's own first layer (the identity for a model trained on raw pixels)
+        "mean": network.normalize.mean.flatten().tolist(),
+        "std": network.normalize.std.flatten().tolist(),
         "body": builder,
         "body_kwargs": kwargs,
         "head": head,
@@ -344,7 +345,7 @@ def export_model(model: nn.Module, cfg, out_dir, *, source: str = "a model", res
             "readme": str(out / "README.md"), "spec": spec, "max_abs_diff": diff}
 
 
-EXPORT_FILES = ("model.py", "model.safetensors", "README.md")
+EXPORT_FILES = ("model.py", "model.safetensors", "README.md", "model_info.json")
 
 
 def _check_export_dir(out: Path) -> None:
@@ -357,9 +358,13 @@ def _check_export_dir(out: Path) -> None:
                         f" {out} first")
 
 
-def export_run(run_dir, out_dir) -> dict:
-    """Export the trained model of a run folder (see ``export_model``)."""
+def export_run(run_dir, out_dir, *, model_info: bool = False, model_info_n: int | None = None) -> dict:
+    """Export the trained model of a run folder (see ``export_model``); with ``model_info``, also
+    RobustBench's ``model_info.json`` (``repulsor.robustbench``), from the run's ``standard`` result
+    on at least ``model_info_n`` points (default: the whole official test split). When that entry
+    cannot be written, nothing is: the check runs before any file."""
     from .config import load_config
+    from .robustbench import FOR_THE_USER, model_info as robustbench_info, required_points
     from .store.layout import CONFIG
     from .store.run import load_model, read_results
 
@@ -367,10 +372,22 @@ def export_run(run_dir, out_dir) -> dict:
     if out.exists() and out.resolve() == run_dir.resolve():
         raise UserError(f"--out {out} is the run folder itself; export into a new folder, e.g. {run_dir}/export")
     _check_export_dir(out)
-    model = load_model(run_dir)
     cfg = load_config(run_dir / CONFIG)
     results = read_results(run_dir) or None
-    return export_model(model, cfg, out, source=f"run {run_dir}", results=results)
+    entry = None
+    if model_info:
+        entry = robustbench_info(results, run=str(run_dir), dataset=cfg.data.name, architecture=cfg.model.name,
+                                 eps=cfg.eval.eps, norm=cfg.eval.norm,
+                                 min_n=required_points(cfg.data.name, model_info_n))
+    model = load_model(run_dir)
+    written = export_model(model, cfg, out, source=f"run {run_dir}", results=results)
+    if entry is not None:
+        ckpt.atomic_write_json(out / "model_info.json", entry)
+        with open(out / "README.md", "a", encoding="utf-8") as handle:
+            handle.write("\n## RobustBench entry\n\n`model_info.json` holds RobustBench's fields, filled from the run's"
+                         " `standard` result; fill in yourself: " + ", ".join(f"`{f}`" for f in FOR_THE_USER) + ".\n")
+        written["model_info"] = str(out / "model_info.json")
+    return written
 
 
 # ---------------------------------------------------------------------------- README
@@ -386,8 +403,11 @@ def _readme(spec: dict, source: str, results: dict | None) -> str:
         meaning = {"cosine": "cosine similarities to the class prototypes (in [-1, 1])",
                    "l2": "negative L2 distances to the class prototypes",
                    "linf": "negative L-inf distances to the class prototypes",
-                   "sqeuclid": "negative squared L2 distances to the class prototypes"}[spec["distance"]]
-        out_text = f"{meaning}; the argmax is the nearest prototype, so attacks on these scores attack the real decision rule"
+                   "sqeuclid": "negative squared L2 distances to the class prototypes",
+                   "dot_linf": "the output divided by its L-inf norm, dotted with the raw prototypes (the authors' code's rule)",
+                   "dot_l2": "the output divided by its L2 norm, dotted with the raw prototypes (the authors' code's rule)",
+                   }[spec["distance"]]
+        out_text = f"{meaning}; the argmax is the model's decision, so attacks on these scores attack the real decision rule"
     lines = [
         f"# Exported model: {spec['body']} ({spec['head']} head) for {spec['dataset']}",
         "",

@@ -105,19 +105,6 @@ def test_a_model_without_normalisation_feeds_raw_pixels_to_its_body():
     assert not torch.equal(plain.network.normalize(x), x)
 
 
-def test_the_new_settings_at_their_defaults_keep_every_fingerprint():
-    from repulsor.config import to_dict
-    from repulsor.store.run import fingerprint
-
-    raw = to_dict(from_dict(TINY))
-    before = {s: {k: v for k, v in values.items() if (s, k) not in
-                  {("model", "normalize"), ("train", "objective"), ("train", "optimizer")}}
-              for s, values in raw.items()}
-    assert fingerprint(raw, None) == fingerprint(before, None)
-    changed = to_dict(from_dict({**TINY, "train": {**TINY["train"], "optimizer": "adam"}}))
-    assert fingerprint(changed, None) != fingerprint(raw, None)
-
-
 # ------------------------------------------------------------------ per-coordinate radii in the one PGD
 
 

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 import tomli_w
@@ -17,7 +18,7 @@ import torch
 import repulsor
 from repulsor import cli
 from repulsor.store import run as store
-from repulsor.config import from_dict
+from repulsor.config import from_dict, load_config, to_dict
 from repulsor.errors import UserError
 from repulsor.evaluation.run import evaluate_run
 from repulsor.training.loop import train
@@ -168,3 +169,56 @@ def test_a_setting_added_later_keeps_earlier_fingerprints_at_its_default():
     assert store.fingerprint(now, None) == store.fingerprint(earlier, None)
     for key, value in (("padding", "reflect"), ("flip", "alternate")):
         assert store.fingerprint({**now, "data": {**now["data"], key: value}}, None) != store.fingerprint(earlier, None)
+
+
+def test_no_setting_at_its_default_enters_the_fingerprint():
+    """The general rule: whatever a later version adds, at its default it leaves every fingerprint alone."""
+    from repulsor.config import Config, to_dict
+
+    full = to_dict(Config())
+    for section, values in full.items():
+        for key in values:
+            without = {s: {k: v for k, v in vals.items() if (s, k) != (section, key)} for s, vals in full.items()}
+            assert store.fingerprint(without, None) == store.fingerprint(full, None), (section, key)
+    assert store.fingerprint({**full, "train": {**full["train"], "objective": "batch_cosine"}}, None) \
+        != store.fingerprint(full, None)
+
+
+def test_weights_saved_under_the_earlier_rule_still_load(runs, tmp_path):
+    """A run written by 0.4.0-0.6.0 carries the fingerprint of their rule (every setting its config file
+    held, but a few at their defaults); it loads, and weights of another run are still refused."""
+    from safetensors.torch import load_file, save_file
+
+    prototype, other = runs
+    old = shutil.copytree(prototype, tmp_path / "old")
+    saved = tomllib.loads((old / store.CONFIG).read_text())
+    del saved["model"]["output_scale"]  # a setting its version did not have
+    (old / store.CONFIG).write_text(tomli_w.dumps(saved))
+    config = json.loads(json.dumps(to_dict(load_config(old / store.CONFIG))))
+    prototypes = load_file(str(old / "prototypes.safetensors"))["prototypes"]
+    legacy = store.legacy_fingerprint(config, saved, prototypes)
+    assert legacy != store.run_fingerprint(old)
+    tensors = load_file(str(old / store.MODEL))
+    save_file(tensors, str(old / store.MODEL), metadata={"fingerprint": legacy})
+    repulsor.load_model(old)
+    shutil.copy(other / store.MODEL, old / store.MODEL)
+    with pytest.raises(UserError, match="trained in another run"):
+        repulsor.load_model(old)
+
+
+COMMITTED = sorted(path.parent for path in (Path(__file__).resolve().parents[1] / "results").rglob("model.safetensors"))
+
+
+@pytest.mark.parametrize("run", COMMITTED, ids=lambda p: str(p.relative_to(p.parents[2])))
+def test_every_committed_run_still_loads_and_evaluates(run, shared_data):
+    """Every run folder under results/ loads (its fingerprint, of whichever rule wrote it, is accepted)
+    and evaluates on its first test points like the trained model it is."""
+    from repulsor.config import load_run_config
+    from repulsor.evaluation.run import load_test_split
+
+    model = repulsor.load_model(run)
+    cfg = load_run_config(run)
+    x, y, _ = load_test_split(cfg, 16)
+    result = repulsor.evaluate(model, x, y, suite="quick", eps=cfg.eval.eps, norm=cfg.eval.norm)
+    assert 0 <= result["robust_accuracy"] <= result["clean_accuracy"] <= 1
+    assert result["clean_accuracy"] >= 0.5  # a trained CIFAR-10 or MNIST model, not random weights

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import files as ckpt
-from ..config import load_config, to_dict
+from ..config import Config, load_config, read_toml, to_dict
 from ..errors import UserError
 from ..runtime import code_version
 from ..training.methods import METHODS
@@ -33,11 +33,12 @@ from .layout import CONFIG, LOCK, LOG, MODEL, PROTOTYPES, RESULTS, TRAINING  # C
 
 # Settings that may differ between training and reading a run without changing its weights.
 _NOT_FINGERPRINTED = {"eval": None, "data": ("data_dir", "test_dir"), "prototypes": ("file",), "train": ("device",)}
-# Settings added after fingerprints were introduced (0.4.0) enter the fingerprint only when they differ
-# from their default, so that the weights of earlier runs keep theirs.
-_FINGERPRINTED_UNLESS = {("model", "centre_features"): True, ("model", "whiten_directions"): 0,
-                         ("data", "padding"): "zeros", ("data", "flip"): "random",
-                         ("model", "normalize"): True, ("model", "output_scale"): 1 / 9, ("train", "objective"): "rule", ("train", "optimizer"): "sgd"}
+# The rule of 0.4.0-0.6.0, kept to recognise the weights those versions saved: every setting their
+# config file held entered the fingerprint, except these when at their defaults. Frozen: settings added
+# later never need a place here, because the rule below leaves out every setting at its default.
+_LEGACY_UNLESS = {("model", "centre_features"): True, ("model", "whiten_directions"): 0,
+                  ("data", "padding"): "zeros", ("data", "flip"): "random", ("model", "normalize"): True,
+                  ("model", "output_scale"): 1 / 9, ("train", "objective"): "rule", ("train", "optimizer"): "sgd"}
 
 
 def decides_weights(section: str, key: str) -> bool:
@@ -47,9 +48,23 @@ def decides_weights(section: str, key: str) -> bool:
     return dropped is not None and key not in dropped
 
 
+def _digest(kept: dict, prototypes: torch.Tensor | None) -> str:
+    digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode())
+    if prototypes is not None:
+        digest.update(prototypes.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def fingerprint(config: dict, prototypes: torch.Tensor | None) -> str:
-    """A short hash of what decides a run's weights: its config (as ``config.to_dict``
-    gives it, without ``eval`` and the folders) and its prototypes [k, D] (or None)."""
+    """A short hash of what decides a run's weights: its config (as ``config.to_dict`` gives it)
+    and its prototypes [k, D] (or None).
+
+    A setting enters only when it decides weights (not ``eval``, the data's folders, the device)
+    and differs from its default, so a setting added in a later version, at its default, never
+    changes the fingerprint of an earlier run. The other side of that rule: a default must never
+    change (add a setting instead), or runs that relied on it would no longer match.
+    """
+    defaults = to_dict(Config())
     kept = {}
     for section, values in config.items():
         if _NOT_FINGERPRINTED.get(section, ()) is None:
@@ -57,30 +72,53 @@ def fingerprint(config: dict, prototypes: torch.Tensor | None) -> str:
         if not isinstance(values, dict):
             kept[section] = values
             continue
-        kept[section] = {k: v for k, v in values.items() if decides_weights(section, k)
-                         and ((section, k) not in _FINGERPRINTED_UNLESS or v != _FINGERPRINTED_UNLESS[section, k])}
-    digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode())
-    if prototypes is not None:
-        digest.update(prototypes.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+        base = defaults.get(section, {})
+        kept[section] = {k: v for k, v in values.items()
+                         if decides_weights(section, k) and (k not in base or v != base[k])}
+    return _digest(kept, prototypes)
 
 
-def check_fingerprint(run_dir: Path, meta: dict, expected: str) -> None:
-    """Refuse weights whose recorded fingerprint is not the run's own (weights saved before
-    fingerprints existed carry none and are accepted)."""
+def legacy_fingerprint(config: dict, saved: dict, prototypes: torch.Tensor | None) -> str:
+    """The fingerprint 0.4.0-0.6.0 wrote, of ``config`` (``config.to_dict``) restricted to the settings
+    its saved file ``saved`` (the TOML as written) holds: those are the settings of its version."""
+    kept = {}
+    for section, values in config.items():
+        if _NOT_FINGERPRINTED.get(section, ()) is None:
+            continue
+        if not isinstance(values, dict):
+            kept[section] = values
+            continue
+        held = saved.get(section, {}) if isinstance(saved.get(section), dict) else {}
+        kept[section] = {k: v for k, v in values.items() if decides_weights(section, k) and k in held
+                         and ((section, k) not in _LEGACY_UNLESS or v != _LEGACY_UNLESS[section, k])}
+    return _digest(kept, prototypes)
+
+
+def check_fingerprint(run_dir: Path, meta: dict, expected: str | tuple[str, ...]) -> None:
+    """Refuse weights whose recorded fingerprint is not the run's own (``expected``: the run's
+    fingerprint, or every form it may have been written in; weights saved before fingerprints
+    existed carry none and are accepted)."""
     found = meta.get("fingerprint")
-    if found is not None and found != expected:
+    accepted = (expected,) if isinstance(expected, str) else tuple(expected)
+    if found is not None and found not in accepted:
         raise UserError(f"{run_dir / MODEL} was trained in another run (fingerprint {found}, this run's is"
-                        f" {expected}): its config or prototypes differ; evaluate the run the weights came from")
+                        f" {accepted[0]}): its config or prototypes differ; evaluate the run the weights came from")
 
 
 def run_fingerprint(run_dir: Path) -> str:
     """The fingerprint of the run saved in ``run_dir``, from its config file and prototypes
     file as written, so that training and loading compute it alike."""
+    return run_fingerprints(run_dir)[0]
+
+
+def run_fingerprints(run_dir: Path) -> tuple[str, str]:
+    """The run's fingerprint and the form 0.4.0-0.6.0 wrote (``legacy_fingerprint``), so that
+    their weights still load."""
     prototypes = None
     if (run_dir / PROTOTYPES).exists():
         prototypes, _ = load_prototypes(run_dir / PROTOTYPES)
-    return fingerprint(to_dict(load_config(run_dir / CONFIG)), prototypes)
+    config = to_dict(load_config(run_dir / CONFIG))
+    return fingerprint(config, prototypes), legacy_fingerprint(config, read_toml(run_dir / CONFIG), prototypes)
 
 
 def load_model(run_dir: str | Path, *, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -108,7 +146,7 @@ def load_model(run_dir: str | Path, *, device: str | torch.device = "cpu") -> to
     model = build_for_method(cfg, method, prototypes)
     tensors, meta = ckpt.load_tensors(run_dir / MODEL, "model file")
     ckpt.load_model_state(model, tensors, run_dir / MODEL)  # weights of other shapes: refused here
-    check_fingerprint(run_dir, meta, run_fingerprint(run_dir))  # of the same shapes: refused here
+    check_fingerprint(run_dir, meta, run_fingerprints(run_dir))  # of the same shapes: refused here
     return model.to(device).eval()
 
 

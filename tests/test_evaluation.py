@@ -95,3 +95,15 @@ def test_every_suite_names_registered_attacks():
     for name, specs in SUITES.items():
         for spec in specs:
             assert spec.attack in ATTACKS, (name, spec.name)
+
+
+def test_an_attack_is_named_for_what_ran():
+    """The paper suite's attacks on a linear head run cross-entropy (the paper's protocol for a softmax
+    model): their names say ce, not the authors' loss; records written before 0.6.0 are shown so too."""
+    from repulsor.evaluation.suites import shown_name, specs_for
+
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    names = [(s.name, s.loss) for s in specs_for("paper", linear)]
+    assert names == [("pgd-20 (ce)", "ce"), ("pgd-100 (ce)", "ce")]
+    assert shown_name({"name": "pgd-20 (authors' loss)", "loss": "ce"}) == "pgd-20 (ce)"
+    assert shown_name({"name": "pgd-20 (authors' loss)", "loss": "proto_linf"}) == "pgd-20 (authors' loss)"

@@ -254,3 +254,17 @@ def test_epochs_draw_each_extra_validation_loss_in_the_runs_colour(tmp_path, dra
     assert info["lines"][2:] == [[[1, 40], [2, 30]], [[1, 5], [2, 0]]]
     assert [t.get_text() for t in info["legend"].get_texts()] == [
         "p robust, cw loss", "p clean", "p robust, proto_linf loss", "p robust, ce loss"]
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0])
+def test_accuracy_axes_span_0_to_100_percent_even_for_flat_curves(tmp_path, drawn, value):
+    """All-zero (or all-one) curves: the axis stays 0-100% in the unit its label names, so nothing
+    reads as a measured range of 0.00-0.05."""
+    flat = [{"eps": e / 255, "accuracy": value} for e in (8, 12, 16)]
+    curves.plot_robustness_curves({"a": flat, "b": flat}, tmp_path / "flat")
+    info = axes_info(drawn[-1], 0)
+    assert info["ylim"] == pytest.approx((0, 100)) and info["ylabel"].endswith("(%)")
+    assert sum(info["lines"][0], [])[1::2] == pytest.approx([100 * value] * 3)
+    series = {"a": {"val_robust": [(1, value), (2, value)], "val_clean": [(1, value), (2, value)]}}
+    curves.draw_epochs(series, tmp_path / "epochs", title="t", last_epoch=2)
+    assert axes_info(drawn[-1], 0)["ylim"] == pytest.approx((0, 100))

@@ -227,6 +227,8 @@ def _eval_overrides(args, *, n_key: str | None = "eval.n") -> list[str]:
 
 def _print_results(results: dict, key: str | None) -> None:
     """Print the suite ``key`` just evaluated, with its own points and clean accuracy, and its verdicts."""
+    from .evaluation.suites import shown_name
+
     res = results.get("suites", {}).get(key)
     if res is None:
         return
@@ -238,9 +240,9 @@ def _print_results(results: dict, key: str | None) -> None:
               " classify it correctly")
     for entry in res["attacks"]:
         if entry.get("status", "done") != "done":
-            print(f"  {entry['name']:<34} not applicable: {entry.get('reason', '')}")
+            print(f"  {shown_name(entry):<34} not applicable: {entry.get('reason', '')}")
             continue
-        print(f"  {entry['name']:<34} accuracy after: {entry['accuracy']:.4f}  ({entry['n_attacked']} attacked,"
+        print(f"  {shown_name(entry):<34} accuracy after: {entry['accuracy']:.4f}  ({entry['n_attacked']} attacked,"
               f" {entry['seconds']:.1f}s)")
     print(f"  worst case (robust accuracy): {res['robust_accuracy']:.4f}")
     for verdict in res.get("sanity", []):

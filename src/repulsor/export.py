@@ -32,6 +32,7 @@ from torch import nn
 from .store import files as ckpt
 from .formats import format_eps
 from .errors import UserError
+from .evaluation.suites import shown_name
 from .version import __version__
 
 FORMAT = "repulsor-export/1"
@@ -510,7 +511,7 @@ def _results(results: dict | None) -> list[str]:
         for entry in res.get("attacks", []):
             done = entry.get("status", "done") == "done"
             after = f"{100 * entry['accuracy']:.2f}%" if done else f"not applicable ({entry.get('reason', '')})"
-            lines.append(f"| {name} | {res.get('n')} | {entry['name']} | {after} |")
+            lines.append(f"| {name} | {res.get('n')} | {shown_name(entry)} | {after} |")
         lines.append(f"| {name} | {res.get('n')} | **worst case** (code {res.get('code_version', '?')}) | "
                      f"**{100 * res['robust_accuracy']:.2f}%** |")
     return lines + [""]

@@ -18,7 +18,7 @@ from ..runtime import init_process_group, resolve_device
 from ..store import run as store
 from .cascade import evaluate
 from .protocols import get_protocol, run_protocol
-from .suites import suite_specs
+from .suites import shown_name, suite_specs
 
 
 def load_test_split(cfg: Config, n: int | None, data_dir: str | None = None, *, say=None):
@@ -108,7 +108,7 @@ def evaluate_run(run_dir: str | Path, *, suite: str | None = None, n: int | None
         merged = store.record_suite(run_dir, key, result, {
             "dataset": cfg.data.name, "split": "test", "data_dir": str(folder or ""), "n": len(y),
             "clean_accuracy": result["clean_accuracy"]})
-        attacks = ", ".join(f"{a['name']} {a['accuracy']:.4f}" for a in result["attacks"])
+        attacks = ", ".join(f"{shown_name(a)} {a['accuracy']:.4f}" for a in result["attacks"])
         store.append_log(run_dir, f"evaluate {key}: n={len(y)} clean {result['clean_accuracy']:.4f}; {attacks};"
                          f" worst case {result['robust_accuracy']:.4f}")
         return merged

@@ -95,7 +95,8 @@ def is_prototype_model(model) -> bool:
 
 def specs_for(name: str, model) -> list[AttackSpec]:
     """The attacks of suite ``name`` as they run on ``model``: the ``paper`` loss is the
-    authors' (``proto_linf``) on a prototype model and cross-entropy otherwise, and the
+    authors' (``proto_linf``) on a prototype model and cross-entropy otherwise (the paper's
+    protocol for a softmax model; the attack's name then says ``ce``, what ran), and the
     representation-space attacks (``needs_prototypes``) run on prototype models only."""
     prototype = is_prototype_model(model)
     specs = []
@@ -103,6 +104,20 @@ def specs_for(name: str, model) -> list[AttackSpec]:
         if spec.needs_prototypes and not prototype:
             continue
         if spec.loss == "paper":
-            spec = replace(spec, loss="proto_linf" if prototype else "ce")
+            spec = replace(spec, loss="proto_linf") if prototype else replace(spec, loss="ce", name=_ran_with_ce(spec.name))
         specs.append(spec)
     return specs
+
+
+_INTENT = "(authors' loss)"
+
+
+def _ran_with_ce(name: str) -> str:
+    return name.replace(_INTENT, "(ce)")
+
+
+def shown_name(entry: dict) -> str:
+    """The name of a recorded attack as it should be shown: what ran. Records written before 0.6.0
+    named the ``paper`` suite's attacks "(authors' loss)" on a linear head too, where cross-entropy ran."""
+    name = entry.get("name", "?")
+    return _ran_with_ce(name) if _INTENT in name and entry.get("loss") == "ce" else name

@@ -39,7 +39,7 @@ def plot_robustness_curves(curves: dict[str, list[dict]], path, title: str = "Ro
     ax.set_xlabel("ε (/255)" if grey else f"ε ({'L-inf' if norm == 'linf' else 'L2'})")
     ax.set_ylabel("robust accuracy (%)")
     ax.set_title(title)
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, 100)  # always the whole range: all-zero curves must not read as a measured 0.00-0.05
     ax.grid(True, alpha=0.3)
     draw.legend(ax)
     draw.save_figure(fig, png)

@@ -16,6 +16,7 @@ from .. import analyses
 from ..config import load_run_config
 from ..data import DATASETS
 from ..errors import UserError
+from ..evaluation.suites import shown_name
 from ..formats import format_eps
 from ..plots import curves, images, matrices
 from ..store import files as ckpt
@@ -96,11 +97,11 @@ def _cascade_table(res: dict) -> Table:
     classes = [""]
     for i, entry in enumerate(res.get("attacks", []), 1):
         if entry.get("status", "done") != "done":
-            rows.append([str(i), f"{entry.get('name', '?')}: not applicable ({entry.get('reason', '')})", "–", "–", "–",
+            rows.append([str(i), f"{shown_name(entry)}: not applicable ({entry.get('reason', '')})", "–", "–", "–",
                          "0", "–", "–"])
             classes.append("warn")
             continue
-        rows.append([str(i), entry.get("name", "?"), entry.get("loss") or "–", fmt(entry.get("steps")),
+        rows.append([str(i), shown_name(entry), entry.get("loss") or "–", fmt(entry.get("steps")),
                      fmt(entry.get("restarts")), fmt(entry.get("n_attacked")), format_accuracy(entry.get("accuracy")),
                      fmt_seconds(entry.get("seconds"))])
         classes.append("")

@@ -140,8 +140,44 @@ def init_process_group(device: torch.device) -> ProcessGroup:
     return ProcessGroup(rank=dist.get_rank(), world_size=dist.get_world_size())
 
 
+UNCOMMITTED = "produced from uncommitted changes"
+# What "the code" is, for provenance: the package and its build definition. Records under results/ and
+# docs change while a comparison runs; they do not change what the code computes.
+_CODE = (":/src", ":/pyproject.toml")
+
+
+def code_diff() -> str | None:
+    """A short hash (sha256, 16 hex digits) of the uncommitted changes to the code (``git diff HEAD``
+    of ``src/`` and ``pyproject.toml``), recorded beside a ``.dirty`` code version; None for a clean
+    code tree or outside a checkout."""
+    import subprocess
+
+    try:
+        diff = subprocess.run(["git", "diff", "HEAD", "--", *_CODE], cwd=os.path.dirname(__file__),
+                              capture_output=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return hashlib.sha256(diff).hexdigest()[:16] if diff else None
+
+
+def provenance() -> dict:
+    """``{"code_version": ...}`` plus, from a dirty tree, ``"code_diff"`` (``code_diff``)."""
+    version, diff = code_version(), code_diff()
+    return {"code_version": version, **({"code_diff": diff} if diff and version.endswith(".dirty") else {})}
+
+
+def provenance_warning(record: dict) -> str | None:
+    """The warning a record made from uncommitted changes carries, or None."""
+    if not str(record.get("code_version", "")).endswith(".dirty"):
+        return None
+    diff = record.get("code_diff")
+    return f"{UNCOMMITTED} ({record['code_version']}" + (f", diff {diff})" if diff else ")")
+
+
 def code_version() -> str:
-    """The package version plus the git commit of the source tree, when it is a checkout."""
+    """The package version plus the git commit of the source tree, when it is a checkout, and
+    ``.dirty`` when the code (``src/``, ``pyproject.toml``) has uncommitted changes (until 0.6.0 any
+    tracked file counted, records under results/ included)."""
     import subprocess
 
     from .version import __version__
@@ -149,8 +185,8 @@ def code_version() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(__file__),
                                 capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=os.path.dirname(__file__),
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *_CODE],
+                               cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "", ""
     if not commit:

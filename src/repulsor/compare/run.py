@@ -27,7 +27,7 @@ from ..data import DATASETS
 from ..errors import Interrupted, UserError
 from ..evaluation import run as evaluation_run
 from ..plots.curves import plot_robustness_curves
-from ..runtime import code_version, resolve_device
+from ..runtime import provenance, resolve_device
 from ..store import files as ckpt
 from ..store import run as store
 from ..store.layout import COMPARISON, CONFIG, LAST, METRICS, MODEL, TABLES
@@ -210,7 +210,7 @@ def _comparison(job: CompareJob, runs: dict, transfer: dict | None, *, curves: d
             "curve": {"eps": list(plan.curve_eps), "n": min(plan.curve_n, n_test), "steps": CURVE_STEPS,
                       "loss": CURVE_LOSS} if plan.curve_n else None,
             "transfer": None if transfer is None else {"source": TRANSFER_SOURCE, **transfer.get("attack", {})},
-            "code_version": code_version(),
+            **provenance(),
         },
         "config": {"compare": plan.describe(), "shared": _shared_dict(plan.base), "method_overrides": plan.method_overrides},
         "methods": list(plan.methods),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..formats import format_eps
+from ..runtime import provenance_warning
 
 DASH = "–"
 
@@ -61,7 +62,8 @@ def _protocol_line(p: dict, suites: str) -> str:
     eps = format_eps(p["eps"], p["norm"], short=True)
     return (f"Protocol: {p['dataset']} {p['split']} split{' (' + p['test_dir'] + ')' if p['test_dir'] else ''},"
             f" first {p['n']} points unshuffled, {p['norm']} eps = {eps}, seed {p['seed']}, fp32; {suites};"
-            f" accuracies in %; repulsor {p['code_version']}.")
+            f" accuracies in %; repulsor {p['code_version']}"
+            + (f" ({provenance_warning(p)})" if provenance_warning(p) else "") + ".")
 
 
 def dimension_table(report: dict) -> ComparisonTable | None:

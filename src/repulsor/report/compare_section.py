@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..compare.tables import comparison_tables
 from ..plots.curves import plot_robustness_curves
+from ..runtime import provenance_warning
 from ..store import files as ckpt
 from ..store.layout import COMPARISON, CONFIG, MODEL, TRAINING
 from .blocks import Details, Figure, Heading, Para, Table
@@ -78,7 +79,8 @@ def compare_blocks(compare_dir: Path, ctx: ReportContext) -> list:
     protocol = report.get("protocol", {})
     blocks = [Heading(2, f"Comparison `{label}`", anchor=slug),
               Para(f"Folder `{compare_dir}`; data set **{protocol.get('dataset', '?')}**; methods "
-                   f"{', '.join(report.get('methods', [])) or '?'}; repulsor {protocol.get('code_version', '?')}.")]
+                   f"{', '.join(report.get('methods', [])) or '?'}; repulsor {protocol.get('code_version', '?')}"
+                   + (f" (**{provenance_warning(protocol)}**)" if provenance_warning(protocol) else "") + ".")]
     if report.get("config"):
         blocks.append(Details("Comparison config (resolved)", json.dumps(report["config"], indent=2), "json"))
     blocks += table_blocks(report) + _sanity_warnings(report) + _curve_figures(compare_dir, figdir, protocol)

@@ -19,6 +19,7 @@ from ..errors import UserError
 from ..evaluation.suites import shown_name
 from ..formats import format_eps
 from ..plots import curves, images, matrices
+from ..runtime import provenance_warning
 from ..store import files as ckpt
 from ..store import layout
 from ..store import run as store
@@ -189,7 +190,9 @@ def run_blocks(run_dir: Path, ctx: ReportContext, *, label: str, heading: str, b
     blocks.append(Para(f"Folder `{run_dir}`; method **{cfg.train.method}**"
                        + (f" ({method.summary})" if method is not None and getattr(method, "summary", "") else "")
                        + f"; model {cfg.model.name} (width {cfg.model.width:g}) on **{info.name}**; "
-                       f"evaluated with repulsor {code_version}."))
+                       f"evaluated with repulsor {code_version}"
+                       + (f" (**{provenance_warning(results)}**)" if results and provenance_warning(results) else "")
+                       + "."))
     blocks.append(Details("Resolved config (config.toml)", (run_dir / layout.CONFIG).read_text(encoding="utf-8"),
                           "toml"))
     if not brief:

@@ -24,7 +24,7 @@ import torch
 from . import files as ckpt
 from ..config import Config, load_config, read_toml, to_dict
 from ..errors import UserError
-from ..runtime import code_version
+from ..runtime import provenance, provenance_warning
 from ..training.methods import METHODS
 from ..models import build_for_method
 from ..prototypes import load_prototypes
@@ -171,9 +171,12 @@ def record_suite(run_dir: str | Path, key: str, result: dict, header: dict) -> d
     The file is written atomically: a killed process leaves the earlier version.
     """
     merged = read_results(run_dir)
-    merged.update(header, code_version=code_version())
+    made = provenance()
+    merged.pop("code_diff", None)
+    merged.update(header, **made)
     suites = merged.get("suites", {})
-    suites[key] = dict(result, code_version=code_version(), evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    suites[key] = dict(result, **made, evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    _warn_uncommitted(run_dir, made, f"suite {key}")
     merged["suites"] = suites
     # The flat contract: every attack of every suite evaluated so far, each with its suite.
     merged["attacks"] = [dict(entry, suite=name) for name, res in suites.items() for entry in res["attacks"]]
@@ -191,10 +194,20 @@ def record_diagnostic(run_dir: str | Path, key: str, result: dict) -> dict:
     """
     merged = read_results(run_dir)
     diagnostics = merged.get("diagnostics", {})
-    diagnostics[key] = dict(result, code_version=code_version(), evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    made = provenance()
+    diagnostics[key] = dict(result, **made, evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    _warn_uncommitted(run_dir, made, f"diagnostic {key}")
     merged["diagnostics"] = diagnostics
     ckpt.atomic_write_json(Path(run_dir) / RESULTS, merged)
     return merged
+
+
+def _warn_uncommitted(run_dir: str | Path, made: dict, what: str) -> None:
+    """Say in the run's log and on stderr that a record comes from uncommitted changes."""
+    warning = provenance_warning(made)
+    if warning:
+        append_log(run_dir, f"WARN {what}: {warning}; commit, then evaluate again for a result anyone can reproduce")
+        print(f"repulsor: warning: {what} of {run_dir} {warning}", file=sys.stderr, flush=True)
 
 
 def append_log(run_dir: str | Path, line: str) -> None:

@@ -18,7 +18,7 @@ import torch
 from ..config import Config, to_dict, to_toml
 from ..errors import UserError
 from ..prototypes import save_prototypes
-from ..runtime import ProcessGroup
+from ..runtime import ProcessGroup, provenance, provenance_warning
 from ..store import files as ckpt
 from ..store import run as store
 from ..store.layout import CONFIG, LAST, LOG, METRICS, MODEL, PROTOTYPES, TRAINING
@@ -138,4 +138,8 @@ def save_final(out: Path, cfg: Config, model: torch.nn.Module, record: dict) -> 
     ckpt.save_tensors(out / MODEL, ckpt.model_state(model),
                       {"config": to_dict(cfg), "selected": record["selected"], "best_epoch": record["best_epoch"],
                        "cost": record["cost"], "fingerprint": store.run_fingerprint(out)})
-    ckpt.atomic_write_json(out / TRAINING, record)
+    made = provenance()
+    ckpt.atomic_write_json(out / TRAINING, {**record, **made})
+    warning = provenance_warning(made)
+    if warning:
+        store.append_log(out, f"WARN training {warning}; commit, then train again for weights anyone can reproduce")

@@ -1,0 +1,69 @@
+"""Every committed result names code that can be checked out, or is listed in results/PROVENANCE.md;
+and a record made from uncommitted code says so (issue 27)."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from repulsor import runtime
+from repulsor.store import run as store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _versions(obj, found: set) -> set:
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if key == "code_version" and isinstance(value, str):
+                found.add(value)
+            else:
+                _versions(value, found)
+    elif isinstance(obj, list):
+        for value in obj:
+            _versions(value, found)
+    return found
+
+
+def test_every_dirty_version_under_results_is_listed_with_its_change():
+    listed = set(re.findall(r"`([^`]+\.dirty)`", (ROOT / "results" / "PROVENANCE.md").read_text()))
+    unlisted = {}
+    for path in sorted((ROOT / "results").rglob("*.json")):
+        if path.name not in ("results.json", "training.json", "comparison.json", "ablation.json"):
+            continue
+        for version in _versions(json.loads(path.read_text()), set()):
+            if version.endswith(".dirty") and version not in listed:
+                unlisted.setdefault(version, []).append(str(path.relative_to(ROOT)))
+    assert not unlisted, f"dirty code versions not in results/PROVENANCE.md: {unlisted}"
+
+
+def test_a_record_from_uncommitted_code_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(store, "provenance", lambda: {"code_version": "9.9.9+gabc1234.dirty", "code_diff": "d1ff"})
+    store.record_suite(tmp_path, "quick", {"attacks": [], "robust_accuracy": 0.0}, {"n": 1})
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["code_diff"] == "d1ff" and results["suites"]["quick"]["code_diff"] == "d1ff"
+    assert "WARN suite quick: produced from uncommitted changes (9.9.9+gabc1234.dirty, diff d1ff)" \
+        in (tmp_path / "log.txt").read_text()
+    assert "produced from uncommitted changes" in capsys.readouterr().err
+    monkeypatch.setattr(store, "provenance", lambda: {"code_version": "9.9.9+gabc1234"})
+    store.record_suite(tmp_path, "paper", {"attacks": [], "robust_accuracy": 0.0}, {"n": 1})
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert "code_diff" not in results and "code_diff" not in results["suites"]["paper"]
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({"code_version": "0.6.0+gabc"}, None),
+    ({"code_version": "0.6.0+gabc.dirty", "code_diff": "12"}, "produced from uncommitted changes (0.6.0+gabc.dirty, diff 12)"),
+    ({"code_version": "0.5.0+gabc.dirty"}, "produced from uncommitted changes (0.5.0+gabc.dirty)"),
+    ({}, None),
+])
+def test_the_warning_names_the_version_and_the_diff(record, expected):
+    assert runtime.provenance_warning(record) == expected
+
+
+def test_the_code_version_of_this_checkout_is_well_formed():
+    version = runtime.code_version()
+    assert re.fullmatch(r"\d+\.\d+\.\d+(\+g[0-9a-f]+(\.dirty)?)?", version), version
+    made = runtime.provenance()
+    assert ("code_diff" in made) == version.endswith(".dirty")

@@ -67,3 +67,32 @@ def test_the_code_version_of_this_checkout_is_well_formed():
     assert re.fullmatch(r"\d+\.\d+\.\d+(\+g[0-9a-f]+(\.dirty)?)?", version), version
     made = runtime.provenance()
     assert ("code_diff" in made) == version.endswith(".dirty")
+
+
+def test_wilson_interval_against_values_computed_by_hand():
+    from repulsor.formats import accuracy_with_interval, wilson_interval
+
+    low, high = wilson_interval(0, 500)  # 0/n: the upper end is z^2 / (n + z^2)
+    assert low == 0 and high == pytest.approx(1.959964 ** 2 / (500 + 1.959964 ** 2), rel=1e-6)
+    low, high = wilson_interval(500, 500)  # n/n: the mirror image
+    assert high == 1 and low == pytest.approx(500 / (500 + 1.959964 ** 2), rel=1e-6)
+    # 84 of 100: centre (0.84 + z^2/200) / (1 + z^2/100) = 0.827422, half width 0.071625
+    assert wilson_interval(84, 100) == pytest.approx((0.755797, 0.899047), abs=1e-5)
+    # small n: 1 of 3: centre (1/3 + z^2/6) / (1 + z^2/3) = 0.426916, half width 0.365424
+    assert wilson_interval(1, 3) == pytest.approx((0.061492, 0.792340), abs=1e-5)
+    assert accuracy_with_interval(0.84, 100) == "84.0 [75.6, 89.9]"
+    assert accuracy_with_interval(0.0, 500) == "0.0 [0.0, 0.8]"
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+
+
+def test_every_recorded_accuracy_sits_beside_its_interval(tmp_path):
+    result = {"n": 500, "clean_accuracy": 0.9, "robust_accuracy": 0.0,
+              "attacks": [{"name": "apgd-ce", "n": 500, "accuracy": 0.0}]}
+    merged = store.record_suite(tmp_path, "standard", result, {"n": 500, "clean_accuracy": 0.9})
+    suite = merged["suites"]["standard"]
+    assert suite["robust_accuracy"] == 0.0 and suite["robust_accuracy_ci95"] == [0.0, pytest.approx(0.0076243, abs=2e-6)]
+    assert suite["attacks"][0]["accuracy_ci95"][1] == pytest.approx(0.0076243, abs=2e-6)
+    assert merged["clean_accuracy"] == 0.9 and len(merged["clean_accuracy_ci95"]) == 2
+    old = store.with_intervals({"accuracy": 0.5}, None)
+    assert old == {"accuracy": 0.5}  # no n, no interval: older records are shown without one

@@ -13,9 +13,12 @@ an interrupted run resumes where it stopped and no number here is typed by hand.
 
 Rows, for each model: (a) each of the authors' paths as the code ran it, with each loss setting;
 (b) each quirk of paths A and B switched off one at a time, under the model's own loss setting;
-(c) PGD-20 with cross-entropy (``quick``) and with the CW margin (``margin``) on the model's
-decision scores; (d) the ``standard`` and ``adaptive`` suites. The authors' paths are diagnostic
-reproductions of flawed protocols, not robustness measures.
+(b32) the same in fp32: the fp16 quirk and one more switched off (fp16 costs a CPU without native
+fp16 10-15x the time of fp32, so these rows come first); (c) PGD-20 with cross-entropy (``quick``)
+and with the CW margin (``margin``) on the model's decision scores; (d) the ``standard`` and
+``adaptive`` suites. The authors' paths are diagnostic reproductions of flawed protocols, not
+robustness measures. Rows run in two stages: every row in fp32 first (all models), then the rows in
+fp16 (``--fp16-n 0`` leaves them for later).
 """
 
 from __future__ import annotations
@@ -29,11 +32,15 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from repulsor.evaluation.protocols import PROTOCOLS, get_protocol  # noqa: E402
+from repulsor.analyses.metrics import plot_metrics_over_epochs  # noqa: E402
+from repulsor.evaluation.protocols import get_protocol  # noqa: E402
+from repulsor.formats import accuracy_with_interval  # noqa: E402
 from repulsor.evaluation.run import diagnose_run, diagnostic_key, evaluate_run  # noqa: E402
 from repulsor.store.run import read_results  # noqa: E402
 
-# name -> (run folder, the loss setting it was trained with, as the code would name it)
+# name -> (run folder, the code's loss setting its rows (b) use: the one it was trained with for the code's
+# models; for the paper-form model, whose Eq. 6 loss the code has no setting for, "inf", the loss of the
+# paper's own attack; "ce" for cross-entropy)
 MODELS = {
     "code-linf": ("results/authors-code/linf", "inf"),
     "code-batch-cosine": ("results/authors-code/batch-cosine", "mean"),
@@ -59,16 +66,24 @@ def rows(model: str, own: str) -> list[dict]:
             if quirk == "code_rule" and own == "ce":
                 continue  # a linear head has one rule
             out.append({"part": "b", "path": path, "loss": own, "off": (quirk,)})
+    for path in (PATH_A, PATH_B):
+        for quirk in get_protocol(path).quirks():
+            if quirk == "fp16" or (quirk == "code_rule" and own == "ce"):
+                continue
+            out.append({"part": "b32", "path": path, "loss": own, "off": ("fp16", quirk)})
     for suite in ("quick", "margin", "standard", "adaptive"):
         out.append({"part": "c" if suite in ("quick", "margin") else "d", "suite": suite})
     return out
 
 
+def in_fp16(row: dict) -> bool:
+    return "suite" not in row and get_protocol(row["path"]).without(row["off"]).fp16
+
+
 def wanted_n(row: dict, fp16_n: int) -> int:
     if "suite" in row:
         return SUITE_N[row["suite"]]
-    protocol = get_protocol(row["path"]).without(row["off"])
-    return fp16_n if protocol.fp16 else 1000
+    return fp16_n if in_fp16(row) else 1000
 
 
 def record(run: Path, row: dict) -> dict | None:
@@ -79,30 +94,38 @@ def record(run: Path, row: dict) -> dict | None:
 
 
 def run_rows(only: list[str], fp16_n: int) -> None:
-    for model, (folder, own) in MODELS.items():
-        run = ROOT / folder
-        if only and model not in only:
-            continue
-        if not (run / "model.safetensors").exists():
-            print(f"[ablate] {model}: no trained run at {folder} yet; skipped", flush=True)
-            continue
-        for row in rows(model, own):
-            n = wanted_n(row, fp16_n)
-            done = record(run, row)
-            if done is not None and done.get("n", 0) >= n:
+    for stage in (False, True):  # every fp32 row first, then the slow fp16 ones
+        if stage and fp16_n < 1:
+            break
+        for model, (folder, own) in MODELS.items():
+            run = ROOT / folder
+            if only and model not in only:
                 continue
-            print(f"[ablate] {model}: {describe(row)} on {n} points", flush=True)
-            if "suite" in row:
-                evaluate_run(run, suite=row["suite"], n=n, quiet=True)
-            else:
-                diagnose_run(run, protocol=row["path"], loss=row["loss"], off=row["off"], n=n,
-                             surrogate=ROOT / SOURCE if row["path"] == TRANSFER else None)
+            if not (run / "model.safetensors").exists():
+                print(f"[ablate] {model}: no trained run at {folder} yet; skipped", flush=True)
+                continue
+            for row in rows(model, own):
+                if in_fp16(row) == stage:
+                    run_row(model, run, row, wanted_n(row, fp16_n))
+
+
+def run_row(model: str, run: Path, row: dict, n: int) -> None:
+    """Run one row unless its record already covers ``n`` points."""
+    done = record(run, row)
+    if done is not None and done.get("n", 0) >= n:
+        return
+    print(f"[ablate] {model}: {describe(row)} on {n} points", flush=True)
+    if "suite" in row:
+        evaluate_run(run, suite=row["suite"], n=n, quiet=True)
+    else:
+        diagnose_run(run, protocol=row["path"], loss=row["loss"], off=row["off"], n=n,
+                     surrogate=ROOT / SOURCE if row["path"] == TRANSFER else None)
 
 
 def describe(row: dict) -> str:
     if "suite" in row:
         return f"suite {row['suite']}"
-    off = f", {row['off'][0]} off" if row["off"] else ", as the code ran it"
+    off = f", {' and '.join(row['off'])} off" if row["off"] else ", as the code ran it"
     return f"{row['path'].split(':', 1)[1]} ({row['loss']}{off})"
 
 
@@ -136,26 +159,32 @@ def pct(value) -> str:
     return "" if value is None else f"{100 * value:.1f}"
 
 
+def pct_ci(value, n) -> str:
+    """The accuracy with its 95% Wilson interval on n points (on the pooled count for per-batch means)."""
+    return "" if value is None else accuracy_with_interval(value, n)
+
+
 def markdown(data: dict) -> str:
     lines = ["# The authors' evaluation paths, quirk by quirk (generated by `ablate.py`; do not edit)", "",
              "Accuracies in %, on the first n exact CIFAR-10 test images, L-inf eps = 8/255 as each path writes it,",
              "seed 0. `diagnostic:` rows reproduce the authors' flawed evaluation paths; they are not robustness",
              "measures. *clean*: the model's own rule on the clean images; *as fed*: the path's view and scoring",
              "of the image it feeds, before any clamp; *start*: after the path's clamp, before any step; *after*:",
-             "after the path's PGD-20 (per-batch mean where the path averages so). Suites: worst case of the",
-             "cascade.", ""]
+             "after the path's PGD-20 (per-batch mean where the path averages so), with its 95% Wilson interval.",
+             "Suites: worst case of the cascade.", ""]
     for model, block in data.items():
-        lines += [f"## {model} (`{block['run']}`, trained under the loss setting `{block['own_loss']}`)", "",
+        lines += [f"## {model} (`{block['run']}`; rows (b) under the loss setting `{block['own_loss']}`)", "",
                   "| part | evaluation | loss setting | quirk switched off | n | clean | as fed | start | after | seconds |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in block["rows"]:
             if "suite" in r:
                 lines.append(f"| {r['part']} | suite `{r['suite']}` | | | {r['n']} | {pct(r['clean'])} | | |"
-                             f" {pct(r['accuracy'])} | {r['seconds']:.0f} |")
+                             f" {pct_ci(r['accuracy'], r['n'])} | {r['seconds']:.0f} |")
             else:
-                off = r["off"][0] if r["off"] else "none (as the code ran it)"
+                off = ", ".join(r["off"]) if r["off"] else "none (as the code ran it)"
                 lines.append(f"| {r['part']} | {r['path']} | {r['loss']} | {off} | {r['n']} | {pct(r['clean'])} |"
-                             f" {pct(r['as_fed'])} | {pct(r['at_start'])} | {pct(r['accuracy'])} | {r['seconds']:.0f} |")
+                             f" {pct(r['as_fed'])} | {pct(r['at_start'])} | {pct_ci(r['accuracy'], r['n'])} |"
+                             f" {r['seconds']:.0f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -169,6 +198,11 @@ def main() -> None:
     if not args.tables:
         run_rows(args.only, args.fp16_n)
     data = table()
+    code_runs = {m: ROOT / f / "metrics.jsonl" for m, (f, _) in MODELS.items()
+                 if m.startswith("code-") and (ROOT / f / "metrics.jsonl").exists()}
+    if code_runs:  # Figure 4 for the code's models: validation accuracy per epoch under CW, the authors' loss, CE
+        plot_metrics_over_epochs(code_runs, HERE / "epochs.png",
+                                 title="The authors' code's models: validation accuracy during training")
     (HERE / "ablation.json").write_text(json.dumps(data, indent=1) + "\n")
     (HERE / "ablation.md").write_text(markdown(data))
     print(f"[ablate] wrote {HERE / 'ablation.md'}")

@@ -225,6 +225,16 @@ def _eval_overrides(args, *, n_key: str | None = "eval.n") -> list[str]:
     return overrides
 
 
+def _interval(accuracy: float, n: int) -> str:
+    """`` (95% CI 75.6-89.9%)``: the Wilson interval of an accuracy on ``n`` points, for summary lines."""
+    from .formats import wilson_interval
+
+    if not n:
+        return ""
+    low, high = wilson_interval(round(accuracy * n), n)
+    return f" (95% CI {100 * low:.1f}-{100 * high:.1f}%)"
+
+
 def _print_results(results: dict, key: str | None) -> None:
     """Print the suite ``key`` just evaluated, with its own points and clean accuracy, and its verdicts."""
     from .evaluation.suites import shown_name
@@ -234,7 +244,7 @@ def _print_results(results: dict, key: str | None) -> None:
         return
     print(f"suite {key}: {results['dataset']} {results['split']}, first {res['n']} points, {res['norm']} eps = "
           f"{res['eps']:.4g}, seed {res['seed']}")
-    print(f"  clean accuracy: {res['clean_accuracy']:.4f}")
+    print(f"  clean accuracy: {res['clean_accuracy']:.4f}{_interval(res['clean_accuracy'], res['n'])}")
     if res.get("votes", 1) > 1:
         print(f"  the model is randomised: a point counts as correct only if all {res['votes']} forward passes"
               " classify it correctly")
@@ -242,9 +252,10 @@ def _print_results(results: dict, key: str | None) -> None:
         if entry.get("status", "done") != "done":
             print(f"  {shown_name(entry):<34} not applicable: {entry.get('reason', '')}")
             continue
-        print(f"  {shown_name(entry):<34} accuracy after: {entry['accuracy']:.4f}  ({entry['n_attacked']} attacked,"
+        print(f"  {shown_name(entry):<34} accuracy after: {entry['accuracy']:.4f}{_interval(entry['accuracy'], res['n'])}"
+              f"  ({entry['n_attacked']} attacked,"
               f" {entry['seconds']:.1f}s)")
-    print(f"  worst case (robust accuracy): {res['robust_accuracy']:.4f}")
+    print(f"  worst case (robust accuracy): {res['robust_accuracy']:.4f}{_interval(res['robust_accuracy'], res['n'])}")
     for verdict in res.get("sanity", []):
         print(("  WARN " if not verdict["ok"] else "  ok   ") + verdict["message"])
     others = [f"{name} {r['robust_accuracy']:.4f} (n={r['n']})" for name, r in results["suites"].items() if name != key]

@@ -24,6 +24,7 @@ import torch
 from . import files as ckpt
 from ..config import Config, load_config, read_toml, to_dict
 from ..errors import UserError
+from ..formats import wilson_interval
 from ..runtime import provenance, provenance_warning
 from ..training.methods import METHODS
 from ..models import build_for_method
@@ -173,8 +174,10 @@ def record_suite(run_dir: str | Path, key: str, result: dict, header: dict) -> d
     merged = read_results(run_dir)
     made = provenance()
     merged.pop("code_diff", None)
-    merged.update(header, **made)
+    merged.update(with_intervals(header, header.get("n")), **made)
     suites = merged.get("suites", {})
+    result = with_intervals(result, result.get("n"))
+    result["attacks"] = [with_intervals(entry, entry.get("n", result.get("n"))) for entry in result.get("attacks", [])]
     suites[key] = dict(result, **made, evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     _warn_uncommitted(run_dir, made, f"suite {key}")
     merged["suites"] = suites
@@ -195,11 +198,26 @@ def record_diagnostic(run_dir: str | Path, key: str, result: dict) -> dict:
     merged = read_results(run_dir)
     diagnostics = merged.get("diagnostics", {})
     made = provenance()
-    diagnostics[key] = dict(result, **made, evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    diagnostics[key] = dict(with_intervals(result, result.get("n")), **made,
+                            evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     _warn_uncommitted(run_dir, made, f"diagnostic {key}")
     merged["diagnostics"] = diagnostics
     ckpt.atomic_write_json(Path(run_dir) / RESULTS, merged)
     return merged
+
+
+def with_intervals(record: dict, n) -> dict:
+    """``record`` with ``<key>_ci95: [lower, upper]`` beside each accuracy of it (``clean_accuracy``,
+    ``robust_accuracy``, ``accuracy``, ``accuracy_pooled``): the 95% Wilson interval on the ``n``
+    points it was measured on. Existing keys are kept as they are; without ``n`` nothing is added."""
+    if not n:
+        return dict(record)
+    out = dict(record)
+    for key in ("clean_accuracy", "robust_accuracy", "accuracy", "accuracy_pooled"):
+        value = record.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
+            out[f"{key}_ci95"] = [round(b, 6) for b in wilson_interval(round(value * n), int(n))]
+    return out
 
 
 def _warn_uncommitted(run_dir: str | Path, made: dict, what: str) -> None:

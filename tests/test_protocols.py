@@ -213,12 +213,23 @@ def test_transfer_path_crafts_on_the_source_and_scores_the_target():
     assert sound["accuracy_as_fed"] == sound["clean_accuracy"]
 
 
-def test_fp16_quirk_runs_the_network_in_half_precision():
-    from repulsor.evaluation.protocols import View
+def test_fp16_quirk_stores_weights_activations_and_gradients_in_half_precision():
+    from repulsor.evaluation.protocols import HalfStorage, View
 
     model = _prototype_model()
     view = View(model, torch.tensor(MEAN), torch.tensor(STD), normalised=False, mismatch=False, rule=None, fp16=True)
-    assert view.embed(torch.rand(2, 3, 8, 8)).dtype == torch.float16
+    x = torch.rand(6, 3, 8, 8, requires_grad=True)
+    z = view.embed(x)
+    assert z.dtype == torch.float32 and torch.equal(z, z.half().float())  # fp16 values
+    (grad,) = torch.autograd.grad(z.abs().amax(1).mean() / 6, x)
+    assert torch.equal(grad, grad.half().float())
+    half = HalfStorage(model.network.body)
+    weight = half.network[1].weight
+    assert torch.equal(weight, weight.half().float()) and not torch.equal(model.network.body[1].weight, weight)
+    # A gradient below float16's smallest step (2**-24) is lost, as in apex O2 with a loss scale of 1.
+    tiny = torch.full((1, 3, 8, 8), 1e-9, requires_grad=True)
+    (lost,) = torch.autograd.grad((half(tiny) * 1e-9).sum(), tiny)
+    assert (lost == 0).all()
     assert set(QUIRKS) == set(SOUND)
 
 

@@ -12,7 +12,10 @@ The switches, each a quirk of the code where it differs from a sound evaluation:
 - ``random_start``: sound True. Path A (the PGD run during training) starts at the clean image.
 - ``fp16``: sound False. Gradients of the code's scalar loss (a batch mean, not scaled up) through
   the network in float16 (apex O2 with a static loss scale of 1): small gradients underflow to
-  zero and their pixels do not move.
+  zero and their pixels do not move. Emulated on any device (``HalfStorage``): weights (batch norm
+  excepted, as O2 keeps it in fp32), the input, every layer's output and every gradient flowing
+  back through them are rounded to float16, each operation computing in float32 as a GPU's fp16
+  kernels accumulate. A CPU without native fp16 would run real fp16 10-15x slower than fp32.
 - ``eps_space``: sound "pixel". Path B adds eps in normalised units (8/255 of a standard
   deviation, about 2/255 of a pixel).
 - ``clamp_space``: sound "pixel". Path B clamps to [0, 1] in normalised units: every normalised
@@ -40,6 +43,7 @@ value wherever the clamp does not bind), and a random start is uniform in that i
 
 from __future__ import annotations
 
+import copy
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
@@ -112,6 +116,39 @@ def get_protocol(name: str) -> Protocol:
     return PROTOCOLS[key]
 
 
+def _to_half(t: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest float16 (values below 2**-24 become 0, as in an fp16 tensor), kept in float32."""
+    return t.half().float()
+
+
+def _round_gradient(t: torch.Tensor) -> torch.Tensor:
+    if t.requires_grad:
+        t.register_hook(_to_half)
+    return t
+
+
+class HalfStorage(nn.Module):
+    """A network as apex O2 runs it, emulated: a copy whose weights (batch norm excepted) are rounded
+    to float16, whose input and every leaf module's output are rounded to float16 on the way forward,
+    and whose gradients are rounded to float16 at the same places on the way back."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = copy.deepcopy(network)
+        with torch.no_grad():
+            for module in self.network.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    continue
+                for param in module.parameters(recurse=False):
+                    param.copy_(_to_half(param))
+        for module in self.network.modules():
+            if not list(module.children()):
+                module.register_forward_hook(lambda _m, _i, out: _round_gradient(_to_half(out)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(_round_gradient(_to_half(x)))
+
+
 class View(nn.Module):
     """A model as one of the code's paths sees it, on the attack's variable ``v`` [N, C, H, W].
 
@@ -124,11 +161,12 @@ class View(nn.Module):
     def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor, *, normalised: bool, mismatch: bool,
                  rule: str | None, fp16: bool = False):
         super().__init__()
-        self.model, self.normalised, self.mismatch, self.rule, self.fp16 = model, normalised, mismatch, rule, fp16
+        self.model, self.normalised, self.mismatch, self.rule = model, normalised, mismatch, rule
         self.network = model.network if hasattr(model, "network") else model
         if not hasattr(self.network, "body") or not hasattr(self.network, "normalize"):
             raise UserError(f"a diagnostic protocol needs a model built as normalisation + body; {type(model).__name__}"
                             " is not one")
+        self.body = HalfStorage(self.network.body) if fp16 else self.network.body
         self.register_buffer("mean", mean.view(1, -1, 1, 1))
         self.register_buffer("std", std.view(1, -1, 1, 1))
 
@@ -143,9 +181,7 @@ class View(nn.Module):
         return self.network.normalize(pixels)
 
     def embed(self, v: torch.Tensor) -> torch.Tensor:
-        # float16 autocast stands in for apex O2: the network's products in fp16, gradients too.
-        with torch.autocast(device_type=v.device.type, dtype=torch.float16) if self.fp16 else nullcontext():
-            return self.network.body(self.body_input(v))
+        return self.body(self.body_input(v))
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         out = self.embed(v).float()

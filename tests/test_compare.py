@@ -111,8 +111,10 @@ def test_comparison_json_and_tables_hold_every_method(finished):
         assert run["config"]["train"]["method"] == name
         row = next(line for line in tables.splitlines() if line.startswith(f"| {name} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[2:8] == ["2", fmt_pct(run["clean_accuracy"]), fmt_pct(run["pgd20"]), fmt_pct(run["pgd100"]),
-                              fmt_pct(run["pgd20_ce"]), "–"]
+        n = report["protocol"]["suite_n"]
+        assert cells[2:8] == ["2", fmt_pct(run["clean_accuracy"], n["quick"]), fmt_pct(run["pgd20"], n["paper"]),
+                              fmt_pct(run["pgd100"], n["paper"]), fmt_pct(run["pgd20_ce"], n["quick"]), "–"]
+        assert " [" in cells[3] and cells[3].endswith("]")  # every accuracy with its 95% interval
         transfer_row = next(line for line in tables.splitlines() if line.startswith(f"| ce | {name}"))
         assert fmt_pct(run["transfer_accuracy"]) in transfer_row
     assert report["runs"]["mmc"]["overrides"] == {"train.lr": 0.01}
@@ -252,8 +254,8 @@ def test_interrupted_training_is_resumed_from_its_checkpoint(tmp_path, monkeypat
         assert standard["n"] == 10 and run["standard"] == standard["robust_accuracy"] and run["pgd20"] is None
         assert run["suites"]["quick"]["n"] == 100 and "sanity" in run["suites"]["standard"]
         row = next(line for line in (out / "tables.md").read_text().splitlines() if line.startswith(f"| {name} |"))
-        assert [c.strip() for c in row.strip("|").split("|")][4:8] == ["–", "–", fmt_pct(run["pgd20_ce"]),
-                                                                      fmt_pct(run["standard"])]
+        assert [c.strip() for c in row.strip("|").split("|")][4:8] == ["–", "–", fmt_pct(run["pgd20_ce"], 100),
+                                                                      fmt_pct(run["standard"], 10)]
 
 
 def test_tables_list_failures_and_sanity_warnings(finished):

@@ -160,8 +160,9 @@ def test_compare_report(tmp_path, capsys):
     assert "cmp / method run <code>ce</code>" in page and "cmp / method run <code>prototype</code>" in page
     for name in ("ce", "prototype"):  # the rows of tables.md, as compare formats them
         run = comparison["runs"][name]
-        assert f'<td class="num">{fmt_pct(run["clean_accuracy"])}</td>' in page
-        assert f'<td class="num">{fmt_pct(run["pgd20_ce"])}</td>' in page
+        n = comparison["protocol"]["suite_n"]["quick"]  # each accuracy with its 95% interval
+        assert f'<td class="num">{fmt_pct(run["clean_accuracy"], n)}</td>' in page
+        assert f'<td class="num">{fmt_pct(run["pgd20_ce"], n)}</td>' in page
     figures = tmp_path / "rep" / "figures"
     assert (figures / "compare-cmp" / "robustness_curves.png").is_file()
     assert (figures / "compare-cmp" / "epochs.png").is_file()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..formats import format_eps
+from ..formats import accuracy_with_interval, format_eps
 from ..runtime import provenance_warning
 
 DASH = "–"
@@ -28,9 +28,12 @@ class ComparisonTable:
     notes: list[str] = field(default_factory=list)
 
 
-def fmt_pct(value) -> str:
-    """An accuracy in [0, 1] as a percentage with one decimal, or a dash when missing."""
-    return DASH if value is None else f"{100 * value:.1f}"
+def fmt_pct(value, n: int | None = None) -> str:
+    """An accuracy in [0, 1] as a percentage with one decimal, with its 95% Wilson interval when the
+    number of points ``n`` is known (``84.0 [75.6, 89.9]``), or a dash when missing."""
+    if value is None:
+        return DASH
+    return accuracy_with_interval(value, n) if n else f"{100 * value:.1f}"
 
 
 def fmt_seconds(seconds) -> str:
@@ -62,8 +65,14 @@ def _protocol_line(p: dict, suites: str) -> str:
     eps = format_eps(p["eps"], p["norm"], short=True)
     return (f"Protocol: {p['dataset']} {p['split']} split{' (' + p['test_dir'] + ')' if p['test_dir'] else ''},"
             f" first {p['n']} points unshuffled, {p['norm']} eps = {eps}, seed {p['seed']}, fp32; {suites};"
-            f" accuracies in %; repulsor {p['code_version']}"
+            f" accuracies in % with their 95% Wilson intervals where the points are known; repulsor {p['code_version']}"
             + (f" ({provenance_warning(p)})" if provenance_warning(p) else "") + ".")
+
+
+def _points(p: dict):
+    """``n(suite)``: the points a suite ran on in this comparison (None when unknown), for intervals."""
+    suite_n = p.get("suite_n") or {}
+    return lambda suite: suite_n.get(suite)
 
 
 def dimension_table(report: dict) -> ComparisonTable | None:
@@ -71,12 +80,14 @@ def dimension_table(report: dict) -> ComparisonTable | None:
     p, dataset = report["protocol"], report["protocol"]["dataset"]
     if not report.get("table1"):
         return None
+    n = _points(p)
     suite_ns = ", ".join(f"{s} on {n}" for s, n in p["suite_n"].items())
     return ComparisonTable(
         f"Table 1: prototype output dimension D ({dataset})",
         ["D", "run", "epochs", "clean", "PGD-20", "PGD-20 (CE)", "standard worst case"],
-        [[str(r["dim"]), r["run"], _fmt_int(r["epochs"]), fmt_pct(r["clean_accuracy"]), fmt_pct(r["pgd20"]),
-          fmt_pct(r.get("pgd20_ce")), fmt_pct(r.get("standard"))] for r in report["table1"]],
+        [[str(r["dim"]), r["run"], _fmt_int(r["epochs"]), fmt_pct(r["clean_accuracy"], n("quick")),
+          fmt_pct(r["pgd20"], n("paper")), fmt_pct(r.get("pgd20_ce"), n("quick")),
+          fmt_pct(r.get("standard"), n("standard"))] for r in report["table1"]],
         _protocol_line(p, "PGD-20: the paper suite (authors' loss: L-inf distance to the true prototype), as in the"
                           " paper's Table 1; PGD-20 (CE): quick suite; standard: APGD-CE, APGD-T, FAB-T, Square"
                           f" cascade; points per suite: {suite_ns}"))
@@ -86,6 +97,7 @@ def methods_table(report: dict) -> ComparisonTable:
     """Tables 2-3: every method's clean and robust accuracy and its training cost."""
     p, runs, dataset = report["protocol"], report["runs"], report["protocol"]["dataset"]
     suite_ns = ", ".join(f"{s} on {n}" for s, n in p["suite_n"].items())
+    n = _points(p)
     rows, notes = [], []
     for name in report["methods"]:
         r = runs[name]
@@ -96,8 +108,9 @@ def methods_table(report: dict) -> ComparisonTable:
             notes.append(f"{name}: training stopped early: {r['stopped']}")
         notes += [f"{name}: sanity check failed in suite {warning}" for warning in r.get("sanity_warnings", [])]
         rows.append([name + status, _fmt_overrides(r["overrides"]), _fmt_int(r["epochs"]),
-                     fmt_pct(r["clean_accuracy"]), fmt_pct(r["pgd20"]), fmt_pct(r["pgd100"]), fmt_pct(r["pgd20_ce"]),
-                     fmt_pct(r["standard"]), fmt_seconds((r["cost"] or {}).get("wall_seconds")),
+                     fmt_pct(r["clean_accuracy"], n("quick")), fmt_pct(r["pgd20"], n("paper")),
+                     fmt_pct(r["pgd100"], n("paper")), fmt_pct(r["pgd20_ce"], n("quick")),
+                     fmt_pct(r["standard"], n("standard")), fmt_seconds((r["cost"] or {}).get("wall_seconds")),
                      _fmt_passes(r["cost"])])
     number = {"cifar10": "Table 2", "cifar100": "Table 3"}.get(dataset, "Tables 2-3")
     return ComparisonTable(

@@ -43,7 +43,8 @@ window.addEventListener("load", function () {
 
 
 def _is_number(text: str) -> bool:
-    return bool(re.fullmatch(r"[-+]?[0-9.,]+\s*(%|s|min)?", str(text).strip()))
+    # a number, optionally with a unit, or an accuracy with its interval: "84.0 [75.6, 89.9]"
+    return bool(re.fullmatch(r"[-+]?[0-9.,]+\s*(%|s|min)?(\s*\[[0-9.]+,\s*[0-9.]+\])?", str(text).strip()))
 
 
 def render_html(title: str, blocks: list) -> str:

@@ -135,12 +135,15 @@ def _analyse_parser(sub) -> None:
 
 
 def _prototypes_parser(sub) -> None:
+    from .prototypes import METRICS
+
     proto = sub.add_parser("prototypes", formatter_class=_formatter, help="generate repulsive prototypes and print their separation",
                            epilog="example:\n  repulsor prototypes --classes 10 --dim 100 --metric linf --epochs 100 --lr 0.01 --seed 0 --out P.safetensors\n"
                                   "train with them:\n  repulsor train --set prototypes.file=P.safetensors --set prototypes.dim=100 --out runs/own-prototypes")
     proto.add_argument("--classes", type=int, required=True, help="number of classes k")
     proto.add_argument("--dim", type=int, required=True, help="output dimension D")
-    proto.add_argument("--metric", default="linf", choices=("linf", "l2", "cosine"))
+    proto.add_argument("--metric", default="linf", choices=METRICS, help="linf_sum: the authors' code's unbounded"
+                       " generation, for diagnosis")
     proto.add_argument("--epochs", type=int, default=100)
     proto.add_argument("--lr", type=float, default=0.01)
     proto.add_argument("--seed", type=int, default=0)

@@ -49,6 +49,19 @@ def decides_weights(section: str, key: str) -> bool:
     return dropped is not None and key not in dropped
 
 
+def _deciding(config: dict, enters) -> dict:
+    """The settings of ``config`` that decide weights and for which ``enters(section, key, value)``."""
+    kept = {}
+    for section, values in config.items():
+        if _NOT_FINGERPRINTED.get(section, ()) is None:
+            continue
+        if not isinstance(values, dict):
+            kept[section] = values
+            continue
+        kept[section] = {k: v for k, v in values.items() if decides_weights(section, k) and enters(section, k, v)}
+    return kept
+
+
 def _digest(kept: dict, prototypes: torch.Tensor | None) -> str:
     digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode())
     if prototypes is not None:
@@ -66,33 +79,22 @@ def fingerprint(config: dict, prototypes: torch.Tensor | None) -> str:
     change (add a setting instead), or runs that relied on it would no longer match.
     """
     defaults = to_dict(Config())
-    kept = {}
-    for section, values in config.items():
-        if _NOT_FINGERPRINTED.get(section, ()) is None:
-            continue
-        if not isinstance(values, dict):
-            kept[section] = values
-            continue
+
+    def enters(section, key, value):
         base = defaults.get(section, {})
-        kept[section] = {k: v for k, v in values.items()
-                         if decides_weights(section, k) and (k not in base or v != base[k])}
-    return _digest(kept, prototypes)
+        return key not in base or value != base[key]
+
+    return _digest(_deciding(config, enters), prototypes)
 
 
 def legacy_fingerprint(config: dict, saved: dict, prototypes: torch.Tensor | None) -> str:
     """The fingerprint 0.4.0-0.6.0 wrote, of ``config`` (``config.to_dict``) restricted to the settings
     its saved file ``saved`` (the TOML as written) holds: those are the settings of its version."""
-    kept = {}
-    for section, values in config.items():
-        if _NOT_FINGERPRINTED.get(section, ()) is None:
-            continue
-        if not isinstance(values, dict):
-            kept[section] = values
-            continue
-        held = saved.get(section, {}) if isinstance(saved.get(section), dict) else {}
-        kept[section] = {k: v for k, v in values.items() if decides_weights(section, k) and k in held
-                         and ((section, k) not in _LEGACY_UNLESS or v != _LEGACY_UNLESS[section, k])}
-    return _digest(kept, prototypes)
+    def enters(section, key, value):
+        held = saved.get(section) if isinstance(saved.get(section), dict) else {}
+        return key in held and ((section, key) not in _LEGACY_UNLESS or value != _LEGACY_UNLESS[section, key])
+
+    return _digest(_deciding(config, enters), prototypes)
 
 
 def check_fingerprint(run_dir: Path, meta: dict, expected: str | tuple[str, ...]) -> None:

@@ -318,3 +318,18 @@ def test_pcl_taps_every_fast_cifar_group_but_the_last():
     taps, last = feature_taps(body)
     assert taps == list(body.groups)[:-1] and last is body.linear
     assert model(torch.rand(4, 3, 32, 32)).shape == (4, 10)
+
+
+@pytest.mark.parametrize("name, shape", [("small_cnn", (3, 1, 28, 28)), ("mlp", (3, 1, 8, 8))])
+def test_layers_compute_what_the_body_computes(name, shape):
+    """``layers()`` (for layer-by-layer analyses) applied in order equals the body's own forward."""
+    torch.manual_seed(0)
+    body = build_body(name, in_channels=1, out_dim=10, width=0.25, **({"input_size": (8, 8)} if name == "mlp" else {}))
+    body.eval()
+    x = torch.rand(*shape)
+    out = x
+    for layer in body.layers():
+        out = layer(out)
+    torch.testing.assert_close(out, body(x))
+    own = {id(p) for p in body.parameters()}
+    assert {id(p) for layer in body.layers() for p in layer.parameters()} == own  # its own modules, no copies

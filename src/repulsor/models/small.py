@@ -50,6 +50,11 @@ class SmallCNN(nn.Module):
         out = F.relu(self.fc2(out))
         return self.fc3(out)
 
+    def layers(self) -> list[nn.Module]:
+        """The same computation as a list of layers applied in order (its own modules), for
+        layer-by-layer analyses such as certified bounds."""
+        return [*_flat(self.features), nn.Flatten(), self.fc1, nn.ReLU(), self.fc2, nn.ReLU(), self.fc3]
+
 
 class MLP(nn.Module):
     """Flatten, two hidden layers of 256 * width units with ReLU, linear output.
@@ -81,6 +86,17 @@ class MLP(nn.Module):
         out = F.relu(self.fc1(out))
         out = F.relu(self.fc2(out))
         return self.fc3(out)
+
+    def layers(self) -> list[nn.Module]:
+        """The same computation as a list of layers applied in order (its own modules)."""
+        return [nn.Flatten(), self.fc1, nn.ReLU(), self.fc2, nn.ReLU(), self.fc3]
+
+
+def _flat(module: nn.Module) -> list[nn.Module]:
+    """The leaves of nested ``nn.Sequential`` containers, in order."""
+    if isinstance(module, nn.Sequential):
+        return [leaf for child in module for leaf in _flat(child)]
+    return [module]
 
 
 def small_cnn(*, in_channels: int, out_dim: int, width: float = 1.0) -> SmallCNN:

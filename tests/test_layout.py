@@ -18,7 +18,7 @@ LAYERS = [
     ["repulsor.errors", "repulsor.version", "repulsor.formats", "repulsor.store.layout"],
     ["repulsor.store.files", "repulsor.runtime", "repulsor.evaluation.suites", "repulsor.attacks"],
     ["repulsor.data", "repulsor.prototypes", "repulsor.evaluation.probes", "repulsor.evaluation.sanity", "repulsor.plots"],
-    ["repulsor.models", "repulsor.training.methods"],
+    ["repulsor.models", "repulsor.training.methods", "repulsor.certify"],
     ["repulsor.config"],  # checks names against the registries below it
     ["repulsor.store"],  # the run folder: lock, fingerprint, results, loading a run's model
     ["repulsor.evaluation"],  # the cascade on any model; a run folder's evaluation

@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "a user mistake prints one line and exits with status 2.")
     parser.add_argument("--version", action="version", version=f"repulsor {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_demo_parser, _train_parser, _evaluate_parser, _diagnose_parser, _analyse_parser, _prototypes_parser,
-                _compare_parser, _report_parser, _export_parser):
+    for add in (_demo_parser, _train_parser, _evaluate_parser, _certify_parser, _diagnose_parser, _analyse_parser,
+                _prototypes_parser, _compare_parser, _report_parser, _export_parser):
         add(sub)  # one function per command, in the order of --help
     return parser
 
@@ -103,6 +103,20 @@ def _evaluate_parser(sub) -> None:
     ev.add_argument("--norm", choices=("linf", "l2"), help="threat model (default: the run's eval.norm)")
     ev.add_argument("--batch-size", type=int, help="examples per attack call (default: the run's eval.batch_size)")
     _add_common(ev, sets="the run's config for this command (eval.* and data folders)")
+
+
+def _certify_parser(sub) -> None:
+    cert = sub.add_parser("certify", formatter_class=_formatter,
+                          help="certified accuracy: a lower bound that no attack in the threat model can lower",
+                          epilog="examples:\n  repulsor certify runs/mnist --n 500 --eps 0.1\n"
+                                 "  repulsor certify runs/mnist --method ibp --n 1000\n"
+                                 "beside a suite run on the same points it prints the bracket: robust accuracy lies\n"
+                                 "between the certified (lower) and the attacked (upper) number.")
+    cert.add_argument("run", help="run folder written by repulsor train")
+    cert.add_argument("--method", choices=("crown", "ibp"), default="crown", help="crown (tighter, default) or ibp")
+    cert.add_argument("--norm", choices=("linf", "l2", "l1"), help="threat model (default: the run's eval.norm)")
+    cert.add_argument("--batch-size", type=int, default=32, help="points per bound computation (default 32)")
+    _add_common(cert, sets="the run's config for this command (eval.* and data folders)")
 
 
 def _diagnose_parser(sub) -> None:
@@ -315,6 +329,22 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_certify(args) -> int:
+    from .evaluation.run import certify_run
+
+    r = certify_run(args.run, method=args.method, n=args.n, eps=args.eps, norm=args.norm, batch_size=args.batch_size,
+                    device=args.device or "auto", overrides=args.set)
+    print(f"certify {r['key']}: first {r['n']} test points")
+    print(f"  clean accuracy:     {r['clean_accuracy']:.4f}{_interval(r['clean_accuracy'], r['n'])}")
+    print(f"  certified accuracy: {r['certified_accuracy']:.4f}{_interval(r['certified_accuracy'], r['n'])}"
+          f" (no input in the threat model changes these points' class; {r['seconds']:.1f}s)")
+    if r["bracket"]:
+        name, attacked = r["bracket"]
+        print(f"  robust accuracy on these {r['n']} points lies between {100 * r['certified_accuracy']:.1f}% (certified)"
+              f" and {100 * attacked:.1f}% (after suite {name})")
+    return 0
+
+
 def cmd_diagnose(args) -> int:
     from .evaluation.run import diagnose_run
 
@@ -396,6 +426,7 @@ CONTINUE = {
     "train": "run the same command again",
     "evaluate": "the attacks already finished are saved; run the same command again to continue",
     "diagnose": "nothing was written; run the same command again",
+    "certify": "nothing was written; run the same command again",
     "analyse": "nothing was written; run the same command again",
     "prototypes": "nothing was written; run the same command again",
     "compare": "finished runs and suites are saved; run the same command again to continue",
@@ -403,7 +434,7 @@ CONTINUE = {
     "export": "nothing was written; run the same command again",
 }
 
-COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "diagnose": cmd_diagnose,
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "certify": cmd_certify, "diagnose": cmd_diagnose,
             "prototypes": cmd_prototypes,
             "compare": cmd_compare, "report": cmd_report, "export": cmd_export, "analyse": cmd_analyse}
 

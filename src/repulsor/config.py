@@ -104,6 +104,8 @@ class TrainConfig:
     # (e.g. ["proto_linf", "ce"]: the authors' loss and cross-entropy); selection still reads val_robust.
     val_losses: list[str] = field(default_factory=list)
     fgsm_alpha: float = 1.25  # fgsm_rs step as a multiple of eps (Wong et al.)
+    ibp_warmup: float = 0.05  # ibp: the fraction of training with eps = 0 (clean cross-entropy)
+    ibp_ramp: float = 0.5  # ibp: the fraction of training over which eps rises to train.eps
     overfit_drop: float = 0.5  # fgsm_rs: catastrophic overfitting when val robust acc falls by this fraction of its peak
 
 
@@ -241,6 +243,8 @@ RANGES = {
     ("train", "val_attack_steps"): (1, None, True),
     ("train", "fgsm_alpha"): (0.0, None, False),
     ("train", "overfit_drop"): (0.0, 1.0, False),
+    ("train", "ibp_warmup"): (0.0, 1.0, True),
+    ("train", "ibp_ramp"): (0.0, 1.0, False),
     ("eval", "n"): (1, None, True),
     ("eval", "eps"): (0.0, 1.0, True),
     ("eval", "batch_size"): (1, None, True),

@@ -16,6 +16,7 @@ from ..data import DATASETS, load_dataset
 from ..errors import UserError
 from ..runtime import init_process_group, resolve_device
 from ..store import run as store
+from ..certify import certify
 from .cascade import evaluate
 from .protocols import get_protocol, run_protocol
 from .suites import shown_name, suite_specs
@@ -143,10 +144,36 @@ def diagnose_run(run_dir: str | Path, *, protocol: str, loss: str, off=(), n: in
         if surrogate is not None:
             result["surrogate"] = str(Path(surrogate).resolve())
         key = diagnostic_key(name, loss, off)
-        store.record_diagnostic(run_dir, key, result)
+        store.record_entry(run_dir, "diagnostics", key, result)
         store.append_log(run_dir, f"diagnose {key} (a reproduction of a flawed protocol): n={len(y)} accuracy"
                          f" {result['accuracy']:.4f} (at its start {result['accuracy_at_start']:.4f})")
     return dict(result, key=key)
+
+
+def certify_run(run_dir: str | Path, *, method: str = "crown", n: int | None = None, eps: float | None = None,
+                norm: str | None = None, batch_size: int = 32, device: str = "auto", overrides: list[str] = ()) -> dict:
+    """Certified accuracy (``repulsor.certify``) of a run on its first ``n`` test points, recorded under
+    ``results.json``'s ``certified``, with the attacked upper bound of any suite run on the same points
+    and threat model beside it (``bracket``)."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir, overrides)
+    n = cfg.eval.n if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"--n {n!r} is not allowed: it must be a whole number >= 1")
+    eps = cfg.eval.eps if eps is None else eps
+    norm = norm or cfg.eval.norm
+    dev = resolve_device(device)
+    model = store.load_model(run_dir, device=dev)
+    x, y, _ = load_test_split(cfg, n)
+    with store.locked(run_dir, "certify"):
+        result = certify(model, x, y, eps=eps, norm=norm, method=method, batch_size=batch_size)
+        key = f"{method}@{norm}:{eps:.4g}"
+        merged = store.record_entry(run_dir, "certified", key, result)
+        store.append_log(run_dir, f"certify {key}: n={len(y)} certified {result['certified_accuracy']:.4f}")
+    attacked = [(name, s["robust_accuracy"]) for name, s in (merged.get("suites") or {}).items()
+                if s.get("n") == len(y) and s.get("norm") == norm and abs(s.get("eps", -1) - eps) < 1e-9]
+    bracket = min(attacked, key=lambda item: item[1]) if attacked else None
+    return dict(result, key=key, bracket=bracket)
 
 
 def _combine_shards(result: dict, group, device, n_total: int) -> dict:

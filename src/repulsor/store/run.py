@@ -191,19 +191,24 @@ def record_suite(run_dir: str | Path, key: str, result: dict, header: dict) -> d
     return merged
 
 
-def record_diagnostic(run_dir: str | Path, key: str, result: dict) -> dict:
-    """Merge one diagnostic protocol's ``result`` into ``RUN/results.json`` under ``diagnostics[key]``.
+RECORD_SECTIONS = ("diagnostics", "certified")
 
-    Diagnostics (``evaluation.protocols``: the authors' flawed evaluation paths, reproduced) stay
-    apart from the suites: they never enter ``attacks`` or ``worst_case``. Written atomically.
+
+def record_entry(run_dir: str | Path, section: str, key: str, result: dict) -> dict:
+    """Merge ``result`` into ``RUN/results.json`` under ``section[key]``, atomically.
+
+    ``diagnostics`` (``evaluation.protocols``: the authors' flawed evaluation paths, reproduced) and
+    ``certified`` (``repulsor.certify``: lower bounds) stay apart from the suites: they never enter
+    ``attacks`` or ``worst_case``.
     """
+    if section not in RECORD_SECTIONS:
+        raise ValueError(f"unknown results section {section!r}")  # a repulsor bug, not a user error
     merged = read_results(run_dir)
-    diagnostics = merged.get("diagnostics", {})
+    entries = merged.get(section, {})
     made = provenance()
-    diagnostics[key] = dict(with_intervals(result, result.get("n")), **made,
-                            evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    _warn_uncommitted(run_dir, made, f"diagnostic {key}")
-    merged["diagnostics"] = diagnostics
+    entries[key] = dict(with_intervals(result, result.get("n")), **made, evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    _warn_uncommitted(run_dir, made, f"{section} {key}")
+    merged[section] = entries
     ckpt.atomic_write_json(Path(run_dir) / RESULTS, merged)
     return merged
 
@@ -215,7 +220,7 @@ def with_intervals(record: dict, n) -> dict:
     if not n:
         return dict(record)
     out = dict(record)
-    for key in ("clean_accuracy", "robust_accuracy", "accuracy", "accuracy_pooled"):
+    for key in ("clean_accuracy", "robust_accuracy", "accuracy", "accuracy_pooled", "certified_accuracy"):
         value = record.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
             out[f"{key}_ci95"] = [round(b, 6) for b in wilson_interval(round(value * n), int(n))]

@@ -346,7 +346,8 @@ def _train_step(loop: Loop, state: State, step: int, x: torch.Tensor, y: torch.T
     epoch, steps_per_epoch = state.epoch, loop.steps_per_epoch
     lr = lr_at(loop.cfg, epoch + step / steps_per_epoch)
     set_lr(optimizer, lr)
-    ctx = TrainContext(loop.train_model, model, t, seed=derive_seed(t.seed, "attack", epoch, step))
+    ctx = TrainContext(loop.train_model, model, t, seed=derive_seed(t.seed, "attack", epoch, step),
+                       progress=(epoch + step / steps_per_epoch) / t.epochs)
     with autocast(device, loop.amp_dtype):
         loss, scores, passes = loop.method.loss(ctx, x, y)
     if loop.group.broadcast_flag(not torch.isfinite(loss).item(), device):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks import pgd
+from ..certify import ibp_margins
 if TYPE_CHECKING:  # config checks method names against METHODS: no import at run time
     from ..config import TrainConfig
 
@@ -37,6 +38,7 @@ class TrainContext:
     raw_model: torch.nn.Module
     cfg: TrainConfig
     seed: int = 0  # a fresh seed per step, for random starts of training-time attacks
+    progress: float = 0.0  # the fraction of training done before this step (schedules of certified training)
 
 
 @dataclass(frozen=True)
@@ -258,6 +260,29 @@ def pcl_at_loss(ctx: TrainContext, x, y):
     return loss, scores[:len(x)].detach(), Passes(steps + 2, steps + 2)
 
 
+def ibp_schedule(cfg, progress: float) -> tuple[float, float]:
+    """``(eps, kappa)`` of IBP training at ``progress`` (Gowal et al. 2018): eps 0 for the first
+    ``ibp_warmup`` of training, then rising linearly to ``train.eps`` over the next ``ibp_ramp``, while the
+    weight kappa of the clean loss falls from 1 to 0.5."""
+    ramp = min(1.0, max(0.0, (progress - cfg.ibp_warmup) / cfg.ibp_ramp))
+    return cfg.eps * ramp, 1.0 - 0.5 * ramp
+
+
+def ibp_loss(ctx: TrainContext, x, y):
+    """Interval bound propagation (Gowal et al. 2018): kappa * CE(f(x), y) + (1 - kappa) * CE(z, y), z the
+    worst-case logits the interval bounds allow (0 for the true class, minus each margin's lower bound for
+    the others) over the eps-ball of the schedule (``ibp_schedule``)."""
+    eps, kappa = ibp_schedule(ctx.cfg, ctx.progress)
+    scores = ctx.model(x)
+    clean = _cross_entropy(ctx, scores, y)
+    if eps == 0:
+        return clean, scores.detach(), Passes(1, 1)
+    margins = ibp_margins(ctx.raw_model, x, y, eps).float()  # [N, k-1]
+    worst = torch.cat([torch.zeros_like(margins[:, :1]), -margins], dim=1)  # the true class first
+    robust = F.cross_entropy(worst, torch.zeros_like(y))
+    return kappa * clean + (1 - kappa) * robust, scores.detach(), Passes(3, 3)
+
+
 METHODS: dict[str, Method] = {}
 
 
@@ -292,6 +317,8 @@ _register(Method("pcl", pcl_loss, head="pcl",
 _register(Method("pcl_at", pcl_at_loss, head="pcl",
                  summary="prototype conformity loss on clean and PGD examples (Mustafa et al.)",
                  options=("pcl_weight", "pcl_push", *_CE)))
+_register(Method("ibp", ibp_loss, summary="interval bound propagation: certified training (Gowal et al.)",
+                 options=("ibp_warmup", "ibp_ramp", *_CE)))
 _register(Method("prototype_trades", prototype_trades_loss, head="prototype",
                  summary="prototype loss + beta * (1 - cos(f(x), f(x_adv))), TRADES-style",
                  options=("trades_beta", *_PROTO)))

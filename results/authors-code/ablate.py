@@ -16,7 +16,8 @@ Rows, for each model: (a) each of the authors' paths as the code ran it, with ea
 (c) PGD-20 with cross-entropy (``quick``) and with the CW margin (``margin``) on the model's
 decision scores; (d) the ``standard`` and ``adaptive`` suites; then (b32), the quirks again in
 fp32: fp16 and one more switched off. The authors' paths are diagnostic reproductions of flawed
-protocols, not robustness measures. Rows (a)-(d) of every model run before any (b32) row.
+protocols, not robustness measures. The rows run in stages: (a), (c) and (d) of every model (the
+verdict's table), then (b) of every model, then (b32).
 """
 
 from __future__ import annotations
@@ -91,8 +92,11 @@ def record(run: Path, row: dict) -> dict | None:
     return (results.get("diagnostics") or {}).get(diagnostic_key(row["path"], row["loss"], row["off"]))
 
 
+STAGES = (("a", "c", "d"), ("b",), ("b32",))  # the verdict's rows of every model first, then the quirks
+
+
 def run_rows(only: list[str], fp16_n: int) -> None:
-    for stage in (False, True):  # rows (a)-(d) of every model first, then (b32)
+    for stage in STAGES:
         for model, (folder, own) in MODELS.items():
             run = ROOT / folder
             if only and model not in only:
@@ -101,7 +105,7 @@ def run_rows(only: list[str], fp16_n: int) -> None:
                 print(f"[ablate] {model}: no trained run at {folder} yet; skipped", flush=True)
                 continue
             for row in rows(model, own):
-                if (row.get("part") == "b32") == stage:
+                if row["part"] in stage:
                     run_row(model, run, row, wanted_n(row, fp16_n))
 
 

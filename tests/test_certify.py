@@ -217,3 +217,30 @@ def test_ibp_training_makes_certificates_that_cross_entropy_does_not_have(tmp_pa
         x, y, _ = load_test_split(from_dict(raw), 300)
         certified[method] = certify(repulsor.load_model(run), x, y, eps=0.1, method="ibp")["certified_accuracy"]
     assert certified["ibp"] > certified["ce"] + 0.2, certified
+
+
+def test_evaluate_with_certify_prints_and_reports_the_bracket(tmp_path, capsys):
+    import json
+
+    from repulsor import cli
+    from repulsor.config import from_dict
+    from repulsor.report.run_section import bracket_text
+    from repulsor.training.loop import train
+
+    from conftest import TINY
+
+    raw = {**TINY, "train": {**TINY["train"], "method": "ce", "epochs": 2}}
+    run = train(from_dict(raw), tmp_path / "run", quiet=True)
+    assert cli.main(["evaluate", str(run), "--n", "40", "--certify", "crown", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "Bracket: the robust accuracy on these 40 points lies between" in out
+    results = json.loads((run / "results.json").read_text())
+    text = bracket_text(results["suites"]["quick"], results)
+    low = results["certified"][next(iter(results["certified"]))]["certified_accuracy"]
+    assert low <= results["suites"]["quick"]["robust_accuracy"]  # the lower bound is below the upper one
+    assert text and f"{100 * low:.2f}%" in text
+    # a model the bounds do not cover is refused before any attack runs
+    proto = train(from_dict({**TINY, "prototypes": {**TINY["prototypes"], "distance": "l2"}}), tmp_path / "p", quiet=True)
+    assert cli.main(["evaluate", str(proto), "--certify", "ibp", "--quiet"]) == 2
+    assert "rule is 'l2'" in capsys.readouterr().err
+    assert "quick" not in json.loads((proto / "results.json").read_text()).get("suites", {}) if (proto / "results.json").exists() else True

@@ -102,6 +102,8 @@ def _evaluate_parser(sub) -> None:
                     " the end of the cascade (for a model without useful gradients)")
     ev.add_argument("--norm", choices=("linf", "l2"), help="threat model (default: the run's eval.norm)")
     ev.add_argument("--batch-size", type=int, help="examples per attack call (default: the run's eval.batch_size)")
+    ev.add_argument("--certify", choices=("crown", "ibp"), help="also certify the same points (a lower bound beside"
+                    " the attacked upper bound; repulsor certify)")
     _add_common(ev, sets="the run's config for this command (eval.* and data folders)")
 
 
@@ -252,6 +254,16 @@ def _interval(accuracy: float, n: int) -> str:
     return f" (95% CI {100 * low:.1f}-{100 * high:.1f}%)"
 
 
+def _print_bracket(results: dict, key: str | None) -> None:
+    """The bracket of the suite just evaluated, from its certified bound on the same points."""
+    from .report.run_section import bracket_text
+
+    res = results.get("suites", {}).get(key)
+    text = bracket_text(res, results) if res else ""
+    if text:
+        print(f"  {text}")
+
+
 def _print_results(results: dict, key: str | None) -> None:
     """Print the suite ``key`` just evaluated, with its own points and clean accuracy, and its verdicts."""
     from .evaluation.suites import shown_name
@@ -323,9 +335,11 @@ def cmd_evaluate(args) -> int:
     results = evaluate_run(args.run, suite=args.suite, n=args.n, eps=args.eps, norm=args.norm,
                            data_dir=args.data_dir, seed=args.seed, batch_size=args.batch_size,
                            device=args.device or "auto", quiet=args.quiet, overrides=args.set,
-                           surrogate=args.surrogate)
+                           surrogate=args.surrogate, certify_with=args.certify)
     if results:  # empty on ranks other than 0 under torchrun
         _print_results(results, results.get("last_suite"))
+        if args.certify:
+            _print_bracket(results, results.get("last_suite"))
     return 0
 
 

@@ -16,7 +16,7 @@ from ..data import DATASETS, load_dataset
 from ..errors import UserError
 from ..runtime import init_process_group, resolve_device
 from ..store import run as store
-from ..certify import certify
+from ..certify import certify, network_layers
 from .cascade import evaluate
 from .protocols import get_protocol, run_protocol
 from .suites import shown_name, suite_specs
@@ -58,12 +58,14 @@ def _note(text: str) -> None:
 def evaluate_run(run_dir: str | Path, *, suite: str | None = None, n: int | None = None, eps: float | None = None,
                  norm: str | None = None, data_dir: str | None = None, seed: int | None = None,
                  batch_size: int | None = None, device: str = "auto", quiet: bool = False,
-                 overrides: list[str] = (), surrogate: str | Path | None = None) -> dict:
+                 overrides: list[str] = (), surrogate: str | Path | None = None, certify_with: str | None = None) -> dict:
     """Evaluate a run on its test split and merge the result into ``RUN/results.json``.
 
     ``overrides`` (``"eval.batch_size=64"``, ``"data.test_dir=..."``) change the run's
     evaluation settings for this call only; explicit arguments take precedence over them.
     ``surrogate``: another run folder whose model crafts a transfer attack (``TRANSFER``).
+    ``certify_with``: ``crown`` or ``ibp`` also records certified bounds on the same points and threat
+    model (``certify_run``), so that the suite's upper bound has its lower bound beside it.
     """
     run_dir = Path(run_dir)
     model = store.load_model(run_dir)
@@ -78,6 +80,8 @@ def evaluate_run(run_dir: str | Path, *, suite: str | None = None, n: int | None
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{name} {value!r} is not allowed: it must be a whole number >= 1")
     suite_specs(suite)  # an unknown suite fails before any work
+    if certify_with:
+        network_layers(model)  # a model the bounds do not cover fails before the attacks, not after
     dev = resolve_device(device)
     model = model.to(dev)
     surrogate_model = None if surrogate is None else store.load_model(surrogate, device=dev)
@@ -112,7 +116,10 @@ def evaluate_run(run_dir: str | Path, *, suite: str | None = None, n: int | None
         attacks = ", ".join(f"{shown_name(a)} {a['accuracy']:.4f}" for a in result["attacks"])
         store.append_log(run_dir, f"evaluate {key}: n={len(y)} clean {result['clean_accuracy']:.4f}; {attacks};"
                          f" worst case {result['robust_accuracy']:.4f}")
-        return merged
+    if certify_with:
+        certify_run(run_dir, method=certify_with, n=len(y), eps=eps, norm=norm, device=device, overrides=overrides)
+        merged = store.read_results(run_dir)
+    return merged
 
 
 def diagnostic_key(protocol: str, loss: str, off=()) -> str:

@@ -90,7 +90,28 @@ def suite_blocks(name: str, res: dict, results: dict) -> list:
             f"{e.get('name', '?')} ({e.get('reason', '')})" for e in skipped) + ". They leave the accuracy unchanged; "
             "the worst case below rests on the attacks that ran.", warn=True))
     blocks.append(_cascade_table(res))
+    bracket = bracket_text(res, results)
+    if bracket:
+        blocks.append(Para(bracket))
     return blocks + _sanity_blocks(name, res.get("sanity"))
+
+
+def bracket_text(res: dict, results: dict) -> str:
+    """The bracket of a suite: its worst case (an upper bound of the robust accuracy) beside the tightest
+    certified accuracy (a lower bound) recorded on the same points and threat model; "" without one."""
+    same = [c for c in ((results or {}).get("certified") or {}).values()
+            if c.get("n") == res.get("n") and c.get("norm") == res.get("norm")
+            and abs((c.get("eps") or -1) - (res.get("eps") or -2)) < 1e-9]
+    if not same or res.get("robust_accuracy") is None:
+        return ""
+    best = max(same, key=lambda c: c["certified_accuracy"])
+    low, high = best["certified_accuracy"], res["robust_accuracy"]
+    text = (f"Bracket: the robust accuracy on these {res['n']} points lies between {format_accuracy(low)} (certified,"
+            f" {best.get('method', '?')}: no input in the threat model changes those points) and {format_accuracy(high)}"
+            " (this suite's worst case).")
+    if high - low > 0.1:
+        text += " The gap is wide: the truth lies in between, and neither number alone says where."
+    return text
 
 
 def _cascade_table(res: dict) -> Table:

@@ -107,3 +107,15 @@ def test_an_attack_is_named_for_what_ran():
     assert names == [("pgd-20 (ce)", "ce"), ("pgd-100 (ce)", "ce")]
     assert shown_name({"name": "pgd-20 (authors' loss)", "loss": "ce"}) == "pgd-20 (ce)"
     assert shown_name({"name": "pgd-20 (authors' loss)", "loss": "proto_linf"}) == "pgd-20 (authors' loss)"
+
+
+def test_a_suite_records_which_points_it_left_correct():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    x, y = torch.rand(30, 1, 4, 4), torch.arange(30) % 3
+    result = evaluate(model, x, y, suite="quick", eps=0.05)
+    assert len(result["robust_indices"]) == round(result["robust_accuracy"] * 30)
+    assert len(result["clean_indices"]) == round(result["clean_accuracy"] * 30)
+    assert set(result["robust_indices"]) <= set(result["clean_indices"])
+    with torch.no_grad():
+        assert set(result["clean_indices"]) == set((model(x).argmax(1) == y).nonzero().flatten().tolist())

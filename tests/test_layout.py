@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "repulsor"
 
 # Lowest first. A module may import its own layer and the layers below it.
 LAYERS = [
-    ["repulsor.errors", "repulsor.version", "repulsor.formats", "repulsor.store.layout"],
+    ["repulsor.errors", "repulsor.version", "repulsor.formats", "repulsor.paired", "repulsor.store.layout"],
     ["repulsor.store.files", "repulsor.runtime", "repulsor.evaluation.suites", "repulsor.attacks"],
     ["repulsor.data", "repulsor.prototypes", "repulsor.evaluation.probes", "repulsor.evaluation.sanity", "repulsor.plots"],
     ["repulsor.models", "repulsor.training.methods", "repulsor.certify"],

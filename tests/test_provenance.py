@@ -96,3 +96,15 @@ def test_every_recorded_accuracy_sits_beside_its_interval(tmp_path):
     assert merged["clean_accuracy"] == 0.9 and len(merged["clean_accuracy_ci95"]) == 2
     old = store.with_intervals({"accuracy": 0.5}, None)
     assert old == {"accuracy": 0.5}  # no n, no interval: older records are shown without one
+
+
+def test_paired_counts_and_the_exact_mcnemar_test_against_hand_values():
+    from repulsor.paired import discordant, mcnemar_exact, paired_sentence
+
+    assert discordant([0, 1, 2, 5], [1, 2, 3], n=5) == (1, 1)  # index 5 lies outside the first 5 points
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(0, 5) == pytest.approx(2 / 32)  # 2 * (1/2)^5
+    assert mcnemar_exact(1, 9) == pytest.approx(2 * 11 / 1024)  # 2 * (C(10,0) + C(10,1)) / 2^10
+    assert mcnemar_exact(5, 5) == 1.0
+    text = paired_sentence("pgd-20", [0, 1, 2, 3, 4, 5], "standard", [0], 10)
+    assert "0 survive standard but not pgd-20 and 5 the other way round" in text and "p = 0.0625" in text

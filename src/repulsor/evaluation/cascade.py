@@ -99,6 +99,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite:
         robust = batched(lambda xb, yb: correct_every_time(model, xb, yb, votes), x, y, batch_size=batch_size,
                          device=device) if len(y) else torch.zeros(0, dtype=torch.bool)
         clean_accuracy = robust.sum().item() / len(y) if len(y) else 0.0
+        clean = robust.clone()
         x_worst = x.clone().cpu()
         key = _state_key(suite, len(x), eps, norm, seed, transfer=surrogate is not None)
         robust, x_worst, entries = _restore(state_path, key, robust, x_worst)
@@ -118,6 +119,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite:
             "randomised": bool(randomised), "votes": votes,
             "clean_accuracy": clean_accuracy, "attacks": entries,
             "robust_accuracy": robust.sum().item() / len(y) if len(y) else 0.0,
+            # the points themselves, so that two evaluations of the same points compare point by point
+            "clean_indices": clean.nonzero().flatten().tolist(), "robust_indices": robust.nonzero().flatten().tolist(),
         }
         if checks if checks is not None else suite in ("standard", "adaptive", "rand"):
             result["sanity"] = sanity.run_checks(model, x, y, entries, eps=eps, norm=norm, seed=seed,

@@ -317,6 +317,7 @@ def run_protocol(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, protocol
         "accuracy_at_start": _accuracy(correct["start"], p.per_batch, p.batch_size),
         "accuracy": _accuracy(correct["final"], p.per_batch, p.batch_size),
         "accuracy_pooled": correct["final"].float().mean().item(),
+        "correct_indices": correct["final"].nonzero().flatten().tolist(),
         "seconds": round(time.time() - started, 3),
     }
 

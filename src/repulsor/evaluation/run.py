@@ -192,6 +192,8 @@ def _combine_shards(result: dict, group, device, n_total: int) -> dict:
     summed = group.all_reduce_sum(counts, device)
     combined = dict(result, n=n_total, clean_accuracy=round(summed[0]) / n_total,
                     robust_accuracy=round(summed[1]) / n_total, shards=group.world_size)
+    for key in ("clean_indices", "robust_indices"):  # a shard's own indices: not the points of the whole set
+        combined.pop(key, None)
     combined["attacks"] = []
     for i, entry in enumerate(result["attacks"]):
         acc, attacked, seconds = summed[2 + 3 * i : 5 + 3 * i]

@@ -95,8 +95,12 @@ def test_comparison_json_and_tables_hold_every_method(finished):
     assert p["suites"] == ["quick", "paper"] and p["code_version"]
     assert report["config"]["method_overrides"] == {"mmc": {"train": {"lr": 0.01}}}
     tables = (out / "tables.md").read_text()
+    # every other method against the first, point by point on the quick suite's points
+    assert all(f"- {name} against {METHODS[0]}, suite quick: on the same 100 points" in tables for name in METHODS[1:])
     for name in METHODS:
         run = report["runs"][name]
+        low, high = run["intervals"]["clean_accuracy_ci95"]
+        assert low <= run["clean_accuracy"] <= high
         training = json.loads((out / name / "training.json").read_text())["cost"]
         assert run["epochs"] == 2 and run["cost"]["wall_seconds"] == training["wall_seconds"]
         assert run["cost"]["forward_passes_per_example"] == training["forward_passes_per_example"]

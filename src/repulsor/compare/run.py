@@ -27,6 +27,7 @@ from ..data import DATASETS
 from ..errors import Interrupted, UserError
 from ..evaluation import run as evaluation_run
 from ..plots.curves import plot_robustness_curves
+from ..formats import wilson_interval
 from ..runtime import provenance, resolve_device
 from ..store import files as ckpt
 from ..store import run as store
@@ -157,6 +158,7 @@ def _run_report(plan: ComparePlan, run: RunPlan, run_dir: Path, status: tuple, p
             entry = results["suites"][suite]
             suites[suite] = {
                 "n": entry["n"], "clean_accuracy": entry["clean_accuracy"], "robust_accuracy": entry["robust_accuracy"],
+                **{k: entry[k] for k in ("robust_indices", "clean_indices") if k in entry},
                 "attacks": [{**{k: a[k] for k in ("name", "attack", "loss", "steps", "restarts", "accuracy", "seconds")},
                              "status": a.get("status", "done")} for a in entry["attacks"]],
                 **({"sanity": entry["sanity"]} if "sanity" in entry else {}),
@@ -182,7 +184,23 @@ def _run_report(plan: ComparePlan, run: RunPlan, run_dir: Path, status: tuple, p
         "cost": {k: cost.get(k) for k in ("wall_seconds", "epochs", "forward_passes_per_example",
                                           "backward_passes_per_example")} if cost else None,
         "config": to_dict(run.cfg),
+        "intervals": _intervals(clean, n_eval, suites),
     }
+
+
+def _intervals(clean, n_eval: int, suites: dict) -> dict:
+    """``<column>_ci95``: the 95% Wilson interval of each accuracy of the run's table row, on the points
+    its suite ran on (absent where the number is)."""
+    out = {}
+    columns = [("clean_accuracy", clean, n_eval),
+               ("pgd20", _attack_accuracy(suites.get("paper"), "pgd-20"), (suites.get("paper") or {}).get("n")),
+               ("pgd100", _attack_accuracy(suites.get("paper"), "pgd-100"), (suites.get("paper") or {}).get("n")),
+               ("pgd20_ce", _attack_accuracy(suites.get("quick"), "pgd-20"), (suites.get("quick") or {}).get("n")),
+               ("standard", (suites.get("standard") or {}).get("robust_accuracy"), (suites.get("standard") or {}).get("n"))]
+    for key, value, n in columns:
+        if value is not None and n:
+            out[f"{key}_ci95"] = [round(b, 6) for b in wilson_interval(round(value * n), int(n))]
+    return out
 
 
 def _table4(job: CompareJob, models: dict, runs: dict, device) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..formats import accuracy_with_interval, format_eps
+from ..paired import paired_sentence
 from ..runtime import provenance_warning
 
 DASH = "–"
@@ -112,6 +113,7 @@ def methods_table(report: dict) -> ComparisonTable:
                      fmt_pct(r["pgd100"], n("paper")), fmt_pct(r["pgd20_ce"], n("quick")),
                      fmt_pct(r["standard"], n("standard")), fmt_seconds((r["cost"] or {}).get("wall_seconds")),
                      _fmt_passes(r["cost"])])
+    notes += paired_notes(report)
     number = {"cifar10": "Table 2", "cifar100": "Table 3"}.get(dataset, "Tables 2-3")
     return ComparisonTable(
         f"{number}: methods on {dataset}",
@@ -120,6 +122,24 @@ def methods_table(report: dict) -> ComparisonTable:
         _protocol_line(p, "PGD-20 and PGD-100: paper suite cascade (authors' loss for prototype heads, CE otherwise;"
                           " step eps/4, one random start); PGD-20 (CE): quick suite; standard: APGD-CE, APGD-T,"
                           f" FAB-T, Square cascade; points per suite: {suite_ns}"), notes)
+
+
+def paired_notes(report: dict) -> list[str]:
+    """Each method against the first one on the same points, point by point (exact McNemar), under the
+    strongest suite both recorded per point: whether their robust accuracies differ beyond chance."""
+    runs, methods = report["runs"], report["methods"]
+    if len(methods) < 2:
+        return []
+    base = methods[0]
+    notes = []
+    for name in methods[1:]:
+        for suite in ("standard", "quick"):
+            a, b = (runs[base].get("suites") or {}).get(suite), (runs[name].get("suites") or {}).get(suite)
+            if a and b and a["n"] == b["n"] and "robust_indices" in a and "robust_indices" in b:
+                notes.append(f"{name} against {base}, suite {suite}: "
+                             + paired_sentence(base, a["robust_indices"], name, b["robust_indices"], a["n"]))
+                break
+    return notes
 
 
 def transfer_table(report: dict) -> ComparisonTable | None:

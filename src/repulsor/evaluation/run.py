@@ -51,6 +51,20 @@ def suite_done(results: dict, suite: str, n: int, protocol: dict) -> bool:
     return bool(entry) and entry.get("n") == n and all(entry.get(k) == v for k, v in protocol.items())
 
 
+def check_count(flag: str, value) -> int:
+    """``value`` as a whole number >= 1, or a one-line error naming ``flag``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{flag} {value!r} is not allowed: it must be a whole number >= 1")
+    return value
+
+
+def same_points(a: dict, b: dict) -> bool:
+    """Whether two records (a suite, a certified bound) were measured on the same first n points under the
+    same threat model, so that one may stand beside the other as a bracket."""
+    return (a.get("n") == b.get("n") and a.get("norm") == b.get("norm")
+            and a.get("eps") is not None and b.get("eps") is not None and abs(a["eps"] - b["eps"]) < 1e-9)
+
+
 def _note(text: str) -> None:
     print(f"repulsor: note: {text}", file=sys.stderr, flush=True)
 
@@ -77,8 +91,7 @@ def evaluate_run(run_dir: str | Path, *, suite: str | None = None, n: int | None
     norm, seed = norm or e.norm, e.seed if seed is None else seed
     batch_size = e.batch_size if batch_size is None else batch_size
     for name, value in (("--n", n), ("--batch-size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"{name} {value!r} is not allowed: it must be a whole number >= 1")
+        check_count(name, value)
     suite_specs(suite)  # an unknown suite fails before any work
     if certify_with:
         network_layers(model)  # a model the bounds do not cover fails before the attacks, not after
@@ -136,9 +149,7 @@ def diagnose_run(run_dir: str | Path, *, protocol: str, loss: str, off=(), n: in
     run_dir = Path(run_dir)
     name = get_protocol(protocol).name  # an unknown name fails before any work
     cfg = load_run_config(run_dir, overrides)
-    n = cfg.eval.n if n is None else n
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UserError(f"--n {n!r} is not allowed: it must be a whole number >= 1")
+    n = check_count("--n", cfg.eval.n if n is None else n)
     dev = resolve_device(device)
     model = store.load_model(run_dir, device=dev)
     source = None if surrogate is None else store.load_model(surrogate, device=dev)
@@ -164,9 +175,7 @@ def certify_run(run_dir: str | Path, *, method: str = "crown", n: int | None = N
     and threat model beside it (``bracket``)."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, overrides)
-    n = cfg.eval.n if n is None else n
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UserError(f"--n {n!r} is not allowed: it must be a whole number >= 1")
+    n = check_count("--n", cfg.eval.n if n is None else n)
     eps = cfg.eval.eps if eps is None else eps
     norm = norm or cfg.eval.norm
     dev = resolve_device(device)
@@ -178,7 +187,7 @@ def certify_run(run_dir: str | Path, *, method: str = "crown", n: int | None = N
         merged = store.record_entry(run_dir, "certified", key, result)
         store.append_log(run_dir, f"certify {key}: n={len(y)} certified {result['certified_accuracy']:.4f}")
     attacked = [(name, s["robust_accuracy"]) for name, s in (merged.get("suites") or {}).items()
-                if s.get("n") == len(y) and s.get("norm") == norm and abs(s.get("eps", -1) - eps) < 1e-9]
+                if same_points(s, result)]
     bracket = min(attacked, key=lambda item: item[1]) if attacked else None
     return dict(result, key=key, bracket=bracket)
 

@@ -16,6 +16,7 @@ from .. import analyses
 from ..config import load_run_config
 from ..data import DATASETS
 from ..errors import UserError
+from ..evaluation.run import same_points
 from ..evaluation.suites import shown_name
 from ..formats import format_eps
 from ..plots import curves, images, matrices
@@ -99,9 +100,7 @@ def suite_blocks(name: str, res: dict, results: dict) -> list:
 def bracket_text(res: dict, results: dict) -> str:
     """The bracket of a suite: its worst case (an upper bound of the robust accuracy) beside the tightest
     certified accuracy (a lower bound) recorded on the same points and threat model; "" without one."""
-    same = [c for c in ((results or {}).get("certified") or {}).values()
-            if c.get("n") == res.get("n") and c.get("norm") == res.get("norm")
-            and abs((c.get("eps") or -1) - (res.get("eps") or -2)) < 1e-9]
+    same = [c for c in ((results or {}).get("certified") or {}).values() if same_points(c, res)]
     if not same or res.get("robust_accuracy") is None:
         return ""
     best = max(same, key=lambda c: c["certified_accuracy"])

@@ -39,7 +39,7 @@ def _margins(model, x, y):
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
-@pytest.mark.parametrize("method", ["ibp", "crown"])
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown"])
 def test_no_sampled_or_attacked_input_falls_below_the_bounds(kind, method):
     model = _net(kind)
     g = torch.Generator().manual_seed(1)
@@ -58,15 +58,16 @@ def test_no_sampled_or_attacked_input_falls_below_the_bounds(kind, method):
     assert (_margins(model, x_adv, y) >= bounds - 1e-5).all()
 
 
+@pytest.mark.parametrize("method", ["crown-ibp", "crown"])
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
-def test_crown_is_never_looser_than_ibp(kind):
+def test_crown_is_never_looser_than_ibp(kind, method):
     model = _net(kind, seed=2)
     x, y = torch.rand(8, 2, 4, 4), torch.arange(8) % 4
     for eps in (0.01, 0.05, 0.2):
         ibp = margin_bounds(model, x, y, eps=eps, method="ibp")
-        crown = margin_bounds(model, x, y, eps=eps, method="crown")
+        crown = margin_bounds(model, x, y, eps=eps, method=method)
         assert (crown >= ibp - 1e-5).all()
-        assert certify(model, x, y, eps=eps, method="crown")["certified_accuracy"] >= \
+        assert certify(model, x, y, eps=eps, method=method)["certified_accuracy"] >= \
             certify(model, x, y, eps=eps, method="ibp")["certified_accuracy"]
 
 
@@ -129,6 +130,15 @@ def test_what_the_bounds_do_not_cover_is_refused_in_one_line():
         certify(nearest, torch.rand(1, 1, 2, 2), torch.tensor([0]), eps=0.01)
     with pytest.raises(UserError, match="unknown certification method"):
         certify(_net("mlp"), torch.rand(1, 2, 4, 4), torch.tensor([0]), eps=0.01, method="lp")
+    for eps, norm, message in [(-0.1, "linf", "finite number >= 0"), (0.1, "l3", "unknown norm"),
+                               (2.0, "linf", "larger than 1")]:
+        with pytest.raises(UserError, match=message):
+            certify(_net("mlp"), torch.rand(1, 2, 4, 4), torch.tensor([0]), eps=eps, norm=norm)
+    # a randomised model: its layers are covered, but no bound holds for a forward pass it has not made
+    noisy = _net("mlp")
+    noisy.body[0].register_forward_hook(lambda module, args, out: out + 0.1 * torch.randn_like(out))
+    with pytest.raises(UserError, match="randomised"):
+        certify(noisy, torch.rand(4, 2, 4, 4), torch.arange(4) % 4, eps=0.01)
 
 
 def test_certified_accuracy_brackets_the_attacked_one_on_a_trained_net():
@@ -239,6 +249,15 @@ def test_evaluate_with_certify_prints_and_reports_the_bracket(tmp_path, capsys):
     low = results["certified"][next(iter(results["certified"]))]["certified_accuracy"]
     assert low <= results["suites"]["quick"]["robust_accuracy"]  # the lower bound is below the upper one
     assert text and f"{100 * low:.2f}%" in text
+    # the report draws it: certified <= attacked <= clean on one axis, the span between shaded
+    from repulsor.report.blocks import Figure
+    from repulsor.report.run_section import suite_blocks
+
+    drawn = [b for b in suite_blocks("quick", results["suites"]["quick"], results, tmp_path / "fig")
+             if isinstance(b, Figure)]
+    assert len(drawn) == 1 and drawn[0].path.is_file()
+    row = json.loads(drawn[0].path.with_suffix(".json").read_text())["rows"]["quick"]
+    assert row["certified"] <= row["attacked"] <= row["clean"] and row["n"] == 40
     # a model the bounds do not cover is refused before any attack runs
     proto = train(from_dict({**TINY, "prototypes": {**TINY["prototypes"], "distance": "l2"}}), tmp_path / "p", quiet=True)
     assert cli.main(["evaluate", str(proto), "--certify", "ibp", "--quiet"]) == 2

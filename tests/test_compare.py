@@ -207,6 +207,68 @@ def test_second_compare_neither_retrains_nor_reevaluates(finished, monkeypatch):
     assert report["curves"] == finished.report["curves"]
 
 
+def test_certify_puts_a_lower_bound_beside_every_run(finished, tmp_path, monkeypatch):
+    """compare.certify adds a certified column without retraining: each certifiable run's bound, on the
+    same points as its attacked accuracies, never above them; a model the bounds do not cover (MMC's
+    squared distances) is named with the reason; a second compare reads the records back."""
+    out = tmp_path / "out"
+    shutil.copytree(finished.out, out)
+    raw = copy.deepcopy(finished.raw)
+    raw["compare"]["certify"] = "crown"
+    monkeypatch.setattr(compare_mod, "train", Recorder(compare_mod.train, fail=True))
+    report = compare(raw, out, quiet=True)
+    runs = report["runs"]
+    for name in ("ce", "prototype", "pgd_at"):
+        assert runs[name]["certified"] is not None
+        assert runs[name]["certified"] <= runs[name]["worst_case"]["quick"] <= runs[name]["clean_accuracy"]
+        low, high = runs[name]["intervals"]["certified_ci95"]
+        assert low <= runs[name]["certified"] <= high
+    assert runs["mmc"]["certified"] is None and runs["mmc"]["certified_note"]
+    for name in ("ce", "prototype", "pgd_at"):  # per eps on the robustness curve too, on the curve's points
+        assert all(entry["certified"] <= entry["accuracy"] for entry in report["curves"][name])
+    assert all("certified" not in entry for entry in report["curves"]["mmc"])
+    tables = (out / "tables.md").read_text()
+    assert "certified (crown, a lower bound)" in tables and "- mmc: not certified: " in tables
+    certifier = Recorder(evaluation_run.certify_run, fail=True)
+    monkeypatch.setattr(evaluation_run, "certify_run", certifier)
+    again = compare(raw, out, quiet=True)
+    assert {n: r["certified"] for n, r in again["runs"].items()} == {n: r["certified"] for n, r in runs.items()}
+
+
+def test_seeds_are_an_axis_resumed_per_seed(finished, tmp_path, monkeypatch):
+    """compare.seeds: one run per method and seed (the first keeps the method's name), trained with that
+    train.seed; the seeds table gives mean, standard deviation and every seed's figure, and a comparison
+    interrupted after some seeds trains only the others."""
+    import statistics
+
+    raw = tiny_raw(methods=["ce", "prototype"], seeds=[0, 1], curve_n=0, transfer=False)
+    raw.pop("method", None)
+    plan = load_compare_config(raw)
+    assert [(r.name, r.cfg.train.seed) for r in plan.runs] == [("ce", 0), ("ce-seed1", 1), ("prototype", 0),
+                                                               ("prototype-seed1", 1)]
+    out = tmp_path / "out"
+    first = compare(raw, out, quiet=True, only=["ce", "ce-seed1"])
+    assert first["seeds"]["prototype"]["clean_accuracy"]["mean"] is None
+    assert "prototype: not yet measured: prototype, prototype-seed1" in (out / "tables.md").read_text()
+    trainer = Recorder(compare_mod.train)
+    monkeypatch.setattr(compare_mod, "train", trainer)
+    report = compare(raw, out, quiet=True)
+    assert sorted(name for name, _ in trainer.calls) == ["prototype", "prototype-seed1"]  # resumed per seed
+    for method in ("ce", "prototype"):
+        figure = report["seeds"][method]["clean_accuracy"]
+        values = [report["runs"][name]["clean_accuracy"] for name in (method, f"{method}-seed1")]
+        assert figure["values"] == values and report["seeds"][method]["seeds"] == [0, 1]
+        assert figure["mean"] == pytest.approx(statistics.fmean(values))
+        assert figure["std"] == pytest.approx(statistics.stdev(values))
+    tables = (out / "tables.md").read_text()
+    assert "Seeds: every method over 2 training seeds" in tables
+    mean, std = report["seeds"]["ce"]["clean_accuracy"]["mean"], report["seeds"]["ce"]["clean_accuracy"]["std"]
+    assert f"{100 * mean:.1f} ± {100 * std:.1f} (" in tables
+    # one seed: no seeds table, and a shared seed other than 0 keeps the plain names
+    assert finished.report["seeds"] is None and "Seeds:" not in (finished.out / "tables.md").read_text()
+    assert [r.cfg.train.seed for r in load_compare_config(tiny_raw(seeds=[3])).runs if r.dim is None] == [3] * 4
+
+
 def test_a_missing_suite_is_rerun_alone(finished, monkeypatch):
     out = finished.out
     path = out / "pgd_at" / "results.json"
@@ -312,7 +374,10 @@ def test_a_moved_run_folder_is_reused_where_its_data_lies_elsewhere(finished, tm
     (lambda r: r["compare"].update(methods=["ce", "madry"]), r"compare\.methods: unknown method 'madry': valid methods are ce, "),
     (lambda r: r["compare"].update(suites=["quick", "autoattack"]), r"compare\.suites: unknown suite 'autoattack'"),
     (lambda r: r["compare"].update(eval_n="100"), r"compare\.eval_n must be an integer"),
-    (lambda r: r["compare"].update(curve_eps=[8]), r"compare\.curve_eps: 8 is not a perturbation size"),
+    (lambda r: r["compare"].update(curve_eps=[8]), r"compare\.curve_eps = 8 is larger than 1"),
+    (lambda r: r["compare"].update(certify="exact"), r"compare\.certify = 'exact' is not one of"),
+    (lambda r: r["compare"].update(seeds=[0, 0]), r"compare\.seeds must list distinct seeds"),
+    (lambda r: r["compare"].update(seeds=[]), r"compare\.seeds must list distinct seeds"),
     (lambda r: r["compare"].update(colour="red"), r"unknown key compare\.colour: valid keys are methods"),
     (lambda r: r["compare"].update(sweep_dims=[5]), r"compare\.sweep_dims \(5\): prototypes\.dim = 5 is smaller"),
     (lambda r: r["compare"].pop("methods"), r"compare\.methods is missing"),

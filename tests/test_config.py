@@ -44,6 +44,10 @@ def test_int_accepted_for_float():
         ({"train": {"eps": -0.1}}, "train.eps = -0.1 is out of range"),
         ({"eval": {"eps": 8}}, "larger than 1"),
         ({"eval": {"eps": 1.5}}, "larger than 1"),
+        ({"train": {"alpha": 3}}, "train.alpha = 3 is larger than 1"),
+        # an L1 or L2 radius is bounded by the image box's diameter in its norm (64 coordinates in digits)
+        ({"eval": {"norm": "l1", "eps": 65}}, "eval.eps = 65 exceeds the diameter of the image box in l1 (64"),
+        ({"eval": {"norm": "l2", "eps": 9}}, "eval.eps = 9 exceeds the diameter of the image box in l2 (8"),
         ({"train": {"eps": "8/0"}}, "cannot read"),
         ({"train": {"method": "magic"}}, "train.method = 'magic' is not one of"),
         ({"model": {"name": "vgg"}}, "model.name = 'vgg' is not one of"),
@@ -86,3 +90,12 @@ def test_override_syntax():
     assert parse_override("data.name=mnist") == ("data", "name", "mnist")
     with pytest.raises(UserError, match="section.key=value"):
         parse_override("lr=0.5")
+
+
+def test_eps_is_checked_in_its_own_norm():
+    """8 is a customary L1 budget and 2 an MNIST L2 one; in L-inf they mean 8/255 mistyped."""
+    config = from_dict({"data": {"name": "mnist"}, "eval": {"norm": "l1", "eps": 10},
+                        "train": {"norm": "l2", "eps": 2.0, "alpha": 0.5}})
+    assert (config.eval.eps, config.train.eps) == (10.0, 2.0)
+    with pytest.raises(UserError, match="larger than 1"):
+        from_dict({"eval": {"norm": "linf", "eps": 10}})

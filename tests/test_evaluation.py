@@ -119,3 +119,23 @@ def test_a_suite_records_which_points_it_left_correct():
     assert set(result["robust_indices"]) <= set(result["clean_indices"])
     with torch.no_grad():
         assert set(result["clean_indices"]) == set((model(x).argmax(1) == y).nonzero().flatten().tolist())
+
+
+def test_the_l1_standard_suite_is_autoattacks_l1_version(mlp):
+    """L1: APGD-CE with 5 restarts, APGD-T with 5 targets, FAB-T; Square has no L1 form and is not
+    run (the record lists what ran). A budget covering the box leaves nothing, and every adversarial
+    point stays in the L1 ball and the box."""
+    from repulsor.evaluation.suites import L1_STANDARD, suite_specs
+    from repulsor.attacks import geometry
+
+    assert [(s.name, s.restarts, s.settings.get("n_targets")) for s in suite_specs("standard", "l1")] == [
+        ("apgd-ce (5 restarts)", 5, None), ("apgd-t", 1, 5), ("fab-t", 1, 9)]
+    assert suite_specs("adaptive", "l1")[:3] == L1_STANDARD and suite_specs("quick", "l1") == SUITES["quick"]
+    net, x, y = mlp
+    result = evaluate(net, x[:60], y[:60], suite="standard", eps=2.0, norm="l1", checks=False)
+    assert [a["name"] for a in result["attacks"]] == [s.name for s in L1_STANDARD]
+    assert all(a["norm"] == "l1" and a["status"] == "done" for a in result["attacks"])
+    assert result["robust_accuracy"] < result["clean_accuracy"]
+    x_adv = result["x_adv"]
+    assert (geometry("l1").norm((x_adv - x[:60]).double()) <= 2.0 + 1e-4).all()
+    assert evaluate(net, x[:30], y[:30], suite="standard", eps=40.0, norm="l1", checks=False)["robust_accuracy"] == 0.0

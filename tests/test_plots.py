@@ -27,7 +27,10 @@ def drawn(monkeypatch):
                                                              ax.get_xlabel(), ax.get_ylabel(),
                                                              [t.get_text() for t in ax.texts],
                                                              [line.get_xydata().tolist() for line in ax.lines],
-                                                             ax.get_title(), ax.get_legend())
+                                                             ax.get_title(), ax.get_legend(),
+                                                             [(line.get_linestyle(), line.get_color()) for line in ax.lines],
+                                                             [c.get_paths()[0].vertices.tolist() for c in ax.collections
+                                                              if c.get_paths()])
                                                     for ax in fig.axes}))
         real(fig, path)
 
@@ -37,9 +40,9 @@ def drawn(monkeypatch):
 
 def axes_info(record, i):
     _, axes, info = record
-    xlim, ylim, yscale, xlabel, ylabel, texts, lines, title, legend = info[id(axes[i])]
+    xlim, ylim, yscale, xlabel, ylabel, texts, lines, title, legend, styles, areas = info[id(axes[i])]
     return {"xlim": xlim, "ylim": ylim, "yscale": yscale, "xlabel": xlabel, "ylabel": ylabel, "texts": texts,
-            "lines": lines, "title": title, "legend": legend}
+            "lines": lines, "title": title, "legend": legend, "styles": styles, "areas": areas}
 
 
 # ------------------------------------------------------------------ draw
@@ -93,6 +96,30 @@ def test_robustness_curves_in_grey_levels_and_plain_eps(tmp_path, drawn):
         curves.plot_robustness_curves({}, tmp_path / "none.png")
     with pytest.raises(UserError):
         curves.plot_robustness_curves({"m": grey}, tmp_path / "bad.png", norm="l3")
+
+
+def test_robustness_curves_carry_their_intervals_and_the_certified_bound(tmp_path, drawn):
+    """Entries that say on how many points they were measured get a 95% Wilson band; a certified
+    accuracy beside them is a dashed line of the same colour, never above the attacked curve here."""
+    from repulsor.formats import wilson_interval
+
+    curve = [{"eps": 0.1, "accuracy": 0.8, "n": 100, "certified": 0.6},
+             {"eps": 0.3, "accuracy": 0.0, "n": 100, "certified": 0.0}]
+    curves.plot_robustness_curves({"ibp": curve}, tmp_path / "bands.png", norm="l1")
+    details = axes_info(drawn[-1], 0)
+    band = details["areas"][0]
+    low, high = wilson_interval(80, 100)
+    assert max(y for _, y in band) == pytest.approx(100 * high) and min(y for _, y in band) == pytest.approx(0.0)
+    assert min(y for x, y in band if x == pytest.approx(0.1)) == pytest.approx(100 * low)
+    assert "bands: 95% Wilson intervals" in details["texts"] and details["xlabel"] == "ε (L1)"
+    assert sum(details["lines"][1], []) == pytest.approx([0.1, 60.0, 0.3, 0.0])
+    labels = [t.get_text() for t in details["legend"].get_texts()]
+    assert labels == ["ibp", "ibp, certified (lower bound)"]
+    (solid, colour), (dashed, same) = details["styles"]
+    assert solid == "-" and dashed == "--" and colour == same
+    plain = [{"eps": 0.1, "accuracy": 0.8}]  # no n: no band to draw, and no claim of one
+    curves.plot_robustness_curves({"m": plain}, tmp_path / "plain.png")
+    assert "bands: 95% Wilson intervals" not in axes_info(drawn[-1], 0)["texts"]
 
 
 def test_epochs_use_whole_epochs_and_say_when_empty(tmp_path, drawn):

@@ -131,6 +131,12 @@ def test_fgsm_rs_stops_on_catastrophic_overfitting_and_keeps_the_peak_epoch(tmp_
     assert not any(m.get("catastrophic_overfitting") for m in metrics[:-1])
     assert record["catastrophic_overfitting"] and record["selected"] == "best (epoch 2)"
     assert record["cost"]["epochs"] == 4
+    # the validation accuracy that chose the epoch carries its interval on the points it was measured on
+    from repulsor.formats import wilson_interval
+
+    n_val = record["val_n"]  # val_n = 400 asked; the digits' validation split holds fewer
+    assert record["best_val_metric"] == 0.45 and 0 < n_val <= 400
+    assert record["best_val_metric_ci95"] == pytest.approx(list(wilson_interval(round(0.45 * n_val), n_val)), abs=1e-6)
     final = repulsor.load_model(run).state_dict()
     for name, tensor in seen[1].items():
         assert torch.equal(final[name], tensor), name

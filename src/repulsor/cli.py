@@ -100,9 +100,9 @@ def _evaluate_parser(sub) -> None:
                     " rand: EOT attacks for a randomised model)")
     ev.add_argument("--surrogate", metavar="RUN", help="another run whose model crafts a transfer attack, added at"
                     " the end of the cascade (for a model without useful gradients)")
-    ev.add_argument("--norm", choices=("linf", "l2"), help="threat model (default: the run's eval.norm)")
+    ev.add_argument("--norm", choices=("linf", "l2", "l1"), help="threat model (default: the run's eval.norm)")
     ev.add_argument("--batch-size", type=int, help="examples per attack call (default: the run's eval.batch_size)")
-    ev.add_argument("--certify", choices=("crown", "ibp"), help="also certify the same points (a lower bound beside"
+    ev.add_argument("--certify", choices=("crown", "crown-ibp", "ibp"), help="also certify the same points (a lower bound beside"
                     " the attacked upper bound; repulsor certify)")
     _add_common(ev, sets="the run's config for this command (eval.* and data folders)")
 
@@ -115,7 +115,9 @@ def _certify_parser(sub) -> None:
                                  "beside a suite run on the same points it prints the bracket: robust accuracy lies\n"
                                  "between the certified (lower) and the attacked (upper) number.")
     cert.add_argument("run", help="run folder written by repulsor train")
-    cert.add_argument("--method", choices=("crown", "ibp"), default="crown", help="crown (tighter, default) or ibp")
+    cert.add_argument("--method", choices=("crown", "crown-ibp", "ibp"), default="crown",
+                      help="crown (tightest, default; its cost grows with the square of the neurons), crown-ibp (CROWN on"
+                           " the margins over interval bounds: about IBP's cost) or ibp")
     cert.add_argument("--norm", choices=("linf", "l2", "l1"), help="threat model (default: the run's eval.norm)")
     cert.add_argument("--batch-size", type=int, default=32, help="points per bound computation (default 32)")
     _add_common(cert, sets="the run's config for this command (eval.* and data folders)")

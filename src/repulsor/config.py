@@ -4,7 +4,8 @@ A config file is TOML data with the sections ``[data] [model] [prototypes] [trai
 it is parsed, never executed. Every value is checked against the dataclass schema below:
 an unknown key, a wrong type or an out-of-range value raises ``UserError`` naming it.
 Perturbation sizes may be written as fractions, ``eps = "8/255"``, so that nobody has to
-type 0.03137254901960784; an eps above 1 is refused because images live in [0, 1].
+type 0.03137254901960784; an L-inf eps above 1 is refused because images live in [0, 1] (an L2 or
+L1 eps is bounded by the image box's diameter in its norm instead).
 """
 
 from __future__ import annotations
@@ -231,8 +232,8 @@ RANGES = {
     ("train", "momentum"): (0.0, 1.0, True),
     ("train", "weight_decay"): (0.0, None, True),
     ("train", "grad_clip"): (0.0, None, True),
-    ("train", "eps"): (0.0, 1.0, True),
-    ("train", "alpha"): (0.0, 1.0, True),
+    ("train", "eps"): (0.0, None, True),  # at most the box's diameter in train.norm: _check_consistency
+    ("train", "alpha"): (0.0, None, True),
     ("train", "attack_steps"): (1, None, True),
     ("train", "trades_beta"): (0.0, None, True),
     ("train", "pcl_weight"): (0.0, None, True),
@@ -246,7 +247,7 @@ RANGES = {
     ("train", "ibp_warmup"): (0.0, 1.0, True),
     ("train", "ibp_ramp"): (0.0, 1.0, False),
     ("eval", "n"): (1, None, True),
-    ("eval", "eps"): (0.0, 1.0, True),
+    ("eval", "eps"): (0.0, None, True),  # at most the box's diameter in eval.norm
     ("eval", "batch_size"): (1, None, True),
 }
 
@@ -313,11 +314,6 @@ def _check_value(section: str, key: str, value) -> None:
     if bounds is None:
         return
     low, high, low_inclusive = bounds
-    if key in _PIXEL_KEYS and value > 1:
-        raise UserError(
-            f"{where} = {value:g} is larger than 1: perturbations are in [0, 1] pixel units;"
-            f" for {value:g} grey levels write \"{value:g}/255\" (= {value / 255:.4f})"
-        )
     if low is not None and (value < low or (value == low and not low_inclusive)):
         relation = ">=" if low_inclusive else ">"
         raise UserError(f"{where} = {value!r} is out of range: it must be {relation} {low:g}")
@@ -384,6 +380,11 @@ def _check_consistency(config: Config) -> None:
     if config.train.objective != "rule" and not METHODS[method].uses_prototypes:
         raise UserError(f"train.objective = {config.train.objective!r} is a loss of prototype heads, and {method} has"
                         " none: leave it at \"rule\"")
+    from .attacks.geometry import check_eps
+
+    for section, key in (("train", "eps"), ("train", "alpha"), ("eval", "eps")):
+        values = getattr(config, section)  # each radius in its own section's norm, bounded by the box's diameter
+        check_eps(getattr(values, key), values.norm, math.prod(info.shape), what=f"{section}.{key}")
     if METHODS[method].uses_prototypes and config.prototypes.dim < info.num_classes:
         raise UserError(
             f"prototypes.dim = {config.prototypes.dim} is smaller than the {info.num_classes} classes of"

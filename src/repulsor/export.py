@@ -433,7 +433,7 @@ def _usage(spec: dict) -> list[str]:
     c, h, w = spec["input_shape"]
     k = spec["num_classes"]
     tm = spec["threat_model"]
-    norm_aa = "Linf" if tm["norm"] == "linf" else "L2"
+    norm_aa = {"linf": "Linf", "l2": "L2", "l1": "L1"}[tm["norm"]]
     lines = [
         "## Load",
         "",
@@ -471,6 +471,8 @@ def _usage(spec: dict) -> list[str]:
     ]
     if tm["norm"] == "linf":
         lines.append(f"attack = torchattacks.PGD(model, eps={tm['eps']!r}, alpha={tm['eps'] / 4!r}, steps=20, random_start=True)")
+    elif tm["norm"] == "l1":
+        lines.append("# torchattacks has no L1 attack: use AutoAttack (above) or repulsor (below) for this threat model")
     else:
         lines.append(f"attack = torchattacks.PGDL2(model, eps={tm['eps']!r}, alpha={tm['eps'] / 4!r}, steps=20, random_start=True)")
     lines += [

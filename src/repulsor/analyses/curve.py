@@ -20,10 +20,14 @@ LINF_EPS_VALUES = tuple(i / 255 for i in range(8, 17))
 L2_EPS_VALUES = tuple(0.5 + 0.0625 * i for i in range(9))
 
 
+L1_EPS_VALUES = tuple(float(i) for i in range(8, 17))
+
+
 def default_eps_values(norm: str = "linf") -> tuple[float, ...]:
-    """The default robustness-curve grid: 8/255..16/255 for ``linf``, 0.5..1.0 for ``l2``."""
+    """The default robustness-curve grid: 8/255..16/255 for ``linf``, 0.5..1.0 for ``l2``, 8..16
+    for ``l1`` (around CIFAR-10's customary 12)."""
     geometry(norm)
-    return LINF_EPS_VALUES if norm == "linf" else L2_EPS_VALUES
+    return {"linf": LINF_EPS_VALUES, "l2": L2_EPS_VALUES, "l1": L1_EPS_VALUES}[norm]
 
 
 def robustness_curve(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps_values=None,

@@ -30,6 +30,11 @@ from .losses import dlr_targeted, get_loss
 
 MOMENTUM = 0.75  # the paper's alpha: weight of the new gradient step against the last move
 
+# L1-APGD (Croce & Hein, "Mind the box", ICML 2021) as AutoAttack runs it in its L1 version: three
+# stages at 3, 2 and 1 times eps with 30%, 30% and 40% of the steps, each from the best point of the
+# one before, projected onto its smaller ball.
+L1_STAGES = ((3.0, 0.3), (2.0, 0.3), (1.0, 0.4))
+
 
 def apgd(
     model,
@@ -58,13 +63,21 @@ def apgd(
     iterate restarts from the best point. An example is frozen at its first misclassifying
     iterate and leaves the batch; the others return their best-loss point.
 
+    L1 (``norm="l1"``) runs L1-APGD (Croce & Hein, "Mind the box", ICML 2021) as AutoAttack's
+    L1 version does: sparse steps on an adaptive fraction of the coordinates (starting at the
+    start's own sparsity), no momentum, a step of eps that shrinks by 1.5 (down to eps/10) at
+    every check, every 4% of the steps, where the best point's sparsity did not fall by 5%
+    (else back to eps from the best point), and three stages at 3, 2 and 1 times eps with 30%,
+    30% and 40% of the steps, each from the best point of the last; only the last stage's
+    successes count. With fewer than 4 steps it runs one stage at eps.
+
     Args:
         model: ``nn.Module`` (or callable) mapping images [N, C, H, W] in [0, 1] to class
             scores [N, k]. Its mode is not touched: call inside ``with evaluating(model):``.
         x: clean images [N, C, H, W], float, values in [0, 1].
         y: true labels [N], int64.
         eps: radius of the threat ball in pixel units (8/255 for L-inf, 0.5 for L2), >= 0.
-        norm: ``"linf"`` (default) or ``"l2"``.
+        norm: ``"linf"`` (default), ``"l2"`` or ``"l1"``.
         loss: a name in ``LOSSES`` (default ``"ce"``; ``"dlr"`` for APGD-DLR) or a callable.
         steps: iterations per restart, >= 0 (default 100); costs ``steps + 1`` forward and
             backward passes per example still robust.
@@ -126,7 +139,7 @@ def apgd_targeted(
         model: maps images [N, C, H, W] in [0, 1] to class scores [N, k]; mode untouched.
         x: clean images [N, C, H, W] in [0, 1]. y: true labels [N], int64.
         eps: radius of the threat ball in pixel units, >= 0.
-        norm: ``"linf"`` (default) or ``"l2"``.
+        norm: ``"linf"`` (default), ``"l2"`` or ``"l1"`` (L1-APGD, see ``apgd``).
         steps: APGD iterations per target and restart, >= 0 (default 100).
         n_targets: number of target classes per example, >= 1 (default 9); at most k - 1
             are used.
@@ -201,13 +214,14 @@ def _apgd_restarts(p: _Problem, restarts: int, generator, worst) -> torch.Tensor
     """
     x_adv, best_loss, fooled = worst
     trace = torch.zeros(p.steps + 1, device=p.x.device)
+    run, radius = (_apgd_l1_run, l1_stages(p.steps)[0][0] * p.eps) if p.geom.name == "l1" else (_apgd_run, p.eps)
     for restart in range(restarts):
         # Drawn for every example, so each one's start does not depend on who is still active.
-        start = random_start(p.geom, p.x, p.eps, generator)
+        start = random_start(p.geom, p.x, radius, generator)
         active = (~fooled).nonzero().squeeze(1)
         if active.numel() == 0:
             break
-        run_x, run_loss, run_fooled, run_trace = _apgd_run(p.subset(active), start[active])
+        run_x, run_loss, run_fooled, run_trace = run(p.subset(active), start[active])
         if restart == 0:
             trace = run_trace
         keep_worst_case(active, run_x, run_loss, run_fooled, x_adv, best_loss, fooled)
@@ -252,19 +266,27 @@ def _apgd_run(p: _Problem, start: torch.Tensor):
             loss, scores = _apgd_step(p, s, first=k == 1, need_grad=k < steps)
         latest[s["idx"]] = loss
         trace[k] = latest.mean()
-        wrong = scores.argmax(dim=1) != y[s["idx"]]
-        if wrong.any():
-            frozen = s["idx"][wrong]
-            out_x[frozen], out_loss[frozen], out_fooled[frozen] = s["x_cur"][wrong], loss[wrong], True
-            s = {key: None if value is None else value[~wrong] for key, value in s.items()}
-            if s["idx"].numel() == 0:
-                trace[k + 1 :] = trace[k]
-                break
+        s = _leave_when_fooled(s, scores, loss, y, (out_x, out_loss, out_fooled))
+        if s["idx"].numel() == 0:
+            trace[k + 1 :] = trace[k]
+            break
         if k in marks and k < steps:
             halve_at_checkpoint(s, p.rho, k - last_mark)
             last_mark = k
     out_x[s["idx"]], out_loss[s["idx"]] = s["x_best"], s["loss_best"]
     return out_x, out_loss, out_fooled, trace
+
+
+def _leave_when_fooled(s: dict, scores: torch.Tensor, loss: torch.Tensor, y: torch.Tensor, out) -> dict:
+    """Freeze the active examples that ``scores`` misclassify at their current iterate: their point, loss
+    and success go to ``out`` = (x [n, ...], loss [n], fooled [n]); returns the state of the others."""
+    wrong = scores.argmax(dim=1) != y[s["idx"]]
+    if not wrong.any():
+        return s
+    frozen = s["idx"][wrong]
+    out_x, out_loss, out_fooled = out
+    out_x[frozen], out_loss[frozen], out_fooled[frozen] = s["x_cur"][wrong], loss[wrong], True
+    return {key: None if value is None else value[~wrong] for key, value in s.items()}
 
 
 def _apgd_step(p: _Problem, s: dict, *, first: bool, need_grad: bool):
@@ -311,6 +333,88 @@ def halve_at_checkpoint(s, rho, span):
     s["loss_cur"] = torch.where(halve, s["loss_best"], s["loss_cur"])
     s["halved_at_mark"], s["loss_best_at_mark"] = halve, s["loss_best"]
     s["increases"] = torch.zeros_like(s["increases"])
+
+
+def l1_stages(steps: int) -> list[tuple[float, int]]:
+    """(radius as a multiple of eps, steps) of each L1-APGD stage: ``L1_STAGES``, the steps
+    rounded up as AutoAttack rounds them and the last stage taking the rest; one stage at eps
+    when fewer than 4 steps leave the last stage nothing."""
+    counts = [math.ceil(share * steps) for _, share in L1_STAGES[:-1]]
+    if steps < 4 or steps - sum(counts) < 1:
+        return [(1.0, steps)]
+    return [(mult, count) for (mult, _), count in zip(L1_STAGES, counts + [steps - sum(counts)])]
+
+
+def _apgd_l1_run(p: _Problem, start: torch.Tensor):
+    """One L1-APGD run from ``start`` (a point within the first stage's ball), stage by stage:
+    (x_adv [n, ...], loss [n], fooled [n], trace [steps + 1]) as ``_apgd_run``."""
+    stages = l1_stages(p.steps)
+    traces, x_from = [], start
+    for number, (mult, steps) in enumerate(stages):
+        last = number == len(stages) - 1
+        x_from = p.geom.project(x_from, p.x, mult * p.eps)
+        out_x, out_loss, out_fooled, trace = _l1_stage(p, x_from, mult * p.eps, steps, last)
+        traces.append(trace if number == 0 else trace[1:])  # a stage's start is the last one's best point
+        x_from = out_x
+    return out_x, out_loss, out_fooled, torch.cat(traces)
+
+
+def _l1_stage(p: _Problem, start: torch.Tensor, eps: float, steps: int, final: bool):
+    """L1-APGD at radius ``eps`` for ``steps`` steps from ``start``. Only the ``final`` stage (at the
+    threat model's eps) stops an example at its first misclassifying iterate; earlier stages keep
+    every example and return each one's best-loss point."""
+    x, y, geom = p.x, p.y, p.geom
+    n, device = x.shape[0], x.device
+    dim = x[0].numel()
+    out_x, out_loss = start.clone(), torch.empty(n, device=device)
+    out_fooled = torch.zeros(n, dtype=torch.bool, device=device)
+    latest = torch.empty(n, device=device)
+    trace = torch.empty(steps + 1, device=device)
+    period = max(int(0.04 * steps), 1)
+    sparsity = (start != x).flatten(1).sum(dim=1).float()
+    loss, scores, grad = loss_and_grad(p.model, p.loss_fn, start, y, p.targets, need_grad=steps > 0)
+    s = {
+        "idx": torch.arange(n, device=device), "x_cur": start, "grad_cur": grad,
+        "x_best": start, "loss_best": loss, "grad_best": grad,
+        "eta": torch.full((n,), eps, device=device), "density": sparsity / dim / 1.5, "sparsity": sparsity,
+    }
+    for k in range(steps + 1):
+        if k > 0:
+            idx = s["idx"]
+            x_new = geom.project(geom.step(s["x_cur"], s["grad_cur"], s["eta"], s["density"]), x[idx], eps)
+            target = None if p.targets is None else p.targets[idx]
+            loss, scores, grad = loss_and_grad(p.model, p.loss_fn, x_new, y[idx], target, need_grad=k < steps)
+            improved = loss > s["loss_best"]
+            s["x_best"] = torch.where(_rows(improved, x_new), x_new, s["x_best"])
+            s["loss_best"] = torch.where(improved, loss, s["loss_best"])
+            if grad is not None:
+                s["grad_best"] = torch.where(_rows(improved, grad), grad, s["grad_best"])
+            s["x_cur"], s["grad_cur"] = x_new, grad
+        latest[s["idx"]] = loss
+        trace[k] = latest.mean()
+        if final:
+            s = _leave_when_fooled(s, scores, loss, y, (out_x, out_loss, out_fooled))
+            if s["idx"].numel() == 0:
+                trace[k + 1 :] = trace[k]
+                break
+        if k > 0 and k % period == 0 and k < steps:
+            _adapt_sparsity(s, x[s["idx"]], eps, dim)
+    out_x[s["idx"]], out_loss[s["idx"]] = s["x_best"], s["loss_best"]
+    return out_x, out_loss, out_fooled, trace
+
+
+def _adapt_sparsity(s: dict, x_clean: torch.Tensor, eps: float, dim: int) -> None:
+    """L1-APGD's check: the step's density follows the best point's sparsity (divided by 1.5);
+    where that sparsity fell by at least 5% since the last check, the step goes back to eps and
+    the iterate to the best point, elsewhere the step shrinks by 1.5, never below eps / 10."""
+    sparsity = (s["x_best"] != x_clean).flatten(1).sum(dim=1).float()
+    reduced = sparsity / s["sparsity"].clamp_min(1) < 0.95
+    s["density"] = sparsity / dim / 1.5
+    s["eta"] = torch.where(reduced, torch.full_like(s["eta"], eps), s["eta"] / 1.5).clamp(eps / 10, eps)
+    s["sparsity"] = sparsity
+    rows = _rows(reduced, s["x_cur"])
+    s["x_cur"] = torch.where(rows, s["x_best"], s["x_cur"])
+    s["grad_cur"] = torch.where(rows, s["grad_best"], s["grad_cur"])
 
 
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

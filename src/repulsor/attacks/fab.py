@@ -46,7 +46,7 @@ _TINY = 1e-12
 def project_hyperplane_box(p: torch.Tensor, w: torch.Tensor, c: torch.Tensor, norm: str) -> torch.Tensor:
     """Smallest step ``d`` with ``<w, d> = c`` and ``p + d`` in the box [0, 1].
 
-    Minimises ``||d||`` in the L-inf or L2 norm, row by row. Shapes: ``p``, ``w`` [n, D],
+    Minimises ``||d||`` in the L-inf, L2 or L1 norm, row by row. Shapes: ``p``, ``w`` [n, D],
     ``c`` [n]; returns ``d`` [n, D]. When the hyperplane does not meet the box, returns
     the box corner that gets closest to it (every coordinate pushed to its bound in the
     direction that moves ``<w, d>`` toward ``c``).
@@ -58,14 +58,18 @@ def project_hyperplane_box(p: torch.Tensor, w: torch.Tensor, c: torch.Tensor, no
     ``h(r) = sum_j s_j * min(r, t_j)`` with ``s_j = |w_j| a_j`` and ``t_j = b_j / a_j`` is
     piecewise linear and nondecreasing in ``r``; sorting the breakpoints ``t_j`` gives
     ``h`` at each of them, and the segment holding ``c`` is solved in closed form.
-    ``c < 0`` is the same problem with the direction flipped.
+    ``c < 0`` is the same problem with the direction flipped. L1 is a fractional knapsack: the
+    coordinates with the largest ``|w_j|`` buy the most of ``c`` per unit of norm, so they go to
+    their bound one after the other, and the last one only as far as ``c`` needs.
     """
-    if norm not in ("linf", "l2"):
-        raise UserError(f"unknown norm {norm!r}: choose one of ['l2', 'linf']")
+    if norm not in ("linf", "l2", "l1"):
+        raise UserError(f"unknown norm {norm!r}: choose one of ['l1', 'l2', 'linf']")
     target = c.abs()
     direction = torch.sign(w) * torch.sign(c).unsqueeze(1)
     room = torch.where(direction > 0, 1 - p, torch.where(direction < 0, p, torch.zeros_like(p))).clamp_min(0)
     aw = w.abs()
+    if norm == "l1":
+        return direction * _knapsack(aw, room, target)
     if norm == "linf":
         s, t = aw, room
     else:
@@ -92,6 +96,23 @@ def project_hyperplane_box(p: torch.Tensor, w: torch.Tensor, c: torch.Tensor, no
     if norm == "l2":
         magnitude = magnitude * aw
     return direction * magnitude
+
+
+def _knapsack(aw: torch.Tensor, room: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Magnitudes [n, D] of the smallest-L1 move reaching ``sum_j aw_j * m_j = target`` with
+    0 <= m_j <= room_j: the largest ``aw`` first, each to its room, the last one partly; every
+    coordinate to its room where even that falls short."""
+    order = aw.argsort(dim=1, descending=True)
+    a_sorted, r_sorted = aw.gather(1, order), room.gather(1, order)
+    bought = (a_sorted * r_sorted).cumsum(dim=1)
+    k = (bought < target.unsqueeze(1)).sum(dim=1, keepdim=True)  # coordinates used in full
+    position = torch.arange(aw.shape[1], device=aw.device).unsqueeze(0)
+    prev = torch.where(k > 0, bought.gather(1, (k - 1).clamp_min(0)), torch.zeros_like(target).unsqueeze(1))
+    a_k = a_sorted.gather(1, k.clamp(max=aw.shape[1] - 1)).clamp_min(_TINY)
+    partial = ((target.unsqueeze(1) - prev) / a_k).clamp_min(0)
+    m_sorted = torch.where(position < k, r_sorted, torch.where(position == k, torch.minimum(partial, r_sorted),
+                                                                torch.zeros_like(r_sorted)))
+    return torch.zeros_like(aw).scatter(1, order, m_sorted)
 
 
 # ------------------------------------------------------------------------ one FAB run
@@ -123,7 +144,8 @@ def _linearise(model, xc: torch.Tensor, y: torch.Tensor, target: torch.Tensor | 
     rows = torch.arange(xc.shape[0], device=xc.device)
     g_all = scores - score_of(scores, y).unsqueeze(1)
     w_all = jac - jac[rows, y].unsqueeze(1)
-    dual = w_all.abs().sum(dim=2) if norm == "linf" else w_all.norm(dim=2)
+    dual = {"linf": lambda: w_all.abs().sum(dim=2), "l2": lambda: w_all.norm(dim=2),
+            "l1": lambda: w_all.abs().amax(dim=2)}[norm]()  # the dual norm's length of each w
     dist = g_all.abs() / (dual + _TINY)
     dist[rows, y] = math.inf
     s = dist.argmin(dim=1)
@@ -268,7 +290,7 @@ def fab(
         x: clean images, float [N, C, H, W] in [0, 1].
         y: true labels, int64 [N].
         eps: radius of the threat model, in pixel units (8/255 = eight grey levels), >= 0.
-        norm: ``"linf"`` (default) or ``"l2"``.
+        norm: ``"linf"`` (default), ``"l2"`` or ``"l1"``.
         steps: FAB iterations per run (default 100); each costs one forward+backward pass
             (k backward passes when untargeted) plus one forward pass.
         restarts: runs per example (default 1); the first starts at ``x``, later ones at a
@@ -327,7 +349,7 @@ def fab_targeted(
         x: clean images, float [N, C, H, W] in [0, 1].
         y: true labels, int64 [N].
         eps: radius of the threat model, in pixel units (8/255 = eight grey levels), >= 0.
-        norm: ``"linf"`` (default) or ``"l2"``.
+        norm: ``"linf"`` (default), ``"l2"`` or ``"l1"``.
         steps: FAB iterations per target and run (default 100); each costs one
             forward+backward pass and one forward pass.
         n_targets: number of target classes tried (default 9, capped at k - 1).

@@ -55,7 +55,8 @@ def pgd(
             ``evaluation.protocols`` reproduce one in normalised units).
         alpha: step length, same units as ``eps``, > 0 (e.g. 2/255 for L-inf).
         steps: number of gradient steps, >= 0.
-        norm: ``"linf"`` (default) or ``"l2"``.
+        norm: ``"linf"`` (default), ``"l2"`` or ``"l1"`` (the sparse step of ``geometry.L1``: sign(grad)
+            on the top ``L1.DENSITY`` (20%) of coordinates by |grad|).
         loss: a name in ``LOSSES`` (default ``"ce"``) or a loss callable.
         restarts: independent random starts, >= 1 (default 1); each example keeps its worst
             case: an iterate that misclassifies it, else the run with the highest final loss.
@@ -175,7 +176,8 @@ def fgsm(
         model: maps images [N, C, H, W] in [0, 1] to class scores [N, k]; mode untouched.
         x: clean images [N, C, H, W] in [0, 1]. y: true labels [N], int64.
         eps: threat-ball radius in pixel units, >= 0.
-        norm: ``"linf"`` (default, the sign step) or ``"l2"`` (normalised-gradient step).
+        norm: ``"linf"`` (default, the sign step), ``"l2"`` (normalised-gradient step) or ``"l1"``
+            (the sparse step of ``geometry.L1``).
         loss: a name in ``LOSSES`` (default ``"ce"``) or a loss callable.
         random_start: start uniformly in the eps-ball (default False: start at ``x``).
         alpha: step length in pixel units; default None means ``eps`` without random start

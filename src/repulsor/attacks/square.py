@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from ..errors import UserError
+
 from .context import check_attack_inputs, check_int, check_number, keep_worst_case, make_generator, require_classes
 from .geometry import geometry
 from .losses import cw
@@ -242,6 +244,9 @@ def square(
         succeeded); ``x`` itself for examples misclassified from the start.
     """
     x, y, geo, eps = check_attack_inputs(x, y, eps, norm, ndim=4)
+    if norm not in ("linf", "l2"):
+        raise UserError(f"square has no {norm} form in repulsor (its proposals are L-inf and L2 squares): use"
+                        " norm \"linf\" or \"l2\", or the l1 standard suite, which runs without it")
     queries = check_int("queries", queries, minimum=1)
     restarts = check_int("restarts", restarts, minimum=1)
     p_init = check_number("p_init", p_init, strict=True, maximum=1.0)

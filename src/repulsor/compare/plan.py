@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..analyses.curve import curve_eps_values
+from ..attacks.geometry import check_eps
 from ..config import (SECTION_TYPES, Config, apply_overrides, coerce, from_dict, parse_fraction, parse_override,
                       read_toml, resolve_paths, to_dict)
 from ..errors import UserError
@@ -31,15 +32,20 @@ DEFAULT_SUITES = ("quick", "paper")
 OVERRIDE_SECTIONS = ("model", "prototypes", "train")
 
 
-_COMPARE_KEYS = ("methods", "suites", "eval_n", "suite_n", "sweep_dims", "curve_eps", "curve_n", "transfer")
+_COMPARE_KEYS = ("methods", "suites", "eval_n", "suite_n", "sweep_dims", "curve_eps", "curve_n", "transfer", "certify",
+                 "seeds")
+
+#: compare.certify: the certified lower bound put beside each run's attacked accuracies ("" for none).
+CERTIFY_METHODS = ("", "ibp", "crown-ibp", "crown")
 
 
 @dataclass(frozen=True)
 class RunPlan:
     """One training run of a comparison.
 
-    ``name`` is its folder under the output directory: the method name, or
-    ``prototype-D<dim>`` for a Table 1 sweep run that differs from the ``prototype`` run.
+    ``name`` is its folder under the output directory: the method name (its first seed), the method name
+    and ``-seed<s>`` for each further seed of compare.seeds, or ``prototype-D<dim>`` for a Table 1 sweep
+    run that differs from the ``prototype`` run.
     ``overrides`` holds the per-method values (flat, ``{"train.lr": 0.1}``) that make its
     config differ from the shared sections.
     """
@@ -49,6 +55,7 @@ class RunPlan:
     cfg: Config
     overrides: dict
     dim: int | None = None  # the sweep's D for Table 1 runs
+    seed: int = 0  # train.seed: initialisation, data order and augmentation (the prototypes are the method's)
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,12 @@ class ComparePlan:
     transfer: bool
     base: Config  # the shared sections
     method_overrides: dict = field(default_factory=dict)  # {method: {section: {key: value}}}
+    certify: str = ""  # "ibp" | "crown": a certified accuracy per run on the standard suite's points
+    seeds: tuple[int, ...] = (0,)  # train.seed of each method's runs; the first one's run bears the method's name
+
+    def seed_runs(self, method: str) -> list[RunPlan]:
+        """The runs of ``method``, one per seed, in the order of compare.seeds."""
+        return [r for r in self.runs if r.method == method and r.dim is None]
 
     def n_for(self, suite: str) -> int:
         """The number of test points that ``suite`` is evaluated on."""
@@ -78,7 +91,12 @@ class ComparePlan:
         """The ``[compare]`` table as resolved (defaults filled in), JSON-ready."""
         return {"methods": list(self.methods), "suites": list(self.suites), "eval_n": self.eval_n,
                 "suite_n": dict(self.suite_n), "sweep_dims": [d for d, _ in self.sweep],
-                "curve_eps": list(self.curve_eps), "curve_n": self.curve_n, "transfer": self.transfer}
+                "curve_eps": list(self.curve_eps), "curve_n": self.curve_n, "transfer": self.transfer,
+                "certify": self.certify, "seeds": list(self.seeds)}
+
+    def certify_n(self) -> int:
+        """The points certified: those of the standard suite (the bracket's upper side), else eval_n."""
+        return self.n_for("standard") if "standard" in self.suites else self.eval_n
 
 
 def _names(values, key: str, valid, what: str) -> tuple[str, ...]:
@@ -102,7 +120,7 @@ def _positive_int(value, key: str, minimum: int = 1) -> int:
     return value
 
 
-def _curve_grid(values) -> tuple[float, ...]:
+def _curve_grid(values, norm: str) -> tuple[float, ...]:
     if not isinstance(values, list) or not values:
         raise UserError(f"compare.curve_eps must be a non-empty list of perturbation sizes, got {values!r}")
     grid = []
@@ -112,9 +130,7 @@ def _curve_grid(values) -> tuple[float, ...]:
                 value = parse_fraction(value)
             except (ValueError, ZeroDivisionError):
                 raise UserError(f"compare.curve_eps: cannot read {value!r} as a number (write 0.0314 or \"8/255\")") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise UserError(f"compare.curve_eps: {value!r} is not a perturbation size in [0, 1] (write \"8/255\", not 8)")
-        grid.append(float(value))
+        grid.append(check_eps(value, norm, what="compare.curve_eps"))
     return tuple(sorted(set(grid)))
 
 
@@ -224,7 +240,7 @@ def load_compare_config(source, overrides: list[str] = ()) -> ComparePlan:
             if suite not in suites:
                 raise UserError(f"compare.suite_n.{suite}: {suite!r} is not in compare.suites ({', '.join(suites)})")
             suite_n[suite] = _positive_int(n, f"suite_n.{suite}")
-    curve_eps = (_curve_grid(table["curve_eps"]) if "curve_eps" in table
+    curve_eps = (_curve_grid(table["curve_eps"], base.eval.norm) if "curve_eps" in table
                  else tuple(curve_eps_values(base.eval.eps, base.eval.norm)))
     curve_n = _positive_int(table.get("curve_n", eval_n), "curve_n", minimum=0)
     has_source = TRANSFER_SOURCE in methods
@@ -232,23 +248,39 @@ def load_compare_config(source, overrides: list[str] = ()) -> ComparePlan:
     if transfer and not has_source:
         raise UserError(f"compare.transfer = true needs {TRANSFER_SOURCE!r} in compare.methods: the transfer attack"
                         f" crafts its adversarial examples on the {TRANSFER_SOURCE} model")
+    certify_method = coerce("compare", "certify", table.get("certify", ""), str)
+    if certify_method not in CERTIFY_METHODS:
+        raise UserError(f"compare.certify = {certify_method!r} is not one of \"ibp\", \"crown-ibp\", \"crown\" (or \"\""
+                        " for none)")
     dims = coerce("compare", "sweep_dims", table.get("sweep_dims", []), list[int])
     if len(set(dims)) != len(dims):
         raise UserError("compare.sweep_dims lists a dimension more than once")
 
-    runs = [RunPlan(m, m, _run_config(shared, overrides.get(m, {}), m, f"method.{m}", eval_n, suites[0]),
-                    _flat(overrides.get(m, {}))) for m in methods]
+    seeds = tuple(coerce("compare", "seeds", table.get("seeds", [base.train.seed]), list[int]))
+    if not seeds or len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise UserError(f"compare.seeds must list distinct seeds >= 0, e.g. [0, 1, 2]; got {list(seeds)}")
+    runs = []
+    for m in methods:
+        for index, seed in enumerate(seeds):
+            # the shared seed stays out of the run's overrides, so that a one-seed comparison is as before
+            override = overrides.get(m, {}) if seed == base.train.seed else \
+                _merge(overrides.get(m, {}), {"train": {"seed": seed}})
+            name = m if index == 0 else f"{m}-seed{seed}"
+            runs.append(RunPlan(name, m, _run_config(shared, override, m, f"method.{m}", eval_n, suites[0]),
+                                _flat(overrides.get(m, {})), seed=seed))
     sweep = []
     for dim in dims:
         if isinstance(dim, int) and dim < 2:
             raise UserError(f"compare.sweep_dims: {dim} is out of range: a dimension must be >= 2")
         override = _merge(overrides.get("prototype", {}), {"prototypes": {"dim": dim}})
+        if seeds[0] != base.train.seed:  # Table 1 sweeps at the first seed, beside the methods' first runs
+            override = _merge(override, {"train": {"seed": seeds[0]}})
         cfg = _run_config(shared, override, "prototype", f"compare.sweep_dims ({dim})", eval_n, suites[0])
         same = next((r for r in runs if r.method == "prototype" and to_dict(r.cfg) == to_dict(cfg)), None)
         if same is None:
-            same = RunPlan(f"prototype-D{dim}", "prototype", cfg, _flat(override), dim)
+            same = RunPlan(f"prototype-D{dim}", "prototype", cfg, _flat(override), dim, seed=seeds[0])
             runs.append(same)
         sweep.append((dim, same.name))
     return ComparePlan(runs=tuple(runs), methods=methods, sweep=tuple(sweep), suites=suites, eval_n=eval_n,
                        suite_n=suite_n, curve_eps=curve_eps, curve_n=curve_n, transfer=transfer, base=base,
-                       method_overrides=overrides)
+                       method_overrides=overrides, certify=certify_method, seeds=seeds)

@@ -14,6 +14,7 @@ fingerprint of the model weights.
 from __future__ import annotations
 
 import hashlib
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +23,12 @@ import torch
 
 from ..analyses import plot_metrics_over_epochs, read_metrics, robustness_curve
 from ..analyses.transfer import transfer_accuracy
+from ..certify import certify, network_layers
 from ..config import Config, load_config, to_dict
 from ..data import DATASETS
 from ..errors import Interrupted, UserError
 from ..evaluation import run as evaluation_run
+from ..evaluation.run import same_points
 from ..plots.curves import plot_robustness_curves
 from ..formats import wilson_interval
 from ..runtime import provenance, resolve_device
@@ -181,6 +184,7 @@ def _run_report(plan: ComparePlan, run: RunPlan, run_dir: Path, status: tuple, p
                             if not v["ok"]],
         "suites": suites,
         "transfer_accuracy": None,
+        "certified": None,  # compare.certify's lower bound, filled by _certify
         "cost": {k: cost.get(k) for k in ("wall_seconds", "epochs", "forward_passes_per_example",
                                           "backward_passes_per_example")} if cost else None,
         "config": to_dict(run.cfg),
@@ -237,10 +241,64 @@ def _comparison(job: CompareJob, runs: dict, transfer: dict | None, *, curves: d
                                                                           "pgd20_ce", "standard")}}
                    for dim, name in plan.sweep],
         "transfer": transfer,
+        "seeds": _seeds(plan, runs),
         "curves": curves,
         "epochs": epochs,
         "files": job.files,
     }
+
+
+def _certifiable(model) -> bool:
+    try:
+        network_layers(model)
+    except UserError:
+        return False
+    return True
+
+
+def _certify(job: CompareJob, runs: dict, models: dict) -> None:
+    """compare.certify: each finished run's certified accuracy on the standard suite's points (the lower side
+    of its bracket), read from its results.json or computed once and recorded there; a model the bounds do
+    not cover gets the reason in ``certified_note`` instead of a number."""
+    plan = job.plan
+    if not plan.certify:
+        return
+    n, eps, norm = min(plan.certify_n(), len(job.y)), job.protocol["eps"], job.protocol["norm"]
+    for name, model in models.items():
+        record = next((c for c in (store.read_results(job.out / name).get("certified") or {}).values()
+                       if c.get("method") == plan.certify and same_points(c, {"n": n, "eps": eps, "norm": norm})), None)
+        if record is None:
+            try:
+                network_layers(model)
+            except UserError as error:
+                runs[name]["certified_note"] = str(error)
+                continue
+            job.say(f"{name}: certifying ({plan.certify}) the first {n} test points")
+            record = evaluation_run.certify_run(job.out / name, method=plan.certify, n=n, eps=eps, norm=norm)
+        runs[name]["certified"] = record["certified_accuracy"]
+        runs[name]["intervals"]["certified_ci95"] = [
+            round(b, 6) for b in wilson_interval(round(record["certified_accuracy"] * n), n)]
+
+
+SEED_COLUMNS = ("clean_accuracy", "pgd20", "pgd100", "pgd20_ce", "standard", "certified")
+
+
+def _seeds(plan: ComparePlan, runs: dict) -> dict | None:
+    """compare.seeds: per method, every seed's figure of each table column, their mean and sample standard
+    deviation (over the seeds that have the figure); None for a one-seed comparison."""
+    if len(plan.seeds) < 2:
+        return None
+    summary = {}
+    for method in plan.methods:
+        seed_runs = plan.seed_runs(method)
+        entry = {"seeds": [r.seed for r in seed_runs], "runs": [r.name for r in seed_runs]}
+        for key in SEED_COLUMNS:
+            values = [runs[r.name].get(key) for r in seed_runs]
+            present = [v for v in values if v is not None]
+            entry[key] = {"values": values, "mean": statistics.fmean(present) if present else None,
+                          "std": statistics.stdev(present) if len(present) > 1 else None}
+        summary[method] = entry
+    return summary
 
 
 def protocol_keys(protocol: dict) -> dict:
@@ -310,7 +368,8 @@ class CompareJob:
 
 
 def _curves(job: CompareJob, runs: list[RunPlan], models: dict, device) -> dict:
-    """Figures 2-3: PGD-20 robustness curves of every method on the same points (cached per model)."""
+    """Figures 2-3: PGD-20 robustness curves of every method on the same points (cached per model), with
+    compare.certify's certified accuracy at each eps beside them for every model the bounds cover."""
     plan, out, protocol, say = job.plan, job.out, job.protocol, job.say
     x_all, y_all = job.x, job.y
     if not plan.curve_n or not runs:
@@ -319,13 +378,19 @@ def _curves(job: CompareJob, runs: list[RunPlan], models: dict, device) -> dict:
     curves = {}
     for run in runs:
         key = {"model": _fingerprint(out / run.name / MODEL), "n": n_curve, "eps": list(plan.curve_eps),
-               "steps": CURVE_STEPS, "loss": CURVE_LOSS, **protocol_keys(protocol)}
+               "steps": CURVE_STEPS, "loss": CURVE_LOSS, **protocol_keys(protocol),
+               **({"certify": plan.certify} if plan.certify else {})}
 
         def compute(run=run):
             say(f"{run.name}: robustness curve over {len(plan.curve_eps)} eps values on {n_curve} points")
-            return robustness_curve(models[run.name], x_all[:n_curve], y_all[:n_curve], eps_values=plan.curve_eps,
-                                    norm=protocol["norm"], steps=CURVE_STEPS, loss=CURVE_LOSS, seed=protocol["seed"],
-                                    batch_size=protocol["batch_size"], device=device)
+            curve = robustness_curve(models[run.name], x_all[:n_curve], y_all[:n_curve], eps_values=plan.curve_eps,
+                                     norm=protocol["norm"], steps=CURVE_STEPS, loss=CURVE_LOSS, seed=protocol["seed"],
+                                     batch_size=protocol["batch_size"], device=device)
+            if plan.certify and _certifiable(models[run.name]):
+                for entry in curve:
+                    entry["certified"] = certify(models[run.name], x_all[:n_curve], y_all[:n_curve], eps=entry["eps"],
+                                                 norm=protocol["norm"], method=plan.certify)["certified_accuracy"]
+            return curve
 
         curves[run.name] = _cached(out / "cache" / f"curve-{run.name}.json", key, compute)
     written = plot_robustness_curves(curves, out / "robustness_curves.png", norm=protocol["norm"],
@@ -386,6 +451,7 @@ def compare(config, out_dir, *, quiet: bool = False, only=None, overrides: list[
     device = resolve_device(plan.base.train.device)
     models = {r.name: store.load_model(out / r.name, device=device) for r in finished}
     transfer = _table4(job, models, runs, device) if plan.transfer else None
+    _certify(job, runs, models)
     method_runs = [r for r in finished if r.name in plan.methods]
     report = _comparison(job, runs, transfer, curves=_curves(job, method_runs, models, device),
                          epochs=_epochs(job, method_runs), folder=folder)

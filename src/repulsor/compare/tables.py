@@ -99,6 +99,8 @@ def methods_table(report: dict) -> ComparisonTable:
     p, runs, dataset = report["protocol"], report["runs"], report["protocol"]["dataset"]
     suite_ns = ", ".join(f"{s} on {n}" for s, n in p["suite_n"].items())
     n = _points(p)
+    certify = (report.get("config", {}).get("compare") or {}).get("certify") or ""
+    certify_n = (p.get("suite_n") or {}).get("standard") or p.get("n")  # ComparePlan.certify_n
     rows, notes = [], []
     for name in report["methods"]:
         r = runs[name]
@@ -111,14 +113,22 @@ def methods_table(report: dict) -> ComparisonTable:
         rows.append([name + status, _fmt_overrides(r["overrides"]), _fmt_int(r["epochs"]),
                      fmt_pct(r["clean_accuracy"], n("quick")), fmt_pct(r["pgd20"], n("paper")),
                      fmt_pct(r["pgd100"], n("paper")), fmt_pct(r["pgd20_ce"], n("quick")),
-                     fmt_pct(r["standard"], n("standard")), fmt_seconds((r["cost"] or {}).get("wall_seconds")),
-                     _fmt_passes(r["cost"])])
+                     fmt_pct(r["standard"], n("standard")),
+                     *([fmt_pct(r.get("certified"), certify_n)] if certify else []),
+                     fmt_seconds((r["cost"] or {}).get("wall_seconds")), _fmt_passes(r["cost"])])
+        if certify and r.get("certified_note"):
+            notes.append(f"{name}: not certified: {r['certified_note']}")
+        if certify and r.get("certified") is not None and r.get("standard") is not None \
+                and r["standard"] - r["certified"] > 0.1:
+            notes.append(f"{name}: the robust accuracy lies between {fmt_pct(r['certified'])}% (certified) and"
+                         f" {fmt_pct(r['standard'])}% (standard's worst case): the gap is wide, the truth is in between")
     notes += paired_notes(report)
     number = {"cifar10": "Table 2", "cifar100": "Table 3"}.get(dataset, "Tables 2-3")
     return ComparisonTable(
         f"{number}: methods on {dataset}",
         ["method", "overrides", "epochs", "clean", "PGD-20", "PGD-100", "PGD-20 (CE)", "standard worst case",
-         "training time", "passes/example (fwd / bwd)"], rows,
+         *([f"certified ({certify}, a lower bound)"] if certify else []), "training time",
+         "passes/example (fwd / bwd)"], rows,
         _protocol_line(p, "PGD-20 and PGD-100: paper suite cascade (authors' loss for prototype heads, CE otherwise;"
                           " step eps/4, one random start); PGD-20 (CE): quick suite; standard: APGD-CE, APGD-T,"
                           f" FAB-T, Square cascade; points per suite: {suite_ns}"), notes)
@@ -161,9 +171,43 @@ def transfer_table(report: dict) -> ComparisonTable | None:
            " start; a point keeps the first iterate that fools the source), evaluated on each target"))
 
 
+def seeds_table(report: dict) -> ComparisonTable | None:
+    """compare.seeds: each method's mean and standard deviation over its seeds, with every seed's figure."""
+    seeds = report.get("seeds")
+    if not seeds:
+        return None
+    p = report["protocol"]
+    columns = [("clean_accuracy", "clean"), ("pgd20", "PGD-20"), ("pgd100", "PGD-100"), ("pgd20_ce", "PGD-20 (CE)"),
+               ("standard", "standard worst case")]
+    if any(entry.get("certified", {}).get("mean") is not None for entry in seeds.values()):
+        columns.append(("certified", "certified"))
+    rows, notes = [], []
+    for method, entry in seeds.items():
+        row = [method, ", ".join(str(s) for s in entry["seeds"])]
+        for key, _ in columns:
+            figure = entry[key]
+            if figure["mean"] is None:
+                row.append(DASH)
+                continue
+            spread = f" ± {100 * figure['std']:.1f}" if figure["std"] is not None else ""
+            each = ", ".join(DASH if v is None else f"{100 * v:.1f}" for v in figure["values"])
+            row.append(f"{100 * figure['mean']:.1f}{spread} ({each})")
+        rows.append(row)
+        missing = [name for name, value in zip(entry["runs"], entry["clean_accuracy"]["values"]) if value is None]
+        if missing:
+            notes.append(f"{method}: not yet measured: {', '.join(missing)} (the mean is over the seeds that are)")
+    return ComparisonTable(
+        f"Seeds: every method over {len(next(iter(seeds.values()))['seeds'])} training seeds",
+        ["method", "seeds", *[title for _, title in columns]], rows,
+        _protocol_line(p, "mean ± sample standard deviation over the seeds (train.seed: initialisation, data order,"
+                          " augmentation; the prototypes are the method's and stay), then each seed's figure; the"
+                          " evaluation points and attacks are the same for every seed"), notes)
+
+
 def comparison_tables(report: dict) -> list[ComparisonTable]:
     """Every table of a comparison (``report``: the content of ``comparison.json``), in the paper's order."""
-    return [t for t in (dimension_table(report), methods_table(report), transfer_table(report)) if t is not None]
+    return [t for t in (dimension_table(report), methods_table(report), seeds_table(report), transfer_table(report))
+            if t is not None]
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:

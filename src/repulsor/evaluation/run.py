@@ -101,7 +101,7 @@ def evaluate_run(run_dir: str | Path, *, suite: str | None = None, n: int | None
     x, y, folder = load_test_split(cfg, n, data_dir)
     group = init_process_group(dev)
     if not quiet and group.is_main:
-        names = ", ".join(s.name for s in suite_specs(suite))
+        names = ", ".join(s.name for s in suite_specs(suite, norm))
         print(f"[evaluate] suite {suite} ({names}) on the first {len(y)} {cfg.data.name} test points, {norm}"
               f" eps = {eps:.4g}, seed {seed}", flush=True)
     with ExitStack() as held:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attacks import GRADIENT_ATTACKS, attack_survivors, evaluating, pgd
+from ..attacks import GRADIENT_ATTACKS, attack_survivors, evaluating, geometry, pgd
 from ..runtime import derive_seed
 from .probes import (CHECK_POINTS, autocast_dtype, gradient_agreement, has_input_gradient,
                      input_gradients, score_spread, useless_gradients)
@@ -121,7 +121,7 @@ def check_unbounded(inp: CheckInput) -> dict:
     """PGD-100 (CW loss, then CE on the survivors) with a budget covering the whole box must
     fool about every point.
 
-    L-inf: eps = 1; L2: eps = sqrt(C*H*W), the diameter of the box. Any image is then
+    L-inf: eps = 1; L2: eps = sqrt(C*H*W); L1: eps = C*H*W: the diameter of the box. Any image is then
     reachable, so a classifier that predicts more than one class can be fooled on every
     point; one that keeps more than 1% of the points correct hides its gradients (or is
     broken). No random start: from the clean point, a failure is the gradients' fault, not
@@ -131,7 +131,7 @@ def check_unbounded(inp: CheckInput) -> dict:
     if inp.n == 0:
         return _skipped(name, "no points to check")
     dim = inp.x[0].numel()
-    eps = 1.0 if inp.norm == "linf" else math.sqrt(dim)
+    eps = geometry(inp.norm).max_eps(dim)
     # Step eps/20: 100 steps cross the box five times, yet fine enough to settle in narrow
     # regions of another class.
     settings = dict(eps=eps, alpha=eps / 20, steps=100, restarts=1, random_start=False)
@@ -414,7 +414,7 @@ def run_checks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, entries
         x: images [N, C, H, W] in [0, 1] (CPU); y: labels [N]. Only the first
             ``CHECK_POINTS`` are used.
         entries: the cascade's per-attack dicts, in cascade order (see ``evaluate``).
-        eps: the threat model's radius (pixel units); norm: ``"linf"`` or ``"l2"``.
+        eps: the threat model's radius (pixel units); norm: ``"linf"``, ``"l2"`` or ``"l1"``.
         seed: the evaluation's seed; every check derives its own from it.
         device: where the model lives; batch_size: examples per attack call.
         quiet: accepted for the caller's convenience; the checks never print.

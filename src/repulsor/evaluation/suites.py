@@ -50,6 +50,24 @@ STANDARD = [
     AttackSpec("square", "square", 5000, 1),
 ]
 
+# AutoAttack's L1 version (Croce & Hein, "Mind the box", ICML 2021): L1-APGD with 5 restarts and
+# L1-APGD-T with 5 targets (both in their three stages from 3 eps down), then FAB-T in its L1 form.
+# Square has no L1 form here (its L-inf and L2 proposals are squares of constant magnitude, and
+# writing a sound L1 proposal is left undone), so the L1 cascade has three attacks, not four.
+L1_STANDARD = [
+    AttackSpec("apgd-ce (5 restarts)", "apgd", 100, 5, loss="ce"),
+    AttackSpec("apgd-t", "apgd_t", 100, 1, {"n_targets": 5}),
+    AttackSpec("fab-t", "fab_t", 100, 1, {"n_targets": 9}),
+]
+
+ADAPTIVE_EXTRA = [
+    AttackSpec("apgd-dlr (5 restarts)", "apgd", 100, 5, loss="dlr"),
+    _pgd("pgd-100-cw (5 restarts)", 100, "cw", restarts=5, alpha_over_eps=0.1),
+    AttackSpec("apgd-proto-margin (5 restarts)", "apgd", 100, 5, loss="proto_margin", needs_prototypes=True),
+    AttackSpec("apgd-t-proto-margin", "apgd_t", 100, 1, {"n_targets": 9, "loss": "proto_margin"},
+               needs_prototypes=True),
+]
+
 SUITES: dict[str, list[AttackSpec]] = {
     # PGD-20, step eps/4 (2/255 at 8/255), random start, cross-entropy on the class scores.
     "quick": [_pgd("pgd-20", 20, "ce")],
@@ -61,13 +79,7 @@ SUITES: dict[str, list[AttackSpec]] = {
     "paper": [_pgd("pgd-20 (authors' loss)", 20, "paper"), _pgd("pgd-100 (authors' loss)", 100, "paper")],
     "standard": STANDARD,
     # standard, then margin losses with restarts and the representation-space losses.
-    "adaptive": STANDARD + [
-        AttackSpec("apgd-dlr (5 restarts)", "apgd", 100, 5, loss="dlr"),
-        _pgd("pgd-100-cw (5 restarts)", 100, "cw", restarts=5, alpha_over_eps=0.1),
-        AttackSpec("apgd-proto-margin (5 restarts)", "apgd", 100, 5, loss="proto_margin", needs_prototypes=True),
-        AttackSpec("apgd-t-proto-margin", "apgd_t", 100, 1, {"n_targets": 9, "loss": "proto_margin"},
-                   needs_prototypes=True),
-    ],
+    "adaptive": STANDARD + ADAPTIVE_EXTRA,
     # For randomised defences, as AutoAttack's "rand" version: APGD-CE and APGD-DLR with
     # Expectation over Transformation, 20 gradient samples averaged per step.
     "rand": [
@@ -76,16 +88,19 @@ SUITES: dict[str, list[AttackSpec]] = {
     ],
 }
 
+# The suites whose L1 form differs (every other suite runs as written, its attacks in L1 geometry).
+L1_SUITES: dict[str, list[AttackSpec]] = {"standard": L1_STANDARD, "adaptive": L1_STANDARD + ADAPTIVE_EXTRA}
+
 # Appended to any suite when a surrogate model is given: APGD-CE on the surrogate, the
 # examples checked on the model (which then needs forward passes only).
 TRANSFER = AttackSpec("transfer (apgd-ce on the surrogate)", "transfer", 100, 1, {"via": "apgd"}, loss="ce")
 
 
-def suite_specs(name: str) -> list[AttackSpec]:
-    try:
-        return SUITES[name]
-    except KeyError:
-        raise UserError(f"unknown suite {name!r}: choose one of {', '.join(SUITES)}") from None
+def suite_specs(name: str, norm: str = "linf") -> list[AttackSpec]:
+    """The attacks of suite ``name`` in the threat model ``norm`` (``L1_SUITES`` for L1)."""
+    if name not in SUITES:
+        raise UserError(f"unknown suite {name!r}: choose one of {', '.join(SUITES)}")
+    return L1_SUITES.get(name, SUITES[name]) if norm == "l1" else SUITES[name]
 
 
 def is_prototype_model(model) -> bool:
@@ -93,14 +108,14 @@ def is_prototype_model(model) -> bool:
     return hasattr(model, "embed") and hasattr(model, "prototypes")
 
 
-def specs_for(name: str, model) -> list[AttackSpec]:
-    """The attacks of suite ``name`` as they run on ``model``: the ``paper`` loss is the
+def specs_for(name: str, model, norm: str = "linf") -> list[AttackSpec]:
+    """The attacks of suite ``name`` in threat model ``norm`` as they run on ``model``: the ``paper`` loss is the
     authors' (``proto_linf``) on a prototype model and cross-entropy otherwise (the paper's
     protocol for a softmax model; the attack's name then says ``ce``, what ran), and the
     representation-space attacks (``needs_prototypes``) run on prototype models only."""
     prototype = is_prototype_model(model)
     specs = []
-    for spec in suite_specs(name):
+    for spec in suite_specs(name, norm):
         if spec.needs_prototypes and not prototype:
             continue
         if spec.loss == "paper":

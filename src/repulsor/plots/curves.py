@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..attacks import geometry
 from ..errors import UserError
-from ..formats import as_number, is_grey_levels
+from ..formats import as_number, is_grey_levels, wilson_interval
 from ..store import files as ckpt
 from . import draw
 
@@ -14,8 +14,13 @@ def plot_robustness_curves(curves: dict[str, list[dict]], path, title: str = "Ro
                            norm: str = "linf") -> dict:
     """Draw one robustness curve per model and write the PNG and a JSON of the numbers.
 
+    Each curve carries its uncertainty: a band of the 95% Wilson interval at each eps where the entry
+    says on how many points it was measured (``n``). Where entries hold a ``certified`` accuracy (a
+    lower bound on the same points), it is drawn dashed in the curve's colour, so that each eps shows
+    certified <= attacked.
+
     Args:
-        curves: ``{label: robustness_curve(...)}``, each a list of ``{"eps", "accuracy", ...}``.
+        curves: ``{label: robustness_curve(...)}``, each a list of ``{"eps", "accuracy", "n", ...}``.
         path: the PNG file; the numbers go to the same name with ``.json``.
         title: the plot title.
         norm: ``linf`` shows eps in /255 units when every eps is a whole number of grey
@@ -32,11 +37,26 @@ def plot_robustness_curves(curves: dict[str, list[dict]], path, title: str = "Ro
     scale = 255.0 if grey else 1.0
     fig = draw.new_figure(5.5, 4.0)
     ax = fig.add_subplot(1, 1, 1)
+    banded = False
     for i, (label, curve) in enumerate(curves.items()):
-        points = sorted((entry["eps"], entry["accuracy"]) for entry in curve)
-        ax.plot([e * scale for e, _ in points], [100 * a for _, a in points], marker="o", markersize=4,
-                color=f"C{i % 10}", label=str(label))
-    ax.set_xlabel("ε (/255)" if grey else f"ε ({'L-inf' if norm == 'linf' else 'L2'})")
+        entries = sorted(curve, key=lambda entry: entry["eps"])
+        xs = [entry["eps"] * scale for entry in entries]
+        color = f"C{i % 10}"
+        ax.plot(xs, [100 * entry["accuracy"] for entry in entries], marker="o", markersize=4, color=color,
+                label=str(label))
+        if entries and all(entry.get("n") for entry in entries):
+            bands = [wilson_interval(round(entry["accuracy"] * entry["n"]), int(entry["n"])) for entry in entries]
+            ax.fill_between(xs, [100 * lo for lo, _ in bands], [100 * hi for _, hi in bands], color=color, alpha=0.15,
+                            linewidth=0)
+            banded = True
+        certified = [(x, entry["certified"]) for x, entry in zip(xs, entries) if entry.get("certified") is not None]
+        if certified:
+            ax.plot(*zip(*[(x, 100 * c) for x, c in certified]), linestyle="--", marker="v", markersize=3,
+                    color=color, label=f"{label}, certified (lower bound)")
+    if banded:
+        ax.text(0.99, 0.98, "bands: 95% Wilson intervals", ha="right", va="top", fontsize=7, transform=ax.transAxes)
+    axis = {"linf": "L-inf", "l2": "L2", "l1": "L1"}[norm]
+    ax.set_xlabel("ε (/255)" if grey else f"ε ({axis})")
     ax.set_ylabel("robust accuracy (%)")
     ax.set_title(title)
     ax.set_ylim(0, 100)  # always the whole range: all-zero curves must not read as a measured 0.00-0.05
@@ -45,6 +65,41 @@ def plot_robustness_curves(curves: dict[str, list[dict]], path, title: str = "Ro
     draw.save_figure(fig, png)
     json_path = png.with_suffix(".json")
     ckpt.atomic_write_json(json_path, {"title": title, "norm": norm, "curves": {str(k): v for k, v in curves.items()}})
+    return {"png": str(png), "json": str(json_path)}
+
+
+def plot_bracket(rows: dict[str, dict], path, *, title: str = "Where the robust accuracy lies") -> dict:
+    """certified <= robust <= attacked <= clean, one row per suite, on one 0-100% axis.
+
+    ``rows`` is ``{label: {"certified", "attacked", "clean", "n"}}`` (accuracies in [0, 1] on the same
+    ``n`` points). The span from the certified accuracy (a lower bound no attack can go below) to the
+    attacked one (an upper bound) is shaded: the true robust accuracy lies in it. Each of the three has
+    its 95% Wilson interval as an error bar. Writes the PNG and a JSON of the numbers.
+    """
+    if not rows:
+        raise UserError("no brackets to plot")
+    png = draw.png_path(path)
+    fig = draw.new_figure(6.0, 1.2 + 0.6 * len(rows))
+    ax = fig.add_subplot(1, 1, 1)
+    marks = (("certified", "C2", "v", "certified (lower bound)"), ("attacked", "C3", "^", "attacked (upper bound)"),
+             ("clean", "C0", "o", "clean"))
+    for i, (label, row) in enumerate(rows.items()):
+        ax.barh(i, 100 * (row["attacked"] - row["certified"]), left=100 * row["certified"], height=0.5, color="0.85",
+                label="the robust accuracy lies here" if i == 0 else None)
+        for key, color, marker, name in marks:
+            low, high = wilson_interval(round(row[key] * row["n"]), int(row["n"]))
+            ax.errorbar([100 * row[key]], [i], xerr=[[100 * (row[key] - low)], [100 * (high - row[key])]], fmt=marker,
+                        color=color, capsize=3, label=name if i == 0 else None)
+    ax.set_yticks(range(len(rows)), [f"{label} (n={row['n']})" for label, row in rows.items()])
+    ax.set_ylim(-0.6, len(rows) - 0.4)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("accuracy (%), error bars: 95% Wilson intervals")
+    ax.set_title(title)
+    ax.grid(True, axis="x", alpha=0.3)
+    draw.legend(ax)
+    draw.save_figure(fig, png)
+    json_path = png.with_suffix(".json")
+    ckpt.atomic_write_json(json_path, {"title": title, "rows": rows})
     return {"png": str(png), "json": str(json_path)}
 
 

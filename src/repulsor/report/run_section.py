@@ -69,8 +69,9 @@ def overview_accuracies(results: dict | None) -> tuple[str, str]:
     return clean, worst
 
 
-def suite_blocks(name: str, res: dict, results: dict) -> list:
-    """The blocks of one suite of ``results.json``: protocol, cascade table, sanity checks.
+def suite_blocks(name: str, res: dict, results: dict, figdir: Path | None = None) -> list:
+    """The blocks of one suite of ``results.json``: protocol, cascade table, the bracket (when a certified
+    accuracy was recorded on the same points; drawn into ``figdir`` when given), sanity checks.
 
     ``res`` is ``results["suites"][name]``; nothing but these two dicts is read.
     """
@@ -94,6 +95,16 @@ def suite_blocks(name: str, res: dict, results: dict) -> list:
     bracket = bracket_text(res, results)
     if bracket:
         blocks.append(Para(bracket))
+        if figdir is not None:
+            low = max((c for c in results["certified"].values() if same_points(c, res)),
+                      key=lambda c: c["certified_accuracy"])
+            row = {"certified": low["certified_accuracy"], "attacked": res["robust_accuracy"],
+                   "clean": res["clean_accuracy"], "n": res["n"]}
+            written = curves.plot_bracket({name: row}, figdir / f"bracket-{name}.png",
+                                          title=f"Suite {name}: certified ({low.get('method', '?')}) <= robust <= attacked")
+            blocks.append(Figure(Path(written["png"]), "The bracket: the certified accuracy (no input in the threat model"
+                                 " changes those points) and the suite's worst case, with the clean accuracy; the true"
+                                 " robust accuracy lies in the shaded span."))
     return blocks + _sanity_blocks(name, res.get("sanity"))
 
 
@@ -222,7 +233,7 @@ def run_blocks(run_dir: Path, ctx: ReportContext, *, label: str, heading: str, b
     warns = 0
     if results and results.get("suites"):
         for name, res in results["suites"].items():
-            blocks += suite_blocks(name, res, results)
+            blocks += suite_blocks(name, res, results, figdir)
             warns += sum(1 for v in res.get("sanity", []) if not v.get("ok"))
     else:
         blocks.append(Para(f"Not evaluated yet (no results.json): run `repulsor evaluate {run_dir}`.", note=True))

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from ..config import Config, load_config, resolve_paths
 from ..data import DATASETS, alternating_flips, augment, configured_augmentation, load_dataset
 from ..errors import Interrupted, UserError
+from ..formats import wilson_interval
 from ..models import build_for_method, fit_to_data
 from ..prototypes import check_prototypes, generate_prototypes, load_prototypes, mmc_centres
 from ..runtime import (ProcessGroup, autocast, cpu_has_native_bf16, derive_seed, generator, init_process_group,
@@ -476,9 +477,14 @@ def _finish(loop: Loop, state: State) -> None:
         # What "auto" became on this machine (bf16 only where the CPU or GPU runs it natively).
         "precision": precision_name(resolve_precision(t.precision, next(model.parameters()).device)),
     }
-    save_final(out, cfg, model, {"selected": selected, "best_epoch": state.best_epoch,
-                                 "best_val_metric": state.best_metric, "stopped": state.stopped,
-                                 "catastrophic_overfitting": state.overfitted, "cost": cost})
+    record = {"selected": selected, "best_epoch": state.best_epoch, "best_val_metric": state.best_metric,
+              "stopped": state.stopped, "catastrophic_overfitting": state.overfitted, "cost": cost}
+    n_val = len(loop.y_val)
+    if n_val and isinstance(state.best_metric, (int, float)) and 0 <= state.best_metric <= 1:
+        # the validation accuracy that selected the epoch, on the val_n points it was measured on
+        record["val_n"] = n_val
+        record["best_val_metric_ci95"] = [round(b, 6) for b in wilson_interval(round(state.best_metric * n_val), n_val)]
+    save_final(out, cfg, model, record)
     if state.stopped:
         warning = f"WARN {state.stopped}; stopped at epoch {epochs_run} of {t.epochs}; weights: {selected}"
         log(out, warning, loop.group)

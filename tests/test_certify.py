@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from repulsor.attacks import evaluating, pgd
-from repulsor.certify import certify, margin_bounds, network_layers
+from repulsor.certify import certify, ibp_margins, margin_bounds, network_layers
 from repulsor.certify import rules
 from repulsor.errors import UserError
 from repulsor.models.heads import Network, Normalize, PrototypeClassifier
@@ -192,6 +192,28 @@ def test_certify_a_run_from_the_command_line_with_its_bracket(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["certify", str(run), "--method", "lp"])
     assert stop.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_ibp_through_batch_norm_in_training_mode_uses_the_batch_and_leaves_the_running_statistics():
+    """Certified training of a network with batch norm (the small CNN): in training mode the intervals are
+    normalised by the batch's statistics, as the forward pass is, so at eps = 0 the bounds are the
+    training-mode margins themselves; the running statistics do not move, and gradients reach the weights."""
+    model = _net("conv", seed=4).train()
+    bn = model.body[1]
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.rand(16, 2, 4, 4, generator=g), torch.arange(16) % 4
+    with torch.no_grad():
+        bn.momentum = 0.0  # a training-mode forward pass that leaves the statistics as they are
+        expected = _margins(model, x, y)
+        bn.momentum = 0.1
+    before = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+    at_zero = ibp_margins(model, x, y, 0.0)
+    torch.testing.assert_close(at_zero, expected, atol=1e-5, rtol=0)
+    wider = ibp_margins(model, x, y, 0.05)
+    assert (wider <= at_zero + 1e-6).all()
+    wider.sum().backward()
+    assert bn.weight.grad is not None and bn.weight.grad.abs().sum() > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, (bn.running_mean, bn.running_var, bn.num_batches_tracked)))
 
 
 def test_ibp_schedule_ramps_eps_up_and_the_clean_weight_down():

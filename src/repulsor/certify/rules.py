@@ -53,6 +53,8 @@ def interval(layer: nn.Module, lower: torch.Tensor, upper: torch.Tensor):
     if isinstance(layer, MONOTONE):
         return layer(lower), layer(upper)
     mid, rad = (upper + lower) / 2, (upper - lower) / 2
+    if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)) and layer.training:
+        return _batch_norm_in_training(layer, mid, rad)
     centre = layer(mid)
     spread = _abs_linear(layer, rad)
     return centre - spread, centre + spread
@@ -72,6 +74,21 @@ def _abs_linear(layer: nn.Module, rad: torch.Tensor) -> torch.Tensor:
         return rad / layer.std
     # Average pooling, flatten, identity, dropout in eval mode: non-negative weights.
     return layer(rad)
+
+
+def _batch_norm_in_training(layer: nn.Module, mid: torch.Tensor, rad: torch.Tensor):
+    """Certified training (IBP) through batch norm in training mode: the box is normalised by the
+    statistics of its centres over the batch, as the forward pass normalises the batch (Gowal et al.
+    2018; CROWN-IBP does the same), and the running statistics are left alone. These are bounds of the
+    training-mode function, for a training loss only: certificates need eval mode (``_bn_scale``)."""
+    dims = [0] + list(range(2, mid.dim()))
+    shape = (1, -1) + (1,) * (mid.dim() - 2)
+    mean, var = mid.mean(dims), mid.var(dims, unbiased=False)
+    scale = (layer.weight if layer.affine else torch.ones_like(mean)) / torch.sqrt(var + layer.eps)
+    shift = (layer.bias if layer.affine else torch.zeros_like(mean)) - mean * scale
+    centre = mid * scale.view(shape) + shift.view(shape)
+    spread = rad * scale.abs().view(shape)
+    return centre - spread, centre + spread
 
 
 def _bn_scale(layer) -> torch.Tensor:

@@ -248,12 +248,13 @@ def _comparison(job: CompareJob, runs: dict, transfer: dict | None, *, curves: d
     }
 
 
-def _certifiable(model) -> bool:
+def _not_certifiable(model) -> str:
+    """Why the certified bounds do not cover ``model`` ("" when they do)."""
     try:
         network_layers(model)
-    except UserError:
-        return False
-    return True
+    except UserError as error:
+        return str(error)
+    return ""
 
 
 def _certify(job: CompareJob, runs: dict, models: dict) -> None:
@@ -268,10 +269,9 @@ def _certify(job: CompareJob, runs: dict, models: dict) -> None:
         record = next((c for c in (store.read_results(job.out / name).get("certified") or {}).values()
                        if c.get("method") == plan.certify and same_points(c, {"n": n, "eps": eps, "norm": norm})), None)
         if record is None:
-            try:
-                network_layers(model)
-            except UserError as error:
-                runs[name]["certified_note"] = str(error)
+            reason = _not_certifiable(model)
+            if reason:
+                runs[name]["certified_note"] = reason
                 continue
             job.say(f"{name}: certifying ({plan.certify}) the first {n} test points")
             record = evaluation_run.certify_run(job.out / name, method=plan.certify, n=n, eps=eps, norm=norm)
@@ -386,7 +386,7 @@ def _curves(job: CompareJob, runs: list[RunPlan], models: dict, device) -> dict:
             curve = robustness_curve(models[run.name], x_all[:n_curve], y_all[:n_curve], eps_values=plan.curve_eps,
                                      norm=protocol["norm"], steps=CURVE_STEPS, loss=CURVE_LOSS, seed=protocol["seed"],
                                      batch_size=protocol["batch_size"], device=device)
-            if plan.certify and _certifiable(models[run.name]):
+            if plan.certify and not _not_certifiable(models[run.name]):
                 for entry in curve:
                     entry["certified"] = certify(models[run.name], x_all[:n_curve], y_all[:n_curve], eps=entry["eps"],
                                                  norm=protocol["norm"], method=plan.certify)["certified_accuracy"]

@@ -138,6 +138,14 @@ def test_evaluate_flags_and_set_on_a_run(run, capsys):
     assert load_run_config(run, ["eval.n=9"]).eval.n == 9
 
 
+def test_evaluate_names_the_attacks_that_run_on_the_model(tmp_path, capsys):
+    """The paper suite on a softmax model runs cross-entropy: the plan line and the attack lines say so."""
+    ce = train(from_dict({**TINY, "train": {**TINY["train"], "method": "ce"}}), tmp_path / "ce", quiet=True)
+    assert cli.main(["evaluate", str(ce), "--suite", "paper", "--n", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "suite paper (pgd-20 (ce), pgd-100 (ce))" in out and "authors' loss" not in out
+
+
 def test_n_beyond_the_test_split_is_said(capsys):
     x, y, _ = load_test_split(from_dict(TINY), 100000)
     assert len(y) == 360

@@ -18,7 +18,7 @@ from pathlib import Path
 from .config import apply_overrides, from_dict, load_config, resolve_paths, to_dict
 from .errors import Interrupted, UserError
 from .evaluation.run import evaluate_run, suite_done
-from .evaluation.suites import suite_specs
+from .evaluation.suites import shown_name
 from .store import run as store
 from .training.folder import run_status
 from .training.loop import train
@@ -90,7 +90,7 @@ def summary_text(out: Path, cfg, results: dict) -> str:
              f" {strong['eps']:g}, seed {strong['seed']}:",
              f"  {'clean accuracy':<58} {100 * strong['clean_accuracy']:5.1f}%"]
     for name, res in ((DEMO_SUITES[0], weak), (DEMO_SUITES[1], strong)):
-        attacks = ", ".join(spec.name for spec in suite_specs(name))
+        attacks = ", ".join(shown_name(a) for a in res["attacks"])  # what ran, as recorded
         lines.append(f"  {(name + ' (' + attacks + ')'):<58} {100 * res['robust_accuracy']:5.1f}%")
     gap = 100 * (weak["robust_accuracy"] - strong["robust_accuracy"])
     if gap > 0:

@@ -19,7 +19,7 @@ from ..store import run as store
 from ..certify import certify, network_layers
 from .cascade import evaluate
 from .protocols import get_protocol, run_protocol
-from .suites import shown_name, suite_specs
+from .suites import shown_name, specs_for, suite_specs
 
 
 def load_test_split(cfg: Config, n: int | None, data_dir: str | None = None, *, say=None):
@@ -101,7 +101,7 @@ def evaluate_run(run_dir: str | Path, *, suite: str | None = None, n: int | None
     x, y, folder = load_test_split(cfg, n, data_dir)
     group = init_process_group(dev)
     if not quiet and group.is_main:
-        names = ", ".join(s.name for s in suite_specs(suite, norm))
+        names = ", ".join(s.name for s in specs_for(suite, model, norm))  # what runs on this model
         print(f"[evaluate] suite {suite} ({names}) on the first {len(y)} {cfg.data.name} test points, {norm}"
               f" eps = {eps:.4g}, seed {seed}", flush=True)
     with ExitStack() as held:

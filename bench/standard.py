@@ -47,7 +47,8 @@ import torch  # noqa: E402
 
 import repulsor  # noqa: E402
 from repulsor import runtime  # noqa: E402
-from repulsor.attacks.context import evaluating  # noqa: E402
+from repulsor.attacks.context import batched, correct_every_time, evaluating  # noqa: E402
+from repulsor.attacks.geometry import geometry  # noqa: E402
 from repulsor.config import load_config  # noqa: E402
 from repulsor.evaluation.run import load_test_split  # noqa: E402
 from repulsor.formats import wilson_interval  # noqa: E402
@@ -55,18 +56,15 @@ from repulsor.paired import discordant, mcnemar_exact  # noqa: E402
 
 RESULTS = HERE / "standard-results.md"
 RECORD = HERE / "standard-robust.json"
-# name: (run folder under the repository, points, the command that makes the model when it is missing)
-MODELS = {
-    "mnist/pgd_at": ("results/compare-mnist-cpu/pgd_at", 500, "repulsor compare configs/compare-mnist-cpu.toml"
-                     " --out results/compare-mnist-cpu --only pgd_at"),
-    "mnist/trades": ("results/compare-mnist-cpu/trades", 500, "repulsor compare configs/compare-mnist-cpu.toml"
-                     " --out results/compare-mnist-cpu --only trades"),
-    "mnist/fgsm_rs": ("results/compare-mnist-cpu/fgsm_rs", 500, "repulsor compare configs/compare-mnist-cpu.toml"
-                      " --out results/compare-mnist-cpu --only fgsm_rs"),
-    **{f"cifar10/{m}": (f"results/compare-cifar10-fast-cpu/{m}", 200, "repulsor compare configs/compare-cifar10-fast"
-                        f".toml --out results/compare-cifar10-fast-cpu --only {m}")
-       for m in ("fgsm_rs", "pgd_at", "trades", "prototype_at")},
+# data set: (comparison folder, its config, points, the robust methods benchmarked)
+COMPARISONS = {
+    "mnist": ("results/compare-mnist-cpu", "configs/compare-mnist-cpu.toml", 500, ("pgd_at", "trades", "fgsm_rs")),
+    "cifar10": ("results/compare-cifar10-fast-cpu", "configs/compare-cifar10-fast.toml", 200,
+                ("fgsm_rs", "pgd_at", "trades", "prototype_at")),
 }
+# name: (run folder under the repository, points, the command that makes the model when it is missing)
+MODELS = {f"{data}/{method}": (f"{folder}/{method}", n, f"repulsor compare {config} --out {folder} --only {method}")
+          for data, (folder, config, n, methods) in COMPARISONS.items() for method in methods}
 REFERENCE = ("apgd-ce", "apgd-t", "fab-t", "square")
 TARGET_RATIO = 0.5
 
@@ -84,16 +82,11 @@ def reference_attacks(torchattacks, model, eps: float, n_classes: int) -> dict:
     }
 
 
-def predictions(model, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
-
-
 def run_reference(torchattacks, model, x, y, *, eps: float, batch_size: int) -> dict:
     """The reference cascade: each attack on the points still robust, in batches; per attack its time."""
     started = time.perf_counter()
     with evaluating(model):
-        robust = predictions(model, x, batch_size) == y
+        robust = batched(lambda xb, yb: correct_every_time(model, xb, yb), x, y, batch_size=batch_size, device="cpu")
         with torch.no_grad():
             n_classes = model(x[:1]).shape[1]
         attacks = reference_attacks(torchattacks, model, eps, n_classes)
@@ -103,10 +96,10 @@ def run_reference(torchattacks, model, x, y, *, eps: float, batch_size: int) -> 
             for start in range(0, len(index), batch_size):
                 ids = index[start:start + batch_size]
                 adv = attacks[name](x[ids], y[ids]).detach()
-                worst = (adv - x[ids]).abs().flatten(1).amax(1).max().item()
+                worst = geometry("linf").norm((adv - x[ids]).double()).max().item()
                 if worst > eps + 1e-5 or adv.min() < 0 or adv.max() > 1:  # the reference must play by the rules
                     raise RuntimeError(f"reference {name} left the threat model (L-inf {worst:.6f} > {eps})")
-                robust[ids] = predictions(model, adv, batch_size) == y[ids]
+                robust[ids] = correct_every_time(model, adv, y[ids])
             entries.append({"name": name, "n_attacked": len(index), "seconds": time.perf_counter() - t0,
                             "accuracy": robust.float().mean().item()})
     return {"robust_indices": robust.nonzero().flatten().tolist(), "attacks": entries,

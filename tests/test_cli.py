@@ -142,8 +142,9 @@ def test_evaluate_names_the_attacks_that_run_on_the_model(tmp_path, capsys):
     """The paper suite on a softmax model runs cross-entropy: the plan line and the attack lines say so."""
     ce = train(from_dict({**TINY, "train": {**TINY["train"], "method": "ce"}}), tmp_path / "ce", quiet=True)
     assert cli.main(["evaluate", str(ce), "--suite", "paper", "--n", "20"]) == 0
-    out = capsys.readouterr().out
-    assert "suite paper (pgd-20 (ce), pgd-100 (ce))" in out and "authors' loss" not in out
+    said = capsys.readouterr()  # the plan line goes to stdout, each attack's line to stderr
+    assert "suite paper (pgd-20 (ce), pgd-100 (ce))" in said.out and "  pgd-20 (ce): accuracy after" in said.err
+    assert "authors' loss" not in said.out + said.err
 
 
 def test_n_beyond_the_test_split_is_said(capsys):

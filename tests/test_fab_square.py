@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from repulsor.attacks.fab import fab, fab_targeted, project_hyperplane_box
 from repulsor.attacks.geometry import geometry
-from repulsor.attacks.square import square
+from repulsor.attacks.square import _SIGN_DRAWS, _propose_linf, _window_mask, square
 from repulsor.errors import UserError
 
 K = 4  # classes of the synthetic task
@@ -381,3 +381,31 @@ def test_user_errors(task):
         with pytest.raises(UserError) as info:
             case()
         assert "\n" not in str(info.value) and str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_square_linf_proposal_is_the_first_sign_draw_that_changes_the_image(dtype):
+    """Replays the proposal's random draws and builds all ten candidates, as the proposal did
+    before it read them off two tables: the chosen candidate must be the same image."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(64, 3, 8, 8, generator=g, dtype=dtype)
+    x[:16] = (x[:16] > 0.5).to(dtype)  # pixels on the box bounds: some draws change nothing
+    eps, side = 0.05, 3
+    signs_of_x = torch.where(torch.rand(64, 3, 1, 8, generator=g) < 0.5, -1.0, 1.0).to(dtype)
+    x_best = (x + eps * signs_of_x).clamp(0, 1)  # stripes: many windows already hold a draw's signs
+
+    got = _propose_linf(x, x_best, eps, side, torch.Generator().manual_seed(7))
+
+    replay = torch.Generator().manual_seed(7)
+    row = torch.randint(0, 8 - side + 1, (64,), generator=replay)
+    col = torch.randint(0, 8 - side + 1, (64,), generator=replay)
+    mask = _window_mask(row, col, side, 8, 8, x.device)
+    signs = (torch.randint(0, 2, (_SIGN_DRAWS, 64, 3, 1, 1), generator=replay) * 2 - 1).to(dtype)
+    candidates = (x + torch.where(mask, eps * signs, x_best - x)).clamp(0, 1)
+    changes = ((candidates - x_best).abs() > 1e-7).flatten(2).any(2)  # [draws, 64]
+    expected = torch.stack([candidates[int(c.nonzero()[0]) if c.any() else _SIGN_DRAWS - 1, i]
+                            for i, c in enumerate(changes.T)])
+    assert torch.equal(got, expected)
+    assert changes[0].sum() < 64  # the first draw changes nothing for some points: they redraw
+    assert ((got - x_best).abs() > 1e-7).flatten(1).any(1).sum() == changes.any(0).sum()
+

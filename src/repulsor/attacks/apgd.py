@@ -16,6 +16,7 @@ from .context import (
     check_attack_inputs,
     check_int,
     check_number,
+    as_rows,
     check_targets,
     keep_worst_case,
     loss_and_grad,
@@ -23,6 +24,7 @@ from .context import (
     random_start,
     require_classes,
     scores_no_grad,
+    target_chunk,
     with_eot,
     wrong_classes_by_score,
 )
@@ -130,7 +132,9 @@ def apgd_targeted(
 
     Threat model: as ``apgd``. The targets of each example are its ``n_targets`` highest
     scoring wrong classes at the clean input, tried from the most to the least likely;
-    each target's run only attacks the examples still classified correctly. Examples the
+    each target's run only attacks the examples still classified correctly (the targets run
+    side by side, one row per target and example, and an example's rows leave together when
+    one of them fools it; see ``context.target_chunk``). Examples the
     model already misclassifies are returned unchanged. An example never misclassified
     gets the point with the highest targeted loss over all targets (the targeted DLR value
     is comparable across targets: its denominator does not depend on the target).
@@ -174,14 +178,27 @@ def apgd_targeted(
     x_adv = x.clone()
     best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
     fooled = clean.argmax(dim=1) != y
-    for i in range(min(n_targets, k - 1)):
-        if fooled.all():
-            break
-        # Each target replays the same random starts, so the runs of the first targets and
-        # restarts do not change when more targets or restarts are asked for.
+    targets, first = min(n_targets, k - 1), 0
+    while first < targets and not fooled.all():
+        todo = (~fooled).nonzero().squeeze(1)
+        m = todo.numel()
+        chunk = target_chunk(first, targets, m)
+        first = chunk.stop
+        # The targets of a chunk run side by side, one row per (target, example), target-major;
+        # the rows of an example leave together when one of them fools it. Every target replays
+        # the same random starts, drawn for all of x, so no example's run depends on how the
+        # targets are grouped, and a later target only attacks examples not yet fooled.
         generator = make_generator(seed)
-        problem = _Problem(model, loss_fn, geom, x, y, ranking[:, i], eps, steps, 0.75)
-        _apgd_restarts(problem, restarts, generator, (x_adv, best_loss, fooled))
+        rows = _Problem(model, loss_fn, geom, as_rows(x[todo], len(chunk)), as_rows(y[todo], len(chunk)),
+                        ranking[todo, chunk.start : chunk.stop].T.reshape(-1), eps, steps, 0.75,
+                        group=as_rows(torch.arange(m, device=x.device), len(chunk)))
+        worst = (rows.x.clone(), torch.full((rows.x.shape[0],), float("-inf"), device=x.device),
+                 torch.zeros(rows.x.shape[0], dtype=torch.bool, device=x.device))
+        _apgd_restarts(rows, restarts, generator, worst,
+                       starts=lambda radius: as_rows(random_start(geom, x, radius, generator)[todo], len(chunk)))
+        for i in range(len(chunk)):
+            part = slice(i * m, (i + 1) * m)
+            keep_worst_case(todo, worst[0][part], worst[1][part], worst[2][part], x_adv, best_loss, fooled)
     return x_adv
 
 
@@ -199,26 +216,31 @@ class _Problem:
     eps: float
     steps: int
     rho: float
+    group: torch.Tensor | None = None  # the example each row attacks (APGD-T's rows, one per target)
 
     def subset(self, index: torch.Tensor) -> "_Problem":
         """The same problem on the examples ``index`` only."""
         return replace(self, x=self.x[index], y=self.y[index],
-                       targets=None if self.targets is None else self.targets[index])
+                       targets=None if self.targets is None else self.targets[index],
+                       group=None if self.group is None else self.group[index])
 
 
-def _apgd_restarts(p: _Problem, restarts: int, generator, worst) -> torch.Tensor:
+def _apgd_restarts(p: _Problem, restarts: int, generator, worst, starts=None) -> torch.Tensor:
     """APGD restarts on the examples not yet fooled, keeping the worst case per example.
 
     ``worst`` = ``(x_adv [N, ...], best_loss [N], fooled [N])``, updated in place with
-    ``keep_worst_case``. Returns the loss trace of the first restart [steps + 1].
+    ``keep_worst_case``. ``starts(radius)`` draws the random starts of all N rows (default:
+    ``random_start`` on ``p.x``). With ``p.group``, a row is done once any row of its group is
+    fooled. Returns the loss trace of the first restart [steps + 1].
     """
     x_adv, best_loss, fooled = worst
     trace = torch.zeros(p.steps + 1, device=p.x.device)
     run, radius = (_apgd_l1_run, l1_stages(p.steps)[0][0] * p.eps) if p.geom.name == "l1" else (_apgd_run, p.eps)
     for restart in range(restarts):
         # Drawn for every example, so each one's start does not depend on who is still active.
-        start = random_start(p.geom, p.x, radius, generator)
-        active = (~fooled).nonzero().squeeze(1)
+        start = random_start(p.geom, p.x, radius, generator) if starts is None else starts(radius)
+        done = fooled if p.group is None else torch.isin(p.group, p.group[fooled])
+        active = (~done).nonzero().squeeze(1)
         if active.numel() == 0:
             break
         run_x, run_loss, run_fooled, run_trace = run(p.subset(active), start[active])
@@ -266,7 +288,7 @@ def _apgd_run(p: _Problem, start: torch.Tensor):
             loss, scores = _apgd_step(p, s, first=k == 1, need_grad=k < steps)
         latest[s["idx"]] = loss
         trace[k] = latest.mean()
-        s = _leave_when_fooled(s, scores, loss, y, (out_x, out_loss, out_fooled))
+        s = _leave_when_fooled(s, scores, loss, y, (out_x, out_loss, out_fooled), p.group)
         if s["idx"].numel() == 0:
             trace[k + 1 :] = trace[k]
             break
@@ -277,16 +299,25 @@ def _apgd_run(p: _Problem, start: torch.Tensor):
     return out_x, out_loss, out_fooled, trace
 
 
-def _leave_when_fooled(s: dict, scores: torch.Tensor, loss: torch.Tensor, y: torch.Tensor, out) -> dict:
+def _leave_when_fooled(s: dict, scores: torch.Tensor, loss: torch.Tensor, y: torch.Tensor, out,
+                       group: torch.Tensor | None = None) -> dict:
     """Freeze the active examples that ``scores`` misclassify at their current iterate: their point, loss
-    and success go to ``out`` = (x [n, ...], loss [n], fooled [n]); returns the state of the others."""
+    and success go to ``out`` = (x [n, ...], loss [n], fooled [n]); returns the state of the others.
+    With ``group`` [n] (over all rows of the run), the other active rows of a fooled row's group
+    leave too, with their best point and loss and no success."""
     wrong = scores.argmax(dim=1) != y[s["idx"]]
     if not wrong.any():
         return s
-    frozen = s["idx"][wrong]
     out_x, out_loss, out_fooled = out
+    frozen = s["idx"][wrong]
     out_x[frozen], out_loss[frozen], out_fooled[frozen] = s["x_cur"][wrong], loss[wrong], True
-    return {key: None if value is None else value[~wrong] for key, value in s.items()}
+    leave = wrong
+    if group is not None:
+        mine = group[s["idx"]]
+        leave = torch.isin(mine, mine[wrong])
+        siblings = s["idx"][leave & ~wrong]
+        out_x[siblings], out_loss[siblings] = s["x_best"][leave & ~wrong], s["loss_best"][leave & ~wrong]
+    return {key: None if value is None else value[~leave] for key, value in s.items()}
 
 
 def _apgd_step(p: _Problem, s: dict, *, first: bool, need_grad: bool):
@@ -393,7 +424,7 @@ def _l1_stage(p: _Problem, start: torch.Tensor, eps: float, steps: int, final: b
         latest[s["idx"]] = loss
         trace[k] = latest.mean()
         if final:
-            s = _leave_when_fooled(s, scores, loss, y, (out_x, out_loss, out_fooled))
+            s = _leave_when_fooled(s, scores, loss, y, (out_x, out_loss, out_fooled), p.group)
             if s["idx"].numel() == 0:
                 trace[k + 1 :] = trace[k]
                 break

@@ -244,6 +244,24 @@ def wrong_classes_by_score(scores: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     return scores.scatter(1, y[:, None], float("-inf")).argsort(dim=1, descending=True)
 
 
+# The targeted attacks (APGD-T, FAB-T) run their targets side by side, one row per (target,
+# example), up to this many rows per pass: all nine targets of a batch of 256 examples. Small
+# models then run far fewer, larger passes; the rows of a model that fills the machine with one
+# batch cost the same either way.
+TARGET_ROWS = 9 * 256
+
+
+def target_chunk(first: int, targets: int, examples: int) -> range:
+    """The targets (positions in ``wrong_classes_by_score``'s order) to run side by side next on
+    ``examples`` examples: from ``first``, as many as ``TARGET_ROWS`` rows hold, at least one."""
+    return range(first, min(targets, first + max(1, TARGET_ROWS // max(1, examples))))
+
+
+def as_rows(t: torch.Tensor, copies: int) -> torch.Tensor:
+    """``copies`` copies of ``t`` [m, ...] stacked along dim 0: [copies * m, ...], copy-major."""
+    return t.repeat(copies, *[1] * (t.dim() - 1))
+
+
 def random_start(geom, x: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
     """A random start in the eps-ball for every example of ``x`` [N, ...].
 

@@ -1,6 +1,5 @@
 """FAB-T and Square Attack: threat-model bounds, purity, reproducibility, strength, budget."""
 
-
 import pytest
 import torch
 import torch.nn as nn

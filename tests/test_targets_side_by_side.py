@@ -37,31 +37,26 @@ def task():
     return model, x, y
 
 
-def one_target_at_a_time(monkeypatch):
-    """``target_chunk`` as before the targets ran side by side: one target per run."""
-    monkeypatch.setattr(context, "TARGET_ROWS", 1)
-
-
 def fooled(model, x_adv, y):
     with torch.no_grad():
         return model(x_adv).argmax(1) != y
 
 
+EPS = {"linf": 0.04, "l2": 0.4, "l1": 1.5}
 ATTACKS = {
-    "apgd_t": lambda m, x, y, norm: apgd_targeted(m, x, y, eps={"linf": 0.04, "l2": 0.4, "l1": 1.5}[norm],
-                                                 norm=norm, steps=20, n_targets=5, restarts=2),
-    "fab_t": lambda m, x, y, norm: fab_targeted(m, x, y, eps={"linf": 0.04, "l2": 0.4, "l1": 1.5}[norm],
-                                               norm=norm, steps=20, n_targets=5),
+    "apgd_t": lambda m, x, y, norm, rows: apgd_targeted(m, x, y, eps=EPS[norm], norm=norm, steps=20, n_targets=5,
+                                                       restarts=2, rows=rows),
+    "fab_t": lambda m, x, y, norm, rows: fab_targeted(m, x, y, eps=EPS[norm], norm=norm, steps=20, n_targets=5,
+                                                     rows=rows),
 }
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 @pytest.mark.parametrize("name", sorted(ATTACKS))
-def test_side_by_side_breaks_the_same_points_as_one_target_after_another(task, monkeypatch, name, norm):
+def test_side_by_side_breaks_the_same_points_as_one_target_after_another(task, name, norm):
     model, x, y = task
-    together = ATTACKS[name](model, x, y, norm)
-    one_target_at_a_time(monkeypatch)
-    apart = ATTACKS[name](model, x, y, norm)
+    together = ATTACKS[name](model, x, y, norm, rows=5 * len(y))  # all five targets in one pass
+    apart = ATTACKS[name](model, x, y, norm, rows=1)  # one target per pass, as before rows existed
     broken_together, broken_apart = fooled(model, together, y), fooled(model, apart, y)
     correct = ~fooled(model, x, y)
     # The radius leaves both kinds of points, so the comparison says something.
@@ -73,27 +68,48 @@ def test_side_by_side_breaks_the_same_points_as_one_target_after_another(task, m
         assert torch.allclose(together[robust], apart[robust], atol=1e-9)
 
 
-def test_chunks_hold_at_most_target_rows(monkeypatch):
-    assert context.target_chunk(0, 9, 256) == range(0, 9)
-    assert context.target_chunk(0, 9, 1000) == range(0, 2)  # 2304 rows hold two targets of 1000
-    assert context.target_chunk(8, 9, 5000) == range(8, 9)  # at least one target, never past the last
-    monkeypatch.setattr(context, "TARGET_ROWS", 1)
-    assert context.target_chunk(3, 9, 40) == range(3, 4)
+def test_chunks_hold_at_most_rows():
+    assert context.target_chunk(0, 9, 81, 256) == range(0, 3)  # 3 x 81 rows fit in 256
+    assert context.target_chunk(3, 9, 20, 256) == range(3, 9)  # never past the last target
+    assert context.target_chunk(8, 9, 5000, 256) == range(8, 9)  # at least one target
+    assert context.target_chunk(0, 9, 256, 256) == range(0, 1)  # a full batch: one target, as before
 
 
-def test_side_by_side_rows_pass_through_the_model_together(task, monkeypatch):
-    """What the change is for: five targets of the robust points take one pass per step, not five."""
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_rows_bound_every_pass_and_fill_it(task, name):
+    """What ``rows`` is for: the targets of the correctly classified points fill the passes up to
+    ``rows`` and never beyond (the default, the rows of x, is the memory the caller allowed)."""
     model, x, y = task
+    correct = int((~fooled(model, x, y)).sum())
+    for rows, widest in ((5 * correct, 5 * correct), (2 * correct, 2 * correct), (None, len(y))):
+        sizes = []
+
+        class Counting(nn.Module):
+            def forward(self, inputs):
+                sizes.append(inputs.shape[0])
+                return model(inputs)
+
+        ATTACKS[name](Counting(), x, y, "linf", rows=rows)
+        assert max(sizes) == widest
+
+
+def test_the_standard_cascade_fills_its_batches_and_never_exceeds_them(task):
+    """The cascade passes its batch size as ``rows``: APGD-T's passes over the survivors of
+    APGD-CE hold all five targets at once when the batch has room, and never more rows."""
+    import copy
+
+    import repulsor
+
+    model, x, y = task
+    single = copy.deepcopy(model).float()
     sizes = []
 
     class Counting(nn.Module):
         def forward(self, inputs):
             sizes.append(inputs.shape[0])
-            return model(inputs)
+            return single(inputs)
 
-    fab_targeted(Counting(), x, y, eps=0.04, steps=3, n_targets=5)
-    assert max(sizes) == 5 * int((~fooled(model, x, y)).sum())
-    sizes.clear()
-    one_target_at_a_time(monkeypatch)
-    fab_targeted(Counting(), x, y, eps=0.04, steps=3, n_targets=5)
-    assert max(sizes) == int((~fooled(model, x, y)).sum())
+    result = repulsor.evaluate(Counting(), x.float(), y, suite="standard", eps=0.04, batch_size=5 * len(y))
+    survivors = next(a for a in result["attacks"] if a["name"] == "apgd-t")["n_attacked"]
+    assert survivors * 5 > len(y)  # larger than any pass over the points themselves
+    assert max(sizes) == 5 * survivors <= 5 * len(y)

@@ -17,6 +17,7 @@ from .context import (
     check_int,
     check_number,
     as_rows,
+    check_rows,
     check_targets,
     keep_worst_case,
     loss_and_grad,
@@ -127,14 +128,13 @@ def apgd_targeted(
     seed: int = 0,
     loss="dlr_targeted",
     eot: int = 1,
+    rows: int | None = None,
 ) -> torch.Tensor:
     """Targeted APGD (APGD-T, Croce & Hein, ICML 2020): APGD toward each likely wrong class.
 
     Threat model: as ``apgd``. The targets of each example are its ``n_targets`` highest
     scoring wrong classes at the clean input, tried from the most to the least likely;
-    each target's run only attacks the examples still classified correctly (the targets run
-    side by side, one row per target and example, and an example's rows leave together when
-    one of them fools it; see ``context.target_chunk``). Examples the
+    each target's run only attacks the examples still classified correctly. Examples the
     model already misclassifies are returned unchanged. An example never misclassified
     gets the point with the highest targeted loss over all targets (the targeted DLR value
     is comparable across targets: its denominator does not depend on the target).
@@ -154,6 +154,10 @@ def apgd_targeted(
         eot: gradient samples per step, >= 1 (default 1): for a randomised model, loss,
             scores and input gradient are averaged over ``eot`` forward and backward passes
             (Expectation over Transformation); 1 is plain APGD-T at no extra cost.
+        rows: examples times targets per forward pass (default None: the rows of ``x``). The
+            targets run side by side, as many at once as ``rows`` holds (``context.target_chunk``),
+            each from the random start it would have alone; an example's rows leave together when
+            one of them fools it, so each target still attacks only the examples not yet fooled.
 
     Returns:
         ``x_adv`` [N, C, H, W] on ``x.device``.
@@ -162,6 +166,7 @@ def apgd_targeted(
     steps = check_int("steps", steps, minimum=0)
     n_targets = check_int("n_targets", n_targets, minimum=1)
     restarts = check_int("restarts", restarts, minimum=1)
+    rows = check_rows(rows, x)
     loss_fn = get_loss(loss)
     make_generator(seed)  # validates the seed before any work
     with_eot(loss_fn, eot)  # validates eot before any work
@@ -182,7 +187,7 @@ def apgd_targeted(
     while first < targets and not fooled.all():
         todo = (~fooled).nonzero().squeeze(1)
         m = todo.numel()
-        chunk = target_chunk(first, targets, m)
+        chunk = target_chunk(first, targets, m, rows)
         first = chunk.stop
         # The targets of a chunk run side by side, one row per (target, example), target-major;
         # the rows of an example leave together when one of them fools it. Every target replays

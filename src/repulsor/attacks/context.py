@@ -244,17 +244,17 @@ def wrong_classes_by_score(scores: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     return scores.scatter(1, y[:, None], float("-inf")).argsort(dim=1, descending=True)
 
 
-# The targeted attacks (APGD-T, FAB-T) run their targets side by side, one row per (target,
-# example), up to this many rows per pass: all nine targets of a batch of 256 examples. Small
-# models then run far fewer, larger passes; the rows of a model that fills the machine with one
-# batch cost the same either way.
-TARGET_ROWS = 9 * 256
+def target_chunk(first: int, targets: int, examples: int, rows: int) -> range:
+    """The targets (positions in ``wrong_classes_by_score``'s order) that the targeted attacks
+    (APGD-T, FAB-T) run side by side next, one row per (target, example), on ``examples``
+    examples: from ``first``, as many as ``rows`` rows per pass hold, at least one. A batch the
+    earlier attacks of a cascade left part-empty is filled with more targets, in fewer passes."""
+    return range(first, min(targets, first + max(1, rows // max(1, examples))))
 
 
-def target_chunk(first: int, targets: int, examples: int) -> range:
-    """The targets (positions in ``wrong_classes_by_score``'s order) to run side by side next on
-    ``examples`` examples: from ``first``, as many as ``TARGET_ROWS`` rows hold, at least one."""
-    return range(first, min(targets, first + max(1, TARGET_ROWS // max(1, examples))))
+def check_rows(rows, x: torch.Tensor) -> int:
+    """The targeted attacks' ``rows``: None (the rows of ``x``, what one target takes) or an int >= 1."""
+    return max(1, x.shape[0]) if rows is None else check_int("rows", rows, minimum=1)
 
 
 def as_rows(t: torch.Tensor, copies: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ from ..errors import UserError
 from .context import (
     as_rows,
     check_attack_inputs,
+    check_rows,
     check_int,
     check_number,
     check_targets,
@@ -221,14 +222,14 @@ def _finish(model, x, y, best, best_norm, eps, norm, result):
 
 
 def _fab_attack(model, x, y, *, target, n_targets, eps, norm, steps, restarts, alpha_max, eta, beta, seed,
-                eot):
+                eot, rows=None):
     """``fab`` (``n_targets`` None) and ``fab_targeted`` (``target`` None): check every
     argument (one clear line on failure), then run FAB on the points still correctly
     classified and not yet broken inside the eps-ball.
 
     ``fab`` runs once, toward ``target`` (untargeted when None). ``fab_targeted`` runs toward
     the wrong classes, the most likely first, at most ``n_targets``: side by side, one row per
-    (target, point), as many targets at once as ``target_chunk`` allows; a later chunk only
+    (target, point), as many targets at once as ``rows`` holds (``target_chunk``); a later chunk only
     attacks the points no earlier one broke, and a point broken by several targets of a chunk
     keeps the smallest perturbation.
     """
@@ -241,6 +242,7 @@ def _fab_attack(model, x, y, *, target, n_targets, eps, norm, steps, restarts, a
     eta = check_number("eta", eta, minimum=1.0)
     beta = check_number("beta", beta, strict=True, maximum=1.0)
     eot = check_int("eot", eot, minimum=1)
+    rows = check_rows(rows, x)
     generator = make_generator(seed)
     target = check_targets(target, y)
     result = x.clone()
@@ -266,7 +268,7 @@ def _fab_attack(model, x, y, *, target, n_targets, eps, norm, steps, restarts, a
     while first < targets and robust.any():
         idx = robust.nonzero().squeeze(1)
         m = idx.numel()
-        chunk = target_chunk(first, targets, m)
+        chunk = target_chunk(first, targets, m, rows)
         first = chunk.stop
         xs, ys = as_rows(x[idx], len(chunk)), as_rows(y[idx], len(chunk))
         best, best_norm = _fab_run(model, xs, ys, ranking[idx, chunk.start : chunk.stop].T.reshape(-1), **run)
@@ -351,6 +353,7 @@ def fab_targeted(
     beta: float = 0.9,
     seed: int = 0,
     eot: int = 1,
+    rows: int | None = None,
 ) -> torch.Tensor:
     """FAB-T, the targeted FAB of AutoAttack's standard cascade (Croce & Hein, ICML 2020).
 
@@ -361,10 +364,10 @@ def fab_targeted(
     the target; FAB (``steps`` iterations, ``restarts`` runs) moves toward the boundary
     between the true class and that target, on the points that are correctly classified
     and not yet broken inside the eps-ball. The targets run side by side, as many at once as
-    ``context.target_chunk`` allows (all nine for up to 256 points): every target of a chunk
-    attacks the points no earlier chunk broke, and a point broken by several keeps the
-    smallest perturbation. A point counts as broken when it is misclassified (any wrong
-    class) at a perturbation of norm <= eps.
+    ``rows`` holds (``context.target_chunk``): every target of a chunk attacks the points no
+    earlier chunk broke, and a point broken by several keeps the smallest perturbation. A
+    point counts as broken when it is misclassified (any wrong class) at a perturbation of
+    norm <= eps.
 
     Args:
         model: ``nn.Module`` mapping [0, 1] images [N, C, H, W] to class scores [N, k], k >= 2.
@@ -384,6 +387,9 @@ def fab_targeted(
         eot: gradient samples per step (default 1): for a randomised model, the scores and
             their input gradients are averaged over ``eot`` passes (Expectation over
             Transformation).
+        rows: points times targets per forward pass (default None: the rows of ``x``, what one
+            target takes); a cascade passes its batch size, so that targets fill what earlier
+            attacks left empty.
 
     Returns:
         ``x_adv`` [N, C, H, W]: the smallest adversarial point found for each broken
@@ -391,5 +397,5 @@ def fab_targeted(
     """
     return _fab_attack(
         model, x, y, target=None, n_targets=n_targets, eps=eps, norm=norm, seed=seed,
-        steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta, eot=eot,
+        steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta, eot=eot, rows=rows,
     )

@@ -13,10 +13,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from .context import (
+    as_rows,
     check_attack_inputs,
     check_int,
     check_number,
-    as_rows,
     check_rows,
     check_targets,
     keep_worst_case,
@@ -194,12 +194,13 @@ def apgd_targeted(
         # the same random starts, drawn for all of x, so no example's run depends on how the
         # targets are grouped, and a later target only attacks examples not yet fooled.
         generator = make_generator(seed)
-        rows = _Problem(model, loss_fn, geom, as_rows(x[todo], len(chunk)), as_rows(y[todo], len(chunk)),
-                        ranking[todo, chunk.start : chunk.stop].T.reshape(-1), eps, steps, 0.75,
-                        group=as_rows(torch.arange(m, device=x.device), len(chunk)))
-        worst = (rows.x.clone(), torch.full((rows.x.shape[0],), float("-inf"), device=x.device),
-                 torch.zeros(rows.x.shape[0], dtype=torch.bool, device=x.device))
-        _apgd_restarts(rows, restarts, generator, worst,
+        problem = _Problem(model, loss_fn, geom, as_rows(x[todo], len(chunk)), as_rows(y[todo], len(chunk)),
+                           ranking[todo, chunk.start : chunk.stop].T.reshape(-1), eps, steps, 0.75,
+                           group=as_rows(torch.arange(m, device=x.device), len(chunk)))
+        n_rows = problem.x.shape[0]
+        worst = (problem.x.clone(), torch.full((n_rows,), float("-inf"), device=x.device),
+                 torch.zeros(n_rows, dtype=torch.bool, device=x.device))
+        _apgd_restarts(problem, restarts, generator, worst,
                        starts=lambda radius: as_rows(random_start(geom, x, radius, generator)[todo], len(chunk)))
         for i in range(len(chunk)):
             part = slice(i * m, (i + 1) * m)

@@ -26,9 +26,9 @@ from ..errors import UserError
 from .context import (
     as_rows,
     check_attack_inputs,
-    check_rows,
     check_int,
     check_number,
+    check_rows,
     check_targets,
     input_grad,
     make_generator,

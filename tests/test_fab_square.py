@@ -389,8 +389,8 @@ def test_square_linf_proposal_is_the_first_sign_draw_that_changes_the_image(dtyp
     x = torch.rand(64, 3, 8, 8, generator=g, dtype=dtype)
     x[:16] = (x[:16] > 0.5).to(dtype)  # pixels on the box bounds: some draws change nothing
     eps, side = 0.05, 3
-    signs_of_x = torch.where(torch.rand(64, 3, 1, 8, generator=g) < 0.5, -1.0, 1.0).to(dtype)
-    x_best = (x + eps * signs_of_x).clamp(0, 1)  # stripes: many windows already hold a draw's signs
+    signs_of_x = torch.where(torch.rand(64, 3, 1, 1, generator=g) < 0.5, -1.0, 1.0).to(dtype)
+    x_best = (x + eps * signs_of_x).clamp(0, 1)  # one sign per channel: a draw of those signs changes nothing
 
     got = _propose_linf(x, x_best, eps, side, torch.Generator().manual_seed(7))
 

@@ -13,11 +13,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from .context import (
-    as_rows,
     check_attack_inputs,
     check_int,
     check_number,
-    check_rows,
     check_targets,
     keep_worst_case,
     loss_and_grad,
@@ -25,7 +23,6 @@ from .context import (
     random_start,
     require_classes,
     scores_no_grad,
-    target_chunk,
     with_eot,
     wrong_classes_by_score,
 )
@@ -128,7 +125,6 @@ def apgd_targeted(
     seed: int = 0,
     loss="dlr_targeted",
     eot: int = 1,
-    rows: int | None = None,
 ) -> torch.Tensor:
     """Targeted APGD (APGD-T, Croce & Hein, ICML 2020): APGD toward each likely wrong class.
 
@@ -154,10 +150,6 @@ def apgd_targeted(
         eot: gradient samples per step, >= 1 (default 1): for a randomised model, loss,
             scores and input gradient are averaged over ``eot`` forward and backward passes
             (Expectation over Transformation); 1 is plain APGD-T at no extra cost.
-        rows: examples times targets per forward pass (default None: the rows of ``x``). The
-            targets run side by side, as many at once as ``rows`` holds (``context.target_chunk``),
-            each from the random start it would have alone; an example's rows leave together when
-            one of them fools it, so each target still attacks only the examples not yet fooled.
 
     Returns:
         ``x_adv`` [N, C, H, W] on ``x.device``.
@@ -166,7 +158,6 @@ def apgd_targeted(
     steps = check_int("steps", steps, minimum=0)
     n_targets = check_int("n_targets", n_targets, minimum=1)
     restarts = check_int("restarts", restarts, minimum=1)
-    rows = check_rows(rows, x)
     loss_fn = get_loss(loss)
     make_generator(seed)  # validates the seed before any work
     with_eot(loss_fn, eot)  # validates eot before any work
@@ -183,28 +174,14 @@ def apgd_targeted(
     x_adv = x.clone()
     best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
     fooled = clean.argmax(dim=1) != y
-    targets, first = min(n_targets, k - 1), 0
-    while first < targets and not fooled.all():
-        todo = (~fooled).nonzero().squeeze(1)
-        m = todo.numel()
-        chunk = target_chunk(first, targets, m, rows)
-        first = chunk.stop
-        # The targets of a chunk run side by side, one row per (target, example), target-major;
-        # the rows of an example leave together when one of them fools it. Every target replays
-        # the same random starts, drawn for all of x, so no example's run depends on how the
-        # targets are grouped, and a later target only attacks examples not yet fooled.
+    for i in range(min(n_targets, k - 1)):
+        if fooled.all():
+            break
+        # Each target replays the same random starts, so the runs of the first targets and
+        # restarts do not change when more targets or restarts are asked for.
         generator = make_generator(seed)
-        problem = _Problem(model, loss_fn, geom, as_rows(x[todo], len(chunk)), as_rows(y[todo], len(chunk)),
-                           ranking[todo, chunk.start : chunk.stop].T.reshape(-1), eps, steps, 0.75,
-                           group=as_rows(torch.arange(m, device=x.device), len(chunk)))
-        n_rows = problem.x.shape[0]
-        worst = (problem.x.clone(), torch.full((n_rows,), float("-inf"), device=x.device),
-                 torch.zeros(n_rows, dtype=torch.bool, device=x.device))
-        _apgd_restarts(problem, restarts, generator, worst,
-                       starts=lambda radius: as_rows(random_start(geom, x, radius, generator)[todo], len(chunk)))
-        for i in range(len(chunk)):
-            part = slice(i * m, (i + 1) * m)
-            keep_worst_case(todo, worst[0][part], worst[1][part], worst[2][part], x_adv, best_loss, fooled)
+        problem = _Problem(model, loss_fn, geom, x, y, ranking[:, i], eps, steps, 0.75)
+        _apgd_restarts(problem, restarts, generator, (x_adv, best_loss, fooled))
     return x_adv
 
 
@@ -222,31 +199,26 @@ class _Problem:
     eps: float
     steps: int
     rho: float
-    group: torch.Tensor | None = None  # the example each row attacks (APGD-T's rows, one per target)
 
     def subset(self, index: torch.Tensor) -> "_Problem":
         """The same problem on the examples ``index`` only."""
         return replace(self, x=self.x[index], y=self.y[index],
-                       targets=None if self.targets is None else self.targets[index],
-                       group=None if self.group is None else self.group[index])
+                       targets=None if self.targets is None else self.targets[index])
 
 
-def _apgd_restarts(p: _Problem, restarts: int, generator, worst, starts=None) -> torch.Tensor:
+def _apgd_restarts(p: _Problem, restarts: int, generator, worst) -> torch.Tensor:
     """APGD restarts on the examples not yet fooled, keeping the worst case per example.
 
     ``worst`` = ``(x_adv [N, ...], best_loss [N], fooled [N])``, updated in place with
-    ``keep_worst_case``. ``starts(radius)`` draws the random starts of all N rows (default:
-    ``random_start`` on ``p.x``). With ``p.group``, a row is done once any row of its group is
-    fooled. Returns the loss trace of the first restart [steps + 1].
+    ``keep_worst_case``. Returns the loss trace of the first restart [steps + 1].
     """
     x_adv, best_loss, fooled = worst
     trace = torch.zeros(p.steps + 1, device=p.x.device)
     run, radius = (_apgd_l1_run, l1_stages(p.steps)[0][0] * p.eps) if p.geom.name == "l1" else (_apgd_run, p.eps)
     for restart in range(restarts):
         # Drawn for every example, so each one's start does not depend on who is still active.
-        start = random_start(p.geom, p.x, radius, generator) if starts is None else starts(radius)
-        done = fooled if p.group is None else torch.isin(p.group, p.group[fooled])
-        active = (~done).nonzero().squeeze(1)
+        start = random_start(p.geom, p.x, radius, generator)
+        active = (~fooled).nonzero().squeeze(1)
         if active.numel() == 0:
             break
         run_x, run_loss, run_fooled, run_trace = run(p.subset(active), start[active])
@@ -294,7 +266,7 @@ def _apgd_run(p: _Problem, start: torch.Tensor):
             loss, scores = _apgd_step(p, s, first=k == 1, need_grad=k < steps)
         latest[s["idx"]] = loss
         trace[k] = latest.mean()
-        s = _leave_when_fooled(s, scores, loss, y, (out_x, out_loss, out_fooled), p.group)
+        s = _leave_when_fooled(s, scores, loss, y, (out_x, out_loss, out_fooled))
         if s["idx"].numel() == 0:
             trace[k + 1 :] = trace[k]
             break
@@ -305,25 +277,16 @@ def _apgd_run(p: _Problem, start: torch.Tensor):
     return out_x, out_loss, out_fooled, trace
 
 
-def _leave_when_fooled(s: dict, scores: torch.Tensor, loss: torch.Tensor, y: torch.Tensor, out,
-                       group: torch.Tensor | None = None) -> dict:
+def _leave_when_fooled(s: dict, scores: torch.Tensor, loss: torch.Tensor, y: torch.Tensor, out) -> dict:
     """Freeze the active examples that ``scores`` misclassify at their current iterate: their point, loss
-    and success go to ``out`` = (x [n, ...], loss [n], fooled [n]); returns the state of the others.
-    With ``group`` [n] (over all rows of the run), the other active rows of a fooled row's group
-    leave too, with their best point and loss and no success."""
+    and success go to ``out`` = (x [n, ...], loss [n], fooled [n]); returns the state of the others."""
     wrong = scores.argmax(dim=1) != y[s["idx"]]
     if not wrong.any():
         return s
-    out_x, out_loss, out_fooled = out
     frozen = s["idx"][wrong]
+    out_x, out_loss, out_fooled = out
     out_x[frozen], out_loss[frozen], out_fooled[frozen] = s["x_cur"][wrong], loss[wrong], True
-    leave = wrong
-    if group is not None:
-        mine = group[s["idx"]]
-        leave = torch.isin(mine, mine[wrong])
-        siblings = s["idx"][leave & ~wrong]
-        out_x[siblings], out_loss[siblings] = s["x_best"][leave & ~wrong], s["loss_best"][leave & ~wrong]
-    return {key: None if value is None else value[~leave] for key, value in s.items()}
+    return {key: None if value is None else value[~wrong] for key, value in s.items()}
 
 
 def _apgd_step(p: _Problem, s: dict, *, first: bool, need_grad: bool):
@@ -430,7 +393,7 @@ def _l1_stage(p: _Problem, start: torch.Tensor, eps: float, steps: int, final: b
         latest[s["idx"]] = loss
         trace[k] = latest.mean()
         if final:
-            s = _leave_when_fooled(s, scores, loss, y, (out_x, out_loss, out_fooled), p.group)
+            s = _leave_when_fooled(s, scores, loss, y, (out_x, out_loss, out_fooled))
             if s["idx"].numel() == 0:
                 trace[k + 1 :] = trace[k]
                 break

@@ -244,24 +244,6 @@ def wrong_classes_by_score(scores: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     return scores.scatter(1, y[:, None], float("-inf")).argsort(dim=1, descending=True)
 
 
-def target_chunk(first: int, targets: int, examples: int, rows: int) -> range:
-    """The targets (positions in ``wrong_classes_by_score``'s order) that the targeted attacks
-    (APGD-T, FAB-T) run side by side next, one row per (target, example), on ``examples``
-    examples: from ``first``, as many as ``rows`` rows per pass hold, at least one. A batch the
-    earlier attacks of a cascade left part-empty is filled with more targets, in fewer passes."""
-    return range(first, min(targets, first + max(1, rows // max(1, examples))))
-
-
-def check_rows(rows, x: torch.Tensor) -> int:
-    """The targeted attacks' ``rows``: None (the rows of ``x``, what one target takes) or an int >= 1."""
-    return max(1, x.shape[0]) if rows is None else check_int("rows", rows, minimum=1)
-
-
-def as_rows(t: torch.Tensor, copies: int) -> torch.Tensor:
-    """``copies`` copies of ``t`` [m, ...] stacked along dim 0: [copies * m, ...], copy-major."""
-    return t.repeat(copies, *[1] * (t.dim() - 1))
-
-
 def random_start(geom, x: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
     """A random start in the eps-ball for every example of ``x`` [N, ...].
 

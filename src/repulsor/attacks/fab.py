@@ -7,9 +7,7 @@ projects both the current point and the clean image onto that hyperplane interse
 the image box [0, 1], moves to a biased combination of the two projections (extrapolated
 by ``eta``), and after every success steps back toward the clean image (by ``beta``), so
 the search keeps shrinking the perturbation. AutoAttack's standard cascade runs the
-targeted version against the nine most likely wrong classes; ``fab_targeted`` runs them side
-by side (one row per target and point), which gives each point the same runs as one target
-after the other would, in fewer and larger passes.
+targeted version against the nine most likely wrong classes, one after the other.
 
 White-box: it needs gradients of the class scores with respect to the input only (via
 ``torch.autograd.grad``); it never switches the model's mode and never creates parameter
@@ -24,11 +22,9 @@ import torch
 
 from ..errors import UserError
 from .context import (
-    as_rows,
     check_attack_inputs,
     check_int,
     check_number,
-    check_rows,
     check_targets,
     input_grad,
     make_generator,
@@ -36,7 +32,6 @@ from .context import (
     random_start,
     require_classes,
     scores_no_grad,
-    target_chunk,
     wrong_classes_by_score,
 )
 from .geometry import geometry
@@ -222,16 +217,13 @@ def _finish(model, x, y, best, best_norm, eps, norm, result):
 
 
 def _fab_attack(model, x, y, *, target, n_targets, eps, norm, steps, restarts, alpha_max, eta, beta, seed,
-                eot, rows=None):
+                eot):
     """``fab`` (``n_targets`` None) and ``fab_targeted`` (``target`` None): check every
-    argument (one clear line on failure), then run FAB on the points still correctly
-    classified and not yet broken inside the eps-ball.
+    argument (one clear line on failure), then run FAB once per round on the points still
+    correctly classified and not yet broken inside the eps-ball.
 
-    ``fab`` runs once, toward ``target`` (untargeted when None). ``fab_targeted`` runs toward
-    the wrong classes, the most likely first, at most ``n_targets``: side by side, one row per
-    (target, point), as many targets at once as ``rows`` holds (``target_chunk``); a later chunk only
-    attacks the points no earlier one broke, and a point broken by several targets of a chunk
-    keeps the smallest perturbation.
+    The rounds: one toward ``target`` (untargeted when None) for ``fab``; for
+    ``fab_targeted``, one per wrong class, the most likely first, at most ``n_targets``.
     """
     if n_targets is not None:
         check_int("n_targets", n_targets, minimum=1)
@@ -242,7 +234,6 @@ def _fab_attack(model, x, y, *, target, n_targets, eps, norm, steps, restarts, a
     eta = check_number("eta", eta, minimum=1.0)
     beta = check_number("beta", beta, strict=True, maximum=1.0)
     eot = check_int("eot", eot, minimum=1)
-    rows = check_rows(rows, x)
     generator = make_generator(seed)
     target = check_targets(target, y)
     result = x.clone()
@@ -252,35 +243,23 @@ def _fab_attack(model, x, y, *, target, n_targets, eps, norm, steps, restarts, a
     require_classes("FAB", clean, 2)
     if eps == 0:
         return result
-    robust = clean.argmax(dim=1) == y
-    run = dict(eps=eps, norm=norm, steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta,
-               generator=generator, eot=eot)
     if n_targets is None:
+        rounds = [target]
+    else:
+        rounds = wrong_classes_by_score(clean, y)[:, : min(n_targets, clean.shape[1] - 1)].T
+    robust = clean.argmax(dim=1) == y
+    for round_target in rounds:
         idx = robust.nonzero().squeeze(1)
-        if idx.numel():
-            best, best_norm = _fab_run(model, x[idx], y[idx], None if target is None else target[idx], **run)
-            sub = result[idx]
-            _finish(model, x[idx], y[idx], best, best_norm, eps, norm, sub)
-            result[idx] = sub
-        return result
-    ranking = wrong_classes_by_score(clean, y)
-    targets, first = min(n_targets, clean.shape[1] - 1), 0
-    while first < targets and robust.any():
-        idx = robust.nonzero().squeeze(1)
-        m = idx.numel()
-        chunk = target_chunk(first, targets, m, rows)
-        first = chunk.stop
-        xs, ys = as_rows(x[idx], len(chunk)), as_rows(y[idx], len(chunk))
-        best, best_norm = _fab_run(model, xs, ys, ranking[idx, chunk.start : chunk.stop].T.reshape(-1), **run)
-        found = xs.clone()
-        success = _finish(model, xs, ys, best, best_norm, eps, norm, found)
-        # Per point, the successful row of smallest norm (the first target's on a tie).
-        sizes = torch.where(success, best_norm, torch.full_like(best_norm, math.inf)).view(len(chunk), m)
-        pick = sizes.argmin(dim=0)
-        broken = sizes.isfinite().any(dim=0)
-        chosen = found.view(len(chunk), m, *x.shape[1:])[pick, torch.arange(m, device=x.device)]
-        result[idx[broken]] = chosen[broken]
-        robust[idx[broken]] = False
+        if idx.numel() == 0:
+            break
+        best, best_norm = _fab_run(
+            model, x[idx], y[idx], None if round_target is None else round_target[idx], eps=eps, norm=norm,
+            steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta, generator=generator, eot=eot,
+        )
+        sub = result[idx]
+        success = _finish(model, x[idx], y[idx], best, best_norm, eps, norm, sub)
+        result[idx] = sub
+        robust[idx[success]] = False
     return result
 
 
@@ -353,7 +332,6 @@ def fab_targeted(
     beta: float = 0.9,
     seed: int = 0,
     eot: int = 1,
-    rows: int | None = None,
 ) -> torch.Tensor:
     """FAB-T, the targeted FAB of AutoAttack's standard cascade (Croce & Hein, ICML 2020).
 
@@ -363,11 +341,8 @@ def fab_targeted(
     For t = 1 .. min(n_targets, k - 1), the t-th most likely wrong class by clean score is
     the target; FAB (``steps`` iterations, ``restarts`` runs) moves toward the boundary
     between the true class and that target, on the points that are correctly classified
-    and not yet broken inside the eps-ball. The targets run side by side, as many at once as
-    ``rows`` holds (``context.target_chunk``): every target of a chunk attacks the points no
-    earlier chunk broke, and a point broken by several keeps the smallest perturbation. A
-    point counts as broken when it is misclassified (any wrong class) at a perturbation of
-    norm <= eps.
+    and not yet broken inside the eps-ball. A point counts as broken when it is
+    misclassified (any wrong class) at a perturbation of norm <= eps.
 
     Args:
         model: ``nn.Module`` mapping [0, 1] images [N, C, H, W] to class scores [N, k], k >= 2.
@@ -387,9 +362,6 @@ def fab_targeted(
         eot: gradient samples per step (default 1): for a randomised model, the scores and
             their input gradients are averaged over ``eot`` passes (Expectation over
             Transformation).
-        rows: points times targets per forward pass (default None: the rows of ``x``, what one
-            target takes); a cascade passes its batch size, so that targets fill what earlier
-            attacks left empty.
 
     Returns:
         ``x_adv`` [N, C, H, W]: the smallest adversarial point found for each broken
@@ -397,5 +369,5 @@ def fab_targeted(
     """
     return _fab_attack(
         model, x, y, target=None, n_targets=n_targets, eps=eps, norm=norm, seed=seed,
-        steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta, eot=eot, rows=rows,
+        steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta, eot=eot,
     )

@@ -9,7 +9,6 @@ so that an interrupted suite resumes at the next attack.
 
 from __future__ import annotations
 
-import inspect
 import sys
 import time
 from contextlib import ExitStack
@@ -203,8 +202,6 @@ class Cascade:
         kwargs = spec.kwargs(self.eps, self.norm)
         if spec.attack == "transfer":
             kwargs.update(surrogate=self.surrogate, via=get_attack(kwargs["via"]))
-        if "rows" in inspect.signature(attack).parameters:
-            kwargs["rows"] = self.batch_size  # targets side by side fill a batch the earlier attacks emptied
         geom = geometry(self.norm)
         started = time.time()
 

@@ -4,6 +4,7 @@
     python bench/standard.py                          # every robust committed model: n = 500 (MNIST), 200 (CIFAR-10)
     python bench/standard.py --n 100 --models mnist/pgd_at    # one model, fewer points
     python bench/standard.py --profile mnist/trades --n 50    # where our time goes (cProfile), no reference
+    python bench/standard.py --ours-only --models mnist/pgd_at --n 100   # ours alone: a change's effect
 
 On each robust model the repository commits (``MODELS``; a model whose weights are missing is named
 with the command that makes it), on the first n test points of its data set at the threat model it
@@ -148,16 +149,45 @@ def profile_ours(name: str, n: int | None) -> int:
     return 0
 
 
+def ours_only(names, n: int | None) -> int:
+    """Ours alone on each model: time per attack and robust accuracy, checked against the record
+    (exit 1 on a rise) and not written anywhere; run it on the code before and after a change."""
+    record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
+    risen = []
+    for name in names:
+        loaded, make = load(name, n)
+        if loaded is None:
+            print(f"{name}: no weights; make them with {make}")
+            continue
+        model, x, y, eps, batch_size, _ = loaded
+        ours = run_ours(model, x, y, eps=eps, batch_size=batch_size)
+        before = record.get(f"{name}@{len(y)}")
+        print(f"{name} on {len(y)}: robust {100 * ours['robust_accuracy']:.1f}%"
+              + ("" if before is None else f" (recorded {100 * before['robust_accuracy']:.1f}%)")
+              + f", {ours['seconds']:.1f} s (cascade {ours['cascade_seconds']:.1f} s: "
+              + ", ".join(f"{a['name']} {a['seconds']:.1f}" for a in ours["attacks"]) + f"), {runtime.code_version()}",
+              flush=True)
+        if before is not None and ours["robust_accuracy"] > before["robust_accuracy"]:
+            risen.append(name)
+    for name in risen:
+        print(f"REGRESSION: {name}'s robust accuracy is above its record", file=sys.stderr)
+    return 1 if risen else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help="default: every model whose weights exist")
     parser.add_argument("--n", type=int, help="test points per model (default: 500 for MNIST, 200 for CIFAR-10)")
     parser.add_argument("--profile", choices=sorted(MODELS), help="profile our suite on this model, and nothing else")
+    parser.add_argument("--ours-only", action="store_true",
+                        help="run ours alone and print its times (no reference, nothing written)")
     args = parser.parse_args(argv)
     if args.n is not None and args.n < 1:
         parser.error(f"--n must be at least 1; got {args.n}")
     if args.profile:
         return profile_ours(args.profile, args.n)
+    if args.ours_only:
+        return ours_only(args.models or list(MODELS), args.n)
     torchattacks, why_not = bench.import_torchattacks()
     if torchattacks is None:
         print(f"bench/standard.py: torchattacks cannot be imported ({why_not}); install it with\n"

@@ -77,7 +77,7 @@ def test_interrupted_compare_trains_only_the_remaining_runs(finished):
     assert all(first["runs"][m]["status"] == "not trained" and first["runs"][m]["clean_accuracy"] is None
                for m in METHODS[1:])
     # Table rows of untrained methods hold dashes, and Table 4 has only the ce row.
-    assert "| prototype (not trained) | – | – | – | – | – | – | – | – | – |" in format_tables(first)
+    assert "| prototype (not trained) | – | – | – | – | – | – | – | – | – | – | – |" in format_tables(first)
     assert set(first["transfer"]["targets"]) == {"ce"}
     # The second call trained exactly the runs that were missing; ce was left alone.
     assert [name for name, _ in finished.trained] == ["prototype", "pgd_at", "mmc", "prototype-D24"]
@@ -444,3 +444,25 @@ def test_command_line_overrides_reach_the_plan(tmp_path):
     assert all(run.cfg.eval.n == 17 and run.cfg.data.data_dir == str(Path("rel").resolve()) for run in plan.runs)
     with pytest.raises(UserError, match="per-method settings"):
         load_compare_config(source, ["method.ce.lr=1"])
+
+
+def test_table2_prices_robustness_in_training_hours_and_cascade_time():
+    """A robust row's cost columns: its standard worst case per hour of training, and the seconds of
+    the standard cascade's attacks (sanity checks not counted); a row without standard has dashes."""
+    from repulsor.compare.tables import methods_table
+
+    def run(standard, wall, seconds):
+        suites = {} if standard is None else {"standard": {"attacks": [{"seconds": s} for s in seconds]}}
+        return {"status": "trained", "overrides": {}, "epochs": 15, "clean_accuracy": 0.8, "pgd20": None,
+                "pgd100": None, "pgd20_ce": None, "standard": standard, "suites": suites,
+                "cost": {"wall_seconds": wall, "forward_passes_per_example": 2.0, "backward_passes_per_example": 2.0}}
+
+    report = {"protocol": {"dataset": "cifar10", "suite_n": {"standard": 500}, "n": 1000, "eps": 8 / 255,
+                           "norm": "linf", "seed": 0, "split": "test", "test_dir": None, "code_version": "0.7.1"},
+              "methods": ["fgsm_rs", "ce"],
+              "runs": {"fgsm_rs": run(0.40, 7200.0, [60.0, 600.0, 900.0, 1200.0]), "ce": run(None, 2000.0, [])}}
+    table = methods_table(report)
+    rows = {row[0]: row for row in table.rows}
+    assert table.header[-2:] == ["standard points per training hour", "standard: cascade time"]
+    assert rows["fgsm_rs"][-2:] == ["20.0", "46.0 min"]  # 40 points in 2 hours; 2760 s of attacks
+    assert rows["ce"][-2:] == ["–", "–"]

@@ -1,7 +1,5 @@
 """FAB-T and Square Attack: threat-model bounds, purity, reproducibility, strength, budget."""
 
-import math
-
 import pytest
 import torch
 import torch.nn as nn
@@ -381,3 +379,22 @@ def test_user_errors(task):
         with pytest.raises(UserError) as info:
             case()
         assert "\n" not in str(info.value) and str(info.value)
+
+
+def test_square_linf_never_queries_an_unchanged_image():
+    """Each L-inf query changes the current point: where a draw of window signs would leave the
+    image as it is (the window already holds them), the signs are drawn again. A model that is
+    never fooled keeps the starting stripes as the current point, so every query must differ from
+    them; late in the schedule the windows are a pixel or two wide, within one stripe."""
+    seen = []
+
+    class Stubborn(nn.Module):  # always the true class 0, by the same margin: no proposal is kept
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return torch.tensor([[1.0, 0.0]]).repeat(len(x), 1)
+
+    x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.8 + 0.1
+    square(Stubborn(), x, torch.zeros(6, dtype=torch.long), eps=0.05, norm="linf", queries=400, seed=1)
+    start, queries = seen[1], seen[2:]  # seen[0]: the clean check
+    assert len(queries) == 400 - 2
+    assert all(((q - start).abs() > 1e-7).flatten(1).any(1).all() for q in queries)

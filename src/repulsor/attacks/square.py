@@ -127,18 +127,24 @@ def _propose_linf(x, x_best, eps, side, generator):
 
     Where a draw of signs would leave the image unchanged (the window already holds those
     signs, or the pixels sit at a box bound), the signs are redrawn, up to ``_SIGN_DRAWS``
-    draws in all; the draws are made and compared at once, and each example takes its first
-    draw that changes it (the last one when none does).
+    draws in all; each example takes its first draw that changes it (the last one when none
+    does). Whether a draw changes an example is read off two per-channel tables, whether
+    +eps and whether -eps change that channel's window, so only the chosen candidate image
+    is ever built.
     """
     m, c, h, w = x.shape
     row, col = _positions(m, side, h, w, generator, x.device)
     mask = _window_mask(row, col, side, h, w, x.device)
-    delta = x_best - x
     signs = _signs((_SIGN_DRAWS, m, c, 1, 1), generator, x)
-    candidates = (x + torch.where(mask, eps * signs, delta)).clamp(0, 1)  # [draws, m, C, H, W]
-    changed = ((candidates - x_best).abs() > 1e-7).flatten(2).any(dim=2)  # [draws, m]
+
+    def changes(value):  # [m, C]: whether setting the window's channel to ``value`` changes x_best
+        return (((value.clamp(0, 1) - x_best).abs() > 1e-7) & mask).flatten(2).any(dim=2)
+
+    plus, minus = changes(x + eps), changes(x - eps)
+    changed = torch.where(signs.view(_SIGN_DRAWS, m, c) > 0, plus, minus).any(dim=2)  # [draws, m]
     first = torch.where(changed.any(dim=0), changed.to(torch.uint8).argmax(dim=0), _SIGN_DRAWS - 1)
-    return candidates[first, torch.arange(m, device=x.device)]
+    chosen = signs[first, torch.arange(m, device=x.device)]  # [m, C, 1, 1]
+    return (x + torch.where(mask, eps * chosen, x_best - x)).clamp(0, 1)
 
 
 def _propose_l2(x, x_best, eps, side, generator):

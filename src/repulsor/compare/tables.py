@@ -54,6 +54,20 @@ def _fmt_passes(cost) -> str:
     return f"{cost['forward_passes_per_example']:g} / {cost['backward_passes_per_example']:g}"
 
 
+def _cascade_seconds(run: dict) -> float | None:
+    """Seconds the ``standard`` cascade's attacks took on the run (its sanity checks not counted)."""
+    suite = (run.get("suites") or {}).get("standard")
+    return sum(a["seconds"] or 0.0 for a in suite["attacks"]) if suite else None
+
+
+def _per_training_hour(run: dict) -> str:
+    """Points of ``standard`` robust accuracy bought per hour of training on the machine that trained it."""
+    wall = (run.get("cost") or {}).get("wall_seconds")
+    if run.get("standard") is None or not wall:
+        return DASH
+    return f"{100 * run['standard'] / (wall / 3600):.1f}"
+
+
 def _fmt_overrides(overrides: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in overrides.items()) or DASH
 
@@ -115,7 +129,8 @@ def methods_table(report: dict) -> ComparisonTable:
                      fmt_pct(r["pgd100"], n("paper")), fmt_pct(r["pgd20_ce"], n("quick")),
                      fmt_pct(r["standard"], n("standard")),
                      *([fmt_pct(r.get("certified"), certify_n)] if certify else []),
-                     fmt_seconds((r["cost"] or {}).get("wall_seconds")), _fmt_passes(r["cost"])])
+                     fmt_seconds((r["cost"] or {}).get("wall_seconds")), _fmt_passes(r["cost"]),
+                     _per_training_hour(r), fmt_seconds(_cascade_seconds(r))])
         if certify and r.get("certified_note"):
             notes.append(f"{name}: not certified: {r['certified_note']}")
         if certify and r.get("certified") is not None and r.get("standard") is not None \
@@ -128,10 +143,13 @@ def methods_table(report: dict) -> ComparisonTable:
         f"{number}: methods on {dataset}",
         ["method", "overrides", "epochs", "clean", "PGD-20", "PGD-100", "PGD-20 (CE)", "standard worst case",
          *([f"certified ({certify}, a lower bound)"] if certify else []), "training time",
-         "passes/example (fwd / bwd)"], rows,
+         "passes/example (fwd / bwd)", "standard points per training hour", "standard: cascade time"], rows,
         _protocol_line(p, "PGD-20 and PGD-100: paper suite cascade (authors' loss for prototype heads, CE otherwise;"
                           " step eps/4, one random start); PGD-20 (CE): quick suite; standard: APGD-CE, APGD-T,"
-                          f" FAB-T, Square cascade; points per suite: {suite_ns}"), notes)
+                          f" FAB-T, Square cascade; points per suite: {suite_ns}; standard points per training"
+                          " hour: the standard worst case in points divided by the training's wall-clock hours on the"
+                          " machine that trained it; cascade time: the standard suite's attacks, sanity checks not"
+                          " counted"), notes)
 
 
 def paired_notes(report: dict) -> list[str]:

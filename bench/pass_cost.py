@@ -6,13 +6,13 @@
 For the committed MNIST pgd_at model and the fast CIFAR-10 ce model, in eval mode: the time of a
 forward pass under ``torch.no_grad`` (and under ``torch.inference_mode``, bf16 autocast, and with a
 channels_last input), and of a forward pass with the input gradient of one class score, at three
-batch sizes each, after one warm-up call. Prints one line per model and batch; writes nothing.
+batch sizes each: the median of the repetitions after one warm-up call (``run.median_time``).
+Prints one line per model and batch; writes nothing.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,11 +28,7 @@ MODELS = (("MNIST small CNN", "results/compare-mnist-cpu/pgd_at", (1, 28, 28), (
 
 
 def seconds(fn, reps: int) -> float:
-    fn()
-    started = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - started) / reps
+    return bench.median_time(fn, warmup=1, repeats=reps)[0]
 
 
 def measure(model, shape, batch: int, reps: int) -> dict:

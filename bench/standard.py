@@ -5,6 +5,7 @@
     python bench/standard.py --n 100 --models mnist/pgd_at    # one model, fewer points
     python bench/standard.py --profile mnist/trades --n 50    # where our time goes (cProfile), no reference
     python bench/standard.py --ours-only --models mnist/pgd_at --n 100   # ours alone: a change's effect
+    python bench/standard.py --ours-only --search bf16 --n 100   # the attacks' passes in bf16, verdicts in fp32
 
 On each robust model the repository commits (``MODELS``; a model whose weights are missing is named
 with the command that makes it), on the first n test points of its data set at the threat model it
@@ -22,7 +23,11 @@ It records per model the robust accuracy of both with its 95% interval, which po
 that the other did not (exact McNemar), the wall time of each attack and in all, and the ratio of
 the times: the target is at most 0.5x the reference's time at equal or lower robust accuracy.
 ``bench/standard-robust.json`` keeps, per model and n, our first recorded robust points; a later run
-whose robust accuracy is higher than that record's fails (exit status 1), whatever it saves. Writes
+whose robust accuracy is higher than that record's fails (exit status 1), whatever it saves;
+``--ours-only`` also names the points it and the record disagree on. ``--search bf16`` (with
+``--ours-only``, an experiment, not a product setting) runs every attack's passes under bf16 autocast
+while each verdict (is the point still classified correctly?) stays an fp32 forward pass, to see
+whether bf16 would change any result on the committed models. Writes
 ``bench/standard-results.md`` and prints it. torchattacks must be installed without its
 dependencies (``pip install --no-deps torchattacks``: its torchvision does not work beside this torch).
 """
@@ -37,6 +42,7 @@ import os
 import pstats
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -48,6 +54,7 @@ import torch  # noqa: E402
 
 import repulsor  # noqa: E402
 from repulsor import runtime  # noqa: E402
+from repulsor.attacks import ATTACKS  # noqa: E402
 from repulsor.attacks.context import batched, correct_every_time, evaluating  # noqa: E402
 from repulsor.attacks.geometry import geometry  # noqa: E402
 from repulsor.config import load_config  # noqa: E402
@@ -154,9 +161,32 @@ def rose(before: dict | None, ours: dict) -> bool:
     return before is not None and ours["robust_accuracy"] > before["robust_accuracy"]
 
 
-def ours_only(names, n: int | None) -> int:
+@contextmanager
+def search_in(precision: str):
+    """Every attack the cascade looks up runs under bf16 autocast (``precision = "bf16"``); the
+    cascade's verdicts, the clean pass and the sanity checks stay in fp32. fp32: nothing changes."""
+    if precision == "fp32":
+        yield
+        return
+    saved = dict(ATTACKS)
+
+    def in_bf16(attack):
+        def run(model, x, *args, **kwargs):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                return attack(model, x, *args, **kwargs)
+        return run
+
+    try:
+        ATTACKS.update({name: in_bf16(attack) for name, attack in saved.items()})
+        yield
+    finally:
+        ATTACKS.update(saved)
+
+
+def ours_only(names, n: int | None, search: str = "fp32") -> int:
     """Ours alone on each model: time per attack and robust accuracy, checked against the record
-    (exit 1 on a rise) and not written anywhere; run it on the code before and after a change."""
+    (exit 1 on a rise; the points broken only by one of them named) and not written anywhere; run
+    it on the code before and after a change. ``search``: the precision of the attacks' passes."""
     record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
     risen = []
     for name in names:
@@ -165,10 +195,14 @@ def ours_only(names, n: int | None) -> int:
             print(f"{name}: no weights; make them with {make}")
             continue
         model, x, y, eps, batch_size, _ = loaded
-        ours = run_ours(model, x, y, eps=eps, batch_size=batch_size)
+        with search_in(search):
+            ours = run_ours(model, x, y, eps=eps, batch_size=batch_size)
         before = record.get(f"{name}@{len(y)}")
-        print(f"{name} on {len(y)}: robust {100 * ours['robust_accuracy']:.1f}%"
-              + ("" if before is None else f" (recorded {100 * before['robust_accuracy']:.1f}%)")
+        if before is not None:
+            now, then = set(ours["robust_indices"]), set(before["robust_indices"])
+            differ = f"; broken now only {sorted(then - now)}, broken by the record only {sorted(now - then)}"
+        print(f"{name} on {len(y)}, attacks in {search}: robust {100 * ours['robust_accuracy']:.1f}%"
+              + ("" if before is None else f" (recorded {100 * before['robust_accuracy']:.1f}%{differ})")
               + f", {ours['seconds']:.1f} s (cascade {ours['cascade_seconds']:.1f} s: "
               + ", ".join(f"{a['name']} {a['seconds']:.1f}" for a in ours["attacks"]) + f"), {runtime.code_version()}",
               flush=True)
@@ -186,13 +220,17 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", choices=sorted(MODELS), help="profile our suite on this model, and nothing else")
     parser.add_argument("--ours-only", action="store_true",
                         help="run ours alone and print its times (no reference, nothing written)")
+    parser.add_argument("--search", choices=("fp32", "bf16"), default="fp32",
+                        help="with --ours-only: the precision of the attacks' passes (verdicts stay fp32)")
     args = parser.parse_args(argv)
     if args.n is not None and args.n < 1:
         parser.error(f"--n must be at least 1; got {args.n}")
+    if args.search != "fp32" and not args.ours_only:
+        parser.error("--search is an experiment of --ours-only: add --ours-only")
     if args.profile:
         return profile_ours(args.profile, args.n)
     if args.ours_only:
-        return ours_only(args.models or list(MODELS), args.n)
+        return ours_only(args.models or list(MODELS), args.n, args.search)
     torchattacks, why_not = bench.import_torchattacks()
     if torchattacks is None:
         print(f"bench/standard.py: torchattacks cannot be imported ({why_not}); install it with\n"

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from repulsor import evaluate, load_dataset
-from repulsor.attacks import ATTACKS
+from repulsor.attacks import ATTACKS, channels_last_weights
+from repulsor.errors import UserError
 from repulsor.models import PrototypeClassifier
 from repulsor.evaluation.suites import SUITES, specs_for
 
@@ -139,3 +140,67 @@ def test_the_l1_standard_suite_is_autoattacks_l1_version(mlp):
     x_adv = result["x_adv"]
     assert (geometry("l1").norm((x_adv - x[:60]).double()) <= 2.0 + 1e-4).all()
     assert evaluate(net, x[:30], y[:30], suite="standard", eps=40.0, norm="l1", checks=False)["robust_accuracy"] == 0.0
+
+
+def colour_net():
+    """A small untrained convolutional net on 3 x 16 x 16 images, with labels it predicts."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 10)).eval()
+    x = torch.rand(24, 3, 16, 16)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    return net, x, y
+
+
+def test_channels_last_weights_change_the_order_not_the_values_and_put_them_back():
+    net, x, y = colour_net()
+    filters = [p for p in net.parameters() if p.dim() == 4]
+    storage = [p.data_ptr() for p in filters]
+    with torch.no_grad():
+        before = net(x)
+    with channels_last_weights(net):
+        assert all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in filters)
+        with torch.no_grad():
+            assert torch.allclose(net(x), before, atol=1e-5)
+        x_adv = ATTACKS["pgd"](net, x, y, eps=8 / 255, alpha=2 / 255, steps=2)
+        assert x_adv.is_contiguous()  # the input gradient comes back in the input's order
+    assert [p.data_ptr() for p in filters] == storage and all(p.is_contiguous() for p in filters)
+    with pytest.raises(Killed), channels_last_weights(net):
+        raise Killed
+    assert [p.data_ptr() for p in filters] == storage
+
+
+def test_evaluate_holds_colour_filters_channels_last_and_gives_them_back(mlp):
+    net, x, y = colour_net()
+    storage = [p.data_ptr() for p in net.parameters()]
+    assert evaluate(net, x, y, suite="quick")["memory_format"] == "channels_last"
+    assert [p.data_ptr() for p in net.parameters()] == storage and all(p.is_contiguous() for p in net.parameters())
+    assert evaluate(net, x, y, suite="quick", channels_last=False)["memory_format"] == "contiguous"
+    digits, xd, yd = mlp
+    assert evaluate(digits, xd, yd, suite="quick", eps=0.1)["memory_format"] == "contiguous"  # one channel
+    with pytest.raises(UserError, match="channels_last must be True, False or None"):
+        evaluate(net, x, y, channels_last="yes")
+
+
+class ViewsItsFilters(nn.Module):
+    """Weight standardisation written with ``view``: it raises on channels-last filters."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4, 10)
+
+    def forward(self, x):
+        w = self.conv.weight
+        w = w - w.view(4, -1).mean(1).view(4, 1, 1, 1)
+        return self.head(F.conv2d(x, w, self.conv.bias).mean((2, 3)))
+
+
+def test_a_model_that_cannot_take_channels_last_filters_is_evaluated_as_it_is():
+    torch.manual_seed(0)
+    net, x = ViewsItsFilters().eval(), torch.rand(12, 3, 16, 16)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    result = evaluate(net, x, y, suite="quick")
+    assert result["memory_format"] == "contiguous" and result["clean_accuracy"] == 1.0
+    assert all(p.is_contiguous() for p in net.parameters())

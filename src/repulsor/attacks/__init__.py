@@ -8,7 +8,7 @@ run it inside ``with evaluating(model):``. ``ATTACKS`` maps names to attacks.
 from ..errors import UserError
 from .apgd import apgd, apgd_targeted
 from .bpda import BPDA, bpda, transfer
-from .context import attack_survivors, batched, correct_every_time, evaluating
+from .context import attack_survivors, batched, channels_last_weights, correct_every_time, evaluating
 from .fab import fab, fab_targeted
 from .geometry import GEOMETRIES, geometry
 from .losses import LOSSES, get_loss
@@ -48,6 +48,7 @@ __all__ = [
     "attack_survivors",
     "batched",
     "bpda",
+    "channels_last_weights",
     "correct_every_time",
     "evaluating",
     "fab",

@@ -48,6 +48,28 @@ def evaluating(model: nn.Module):
             param.requires_grad_(flag)
 
 
+@contextmanager
+def channels_last_weights(model: nn.Module, enabled: bool = True):
+    """Hold ``model``'s 4-D parameters and buffers (convolution filters) in channels-last memory
+    order inside the block; put the original tensors back on exit, also when the body raises.
+
+    Only the order in memory changes, not one value: a convolution with channels-last filters
+    computes in channels-last order on the CPU (oneDNN), 1.2-1.5x faster per pass on the fast
+    CIFAR-10 body in fp32 and no faster on a one-channel MNIST CNN (``bench/pass_cost.py``).
+    Activations and input gradients then come out channels-last; ``input_grad`` returns its
+    gradient in the input's own order. ``enabled = False``: the block runs on the model as it is.
+    """
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.dim() == 4] if enabled else []
+    saved = [t.data for t in tensors]
+    try:
+        for t in tensors:
+            t.data = t.data.contiguous(memory_format=torch.channels_last)
+        yield model
+    finally:
+        for t, data in zip(tensors, saved):
+            t.data = data
+
+
 def check_attack_inputs(x, y, eps, norm: str, *, ndim: int | None = None, per_coordinate: bool = False):
     """The checks every attack call starts with; returns ``(x, y, geometry(norm), eps)``.
 
@@ -333,7 +355,15 @@ def input_grad(value: torch.Tensor, x_adv: torch.Tensor, *, retain_graph: bool =
             "(is there a torch.no_grad() or .detach() inside forward?)"
         )
     (grad,) = torch.autograd.grad(value.sum(), x_adv, retain_graph=retain_graph, allow_unused=True)
-    return torch.zeros_like(x_adv) if grad is None else grad
+    # in x_adv's memory order: a model with channels-last filters hands back a channels-last gradient
+    return torch.zeros_like(x_adv) if grad is None else grad.contiguous(memory_format=_memory_format(x_adv))
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor stored that way (and not also contiguous), else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _describe(value) -> str:

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..attacks import (GRADIENT_ATTACKS, attack_survivors, batched, correct_every_time, evaluating, geometry,
-                       get_attack)
+from ..attacks import (GRADIENT_ATTACKS, attack_survivors, batched, channels_last_weights, correct_every_time,
+                       evaluating, geometry, get_attack)
 from ..attacks.geometry import check_eps
 from ..errors import UserError
 from ..runtime import derive_seed, live_progress
@@ -42,7 +42,8 @@ def predict(model, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite: str = "quick",
              eps: float = 8 / 255, norm: str = "linf", batch_size: int = 256, seed: int = 0,
              device: str | torch.device | None = None, quiet: bool = True, state_path: str | Path | None = None,
-             checks: bool | None = None, surrogate: torch.nn.Module | None = None, votes: int | None = None) -> dict:
+             checks: bool | None = None, surrogate: torch.nn.Module | None = None, votes: int | None = None,
+             channels_last: bool | None = None) -> dict:
     """Clean accuracy and the worst case over a suite of attacks, for any logits model.
 
     Args:
@@ -70,16 +71,21 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite:
         votes: forward passes per accuracy decision; a point counts as correct only if all
             of them classify it correctly. Default: 1 for a deterministic model,
             ``RANDOMISED_VOTES`` for one whose two forward passes differ.
+        channels_last: hold the model's convolution filters in channels-last memory order
+            while it is evaluated (``channels_last_weights``; the same values, faster passes on
+            colour images). Default: on the CPU (where it was measured) for images of more than
+            one channel, when the model gives the same scores that way (``probes.runs_channels_last``).
 
     Returns:
         A dict: ``n``, ``clean_accuracy``, ``attacks`` (one entry per attack: name, attack,
         loss, norm, eps, steps, restarts, eot, status ("done" or "not applicable", with a
         ``reason``), n_attacked, accuracy after it, seconds), ``robust_accuracy`` (the worst
-        case), ``suite``, ``seed``, ``precision`` ("fp32"), ``randomised``, ``votes``, and,
-        with checks, ``sanity`` (a list of verdicts).
+        case), ``suite``, ``seed``, ``precision`` ("fp32"), ``memory_format`` ("channels_last" or
+        "contiguous", the filters'), ``randomised``, ``votes``, and, with checks, ``sanity`` (a list
+        of verdicts).
     """
     specs = specs_for(suite, model, norm)
-    _check_arguments(x, y, eps=eps, norm=norm, votes=votes)
+    _check_arguments(x, y, eps=eps, norm=norm, votes=votes, channels_last=channels_last)
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     device = torch.device(device)
@@ -89,8 +95,13 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite:
         stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
         torch.manual_seed(derive_seed(seed, "model randomness"))
         stack.enter_context(evaluating(model))
+        if channels_last is None:
+            channels_last = (device.type == "cpu" and x.shape[1] > 1 and len(y) > 0
+                             and probes.runs_channels_last(model, x, device=device))
+        stack.enter_context(channels_last_weights(model, channels_last))
         if surrogate is not None:
             stack.enter_context(evaluating(surrogate))
+            stack.enter_context(channels_last_weights(surrogate, channels_last))
         randomised = len(y) > 0 and probes.is_randomised(model, x, device=device, batch_size=batch_size)
         votes = votes or (RANDOMISED_VOTES if randomised else 1)
         gradient = len(y) == 0 or probes.has_input_gradient(model, x, y, device=device)
@@ -118,6 +129,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite:
                                   {"key": key, "entries": entries})
         result = {
             "suite": suite, "n": len(y), "norm": norm, "eps": eps, "seed": seed, "precision": "fp32",
+            "memory_format": "channels_last" if channels_last else "contiguous",
             "randomised": bool(randomised), "votes": votes,
             "clean_accuracy": clean_accuracy, "attacks": entries,
             "robust_accuracy": robust.sum().item() / len(y) if len(y) else 0.0,
@@ -131,14 +143,18 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite:
     return result
 
 
-def _check_arguments(x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str, votes) -> None:
+def _check_arguments(x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str, votes, channels_last) -> None:
     """Refuse, in one line each, an unknown norm, an eps that is no radius of that norm (``check_eps``),
-    images and labels that do not pair up, and a number of votes that is not a whole number >= 1."""
+    images and labels that do not pair up, a number of votes that is not a whole number >= 1 and a
+    ``channels_last`` that is neither True, False nor None."""
     if x.dim() != 4 or len(x) != len(y):
         raise UserError(f"expected images [N, C, H, W] and labels [N]; got {tuple(x.shape)} and {tuple(y.shape)}")
     check_eps(eps, norm, x[0].numel())
     if votes is not None and (isinstance(votes, bool) or not isinstance(votes, int) or votes < 1):
         raise UserError(f"votes must be a whole number >= 1; got {votes!r}")
+    if channels_last is not None and not isinstance(channels_last, bool):
+        raise UserError(f"channels_last must be True, False or None (None: for images of more than one channel);"
+                        f" got {channels_last!r}")
 
 
 def _restore(state_path, key: str, robust: torch.Tensor, x_worst: torch.Tensor):

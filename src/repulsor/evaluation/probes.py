@@ -1,6 +1,7 @@
 """What the cascade and the sanity checks measure about a model before attacking it: whether two
 forward passes differ (a randomised model), whether its scores reach the input through autograd,
-and its input gradients (in fp32 or under autocast), with their agreement."""
+whether it runs with channels-last filters, and its input gradients (in fp32 or under autocast),
+with their agreement."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import math
 
 import torch
 
-from ..attacks import LOSSES
+from ..attacks import LOSSES, channels_last_weights
 
 CHECK_POINTS = 200  # the probes and the checks look at the first 200 points
 DETERMINISM_RTOL = 1e-6  # of the largest score: allows non-deterministic GPU reductions
+LAYOUT_POINTS = 8  # the images on which channels-last filters must give the same scores
+LAYOUT_RTOL = 1e-4  # of the largest score: another summation order, not another function
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -125,6 +128,25 @@ def is_randomised(model, x: torch.Tensor, *, device, batch_size: int) -> bool:
     """Whether two forward passes on the first ``CHECK_POINTS`` images of ``x`` differ."""
     largest_diff, tolerance = score_spread(model, x[:CHECK_POINTS], device=device, batch_size=batch_size)
     return largest_diff > tolerance
+
+
+def runs_channels_last(model, x: torch.Tensor, *, device) -> bool:
+    """Whether ``model`` runs with its filters held channels-last (``channels_last_weights``) and
+    gives the same scores on the first ``LAYOUT_POINTS`` images of ``x`` as it does as it is, to
+    ``LAYOUT_RTOL`` of the largest score. False for a model that raises in that order (one that
+    ``view``s a filter or an activation), that computes something else in it, or that draws
+    randomness at every pass (its two passes differ anyway): such a model is evaluated as it is."""
+    xb = x[:LAYOUT_POINTS].to(device)
+    with torch.no_grad():
+        reference = model(xb).float()
+        try:
+            with channels_last_weights(model):
+                scores = model(xb).float()
+        except RuntimeError:
+            return False
+    if scores.shape != reference.shape or not torch.isfinite(reference).all():
+        return False
+    return bool((scores - reference).abs().max() <= LAYOUT_RTOL * reference.abs().max())
 
 
 def has_input_gradient(model, x: torch.Tensor, y: torch.Tensor, *, device) -> bool:

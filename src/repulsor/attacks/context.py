@@ -54,8 +54,9 @@ def channels_last_weights(model: nn.Module, enabled: bool = True):
     order inside the block; put the original tensors back on exit, also when the body raises.
 
     Only the order in memory changes, not one value: a convolution with channels-last filters
-    computes in channels-last order on the CPU (oneDNN), 1.2-1.5x faster per pass on the fast
-    CIFAR-10 body in fp32 and no faster on a one-channel MNIST CNN (``bench/pass_cost.py``).
+    computes in channels-last order on the CPU (oneDNN). On the fast CIFAR-10 body in fp32 a
+    forward pass is 1.3-1.5x faster and a pass with the input gradient 1.1-1.5x; on the
+    one-channel MNIST CNN it was mixed, 0.85-1.8x and 1.0-1.1x (``bench/pass_cost.py``).
     Activations and input gradients then come out channels-last; ``input_grad`` returns its
     gradient in the input's own order. ``enabled = False``: the block runs on the model as it is.
     """

@@ -47,6 +47,7 @@ MODELS = {
     "cross-entropy": ("results/compare-cifar10-fast-cpu/ce", "ce"),
     "code-batch-cosine": ("results/authors-code/batch-cosine", "mean"),
 }
+WEIGHTS_COMMIT = "f1d3046"  # the last commit that holds both models' weights
 SOURCE = "results/compare-cifar10-fast-cpu/ce"  # the transfer path's cross-entropy model
 SUITE_N = {"quick": 1000, "margin": 1000, "standard": 500, "adaptive": 200}
 PATH_A, PATH_B, TRANSFER = (f"diagnostic:authors-{p}" for p in ("path-a", "path-b", "transfer"))
@@ -102,7 +103,7 @@ def run_rows(only: list[str], fp16_n: int) -> None:
             run = ROOT / folder
             if only and model not in only:
                 continue
-            if not (run / "model.safetensors").exists():
+            if not (run / "training.json").exists():
                 print(f"[ablate] {model}: no trained run at {folder} yet; skipped", flush=True)
                 continue
             for row in rows(model, own):
@@ -114,6 +115,12 @@ def run_row(model: str, run: Path, row: dict, n: int) -> None:
     """Run one row unless its record already covers ``n`` points."""
     done = record(run, row)
     if done is not None and done.get("n", 0) >= n:
+        return
+    if not (run / "model.safetensors").exists():
+        # the weights left the tree (see .gitignore): only rows not yet recorded need them
+        print(f"[ablate] {model}: {describe(row)} needs {run.relative_to(ROOT)}/model.safetensors;"
+              f" put it back with git checkout {WEIGHTS_COMMIT} -- {run.relative_to(ROOT)}/model.safetensors",
+              flush=True)
         return
     print(f"[ablate] {model}: {describe(row)} on {n} points", flush=True)
     if "suite" in row:

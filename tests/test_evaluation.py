@@ -204,3 +204,16 @@ def test_a_model_that_cannot_take_channels_last_filters_is_evaluated_as_it_is():
     result = evaluate(net, x, y, suite="quick")
     assert result["memory_format"] == "contiguous" and result["clean_accuracy"] == 1.0
     assert all(p.is_contiguous() for p in net.parameters())
+
+
+def test_a_surrogate_gets_its_own_filter_order():
+    """The layout is decided for each model: a surrogate that cannot take channels-last filters is
+    run as it is beside a model that can, and the other way round."""
+    net, x, y = colour_net()
+    torch.manual_seed(1)
+    refusing = ViewsItsFilters().eval()
+    result = evaluate(net, x, y, suite="quick", surrogate=refusing)
+    assert result["memory_format"] == "channels_last" and result["attacks"][-1]["status"] == "done"
+    result = evaluate(refusing, x, y, suite="quick", surrogate=net)
+    assert result["memory_format"] == "contiguous" and result["attacks"][-1]["status"] == "done"
+    assert all(p.is_contiguous() for p in [*net.parameters(), *refusing.parameters()])

@@ -1,3 +1,3 @@
 """The package version, in a module of its own so that any module may read it."""
 
-__version__ = "0.7.2"
+__version__ = "0.7.3"

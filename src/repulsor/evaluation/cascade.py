@@ -74,7 +74,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite:
         channels_last: hold the model's convolution filters in channels-last memory order
             while it is evaluated (``channels_last_weights``; the same values, faster passes on
             colour images). Default: on the CPU (where it was measured) for images of more than
-            one channel, when the model gives the same scores that way (``probes.runs_channels_last``).
+            one channel, when the model gives the same scores that way (``probes.runs_channels_last``),
+            decided for the model and for a ``surrogate`` each on its own.
 
     Returns:
         A dict: ``n``, ``clean_accuracy``, ``attacks`` (one entry per attack: name, attack,
@@ -95,13 +96,11 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite:
         stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
         torch.manual_seed(derive_seed(seed, "model randomness"))
         stack.enter_context(evaluating(model))
-        if channels_last is None:
-            channels_last = (device.type == "cpu" and x.shape[1] > 1 and len(y) > 0
-                             and probes.runs_channels_last(model, x, device=device))
-        stack.enter_context(channels_last_weights(model, channels_last))
+        model_layout = _layout(model, x, device, channels_last)
+        stack.enter_context(channels_last_weights(model, model_layout))
         if surrogate is not None:
             stack.enter_context(evaluating(surrogate))
-            stack.enter_context(channels_last_weights(surrogate, channels_last))
+            stack.enter_context(channels_last_weights(surrogate, _layout(surrogate, x, device, channels_last)))
         randomised = len(y) > 0 and probes.is_randomised(model, x, device=device, batch_size=batch_size)
         votes = votes or (RANDOMISED_VOTES if randomised else 1)
         gradient = len(y) == 0 or probes.has_input_gradient(model, x, y, device=device)
@@ -129,7 +128,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite:
                                   {"key": key, "entries": entries})
         result = {
             "suite": suite, "n": len(y), "norm": norm, "eps": eps, "seed": seed, "precision": "fp32",
-            "memory_format": "channels_last" if channels_last else "contiguous",
+            "memory_format": "channels_last" if model_layout else "contiguous",
             "randomised": bool(randomised), "votes": votes,
             "clean_accuracy": clean_accuracy, "attacks": entries,
             "robust_accuracy": robust.sum().item() / len(y) if len(y) else 0.0,
@@ -141,6 +140,15 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, suite:
                                                  device=device, batch_size=batch_size, quiet=quiet, votes=votes)
     result["x_adv"] = x_worst  # popped by callers that write files; handy for analyses
     return result
+
+
+def _layout(model: torch.nn.Module, x: torch.Tensor, device: torch.device, channels_last: bool | None) -> bool:
+    """Whether ``model``'s filters are held channels-last while it is evaluated: as asked, or by
+    default on the CPU for colour images when the model gives the same scores that way. Decided
+    for each model that the evaluation runs (the model, and a surrogate on its own)."""
+    if channels_last is not None:
+        return channels_last
+    return device.type == "cpu" and x.shape[1] > 1 and len(x) > 0 and probes.runs_channels_last(model, x, device=device)
 
 
 def _check_arguments(x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str, votes, channels_last) -> None:
